@@ -1,0 +1,1 @@
+"""Bus contracts (events) and definition models, with their generated JSON Schema and AsyncAPI files."""

@@ -1,0 +1,231 @@
+"""The bus runtime on the real broker and database: dead letters, redelivery, restarts, replicas, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aio_pika
+
+from tests.support import probe
+from tests.support.events import payload_arrived
+from tests.support.services import consumer_processes, services_command, wait_for
+from wm.adapters.mongo import Database
+from wm.adapters.rabbitmq import Bus, dead_letter_queue_name, describe_dead_letter
+from wm.config import Settings
+from wm.runtime import run_consumers
+
+PROBE = "tests.support.probe:CONSUMER"
+
+
+@asynccontextmanager
+async def running_probe(settings: Settings) -> AsyncIterator[None]:
+    """The probe consumer running in this process until the block ends."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_consumers(settings, [probe.CONSUMER], stop=stop))
+    try:
+        async with Bus(settings.bus) as bus:
+            await bus.declare_consumer_queue(bus.channel, "probe", probe.CONSUMER.routing_keys)
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def declare_probe_queue(settings: Settings) -> None:
+    async with Bus(settings.bus) as bus:
+        await bus.declare_consumer_queue(bus.channel, "probe", probe.CONSUMER.routing_keys)
+
+
+async def dead_letters(settings: Settings) -> list[dict[str, object]]:
+    """Everything in the probe's dead-letter queue (left in place)."""
+    async with Bus(settings.bus) as bus:
+        channel = await bus.connection.channel()
+        queue = await channel.declare_queue(dead_letter_queue_name(settings.bus, "probe"), passive=True)
+        found, held = [], []
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            held.append(message)
+            found.append(dict(describe_dead_letter(message)))
+        for message in held:
+            await message.nack(requeue=True)
+        await channel.close()
+    return found
+
+
+async def count(database: Database, collection: str, query: dict[str, object] | None = None) -> int:
+    return await database.collection(collection).count_documents(query or {})
+
+
+async def test_poison_messages_are_dead_lettered_with_a_reason_and_the_consumer_goes_on(
+    live_settings: Settings,
+) -> None:
+    settings = live_settings
+    async with running_probe(settings), Bus(settings.bus) as bus, Database(settings.mongo) as database:
+        event_type = "mwm.payload.arrived.v1"
+        for body, message_id in ((b"this is not json", "not-json"), (b'{"payload_id": 7}', "bad-schema")):
+            await bus.publish_message(
+                aio_pika.Message(body, message_id=message_id, type=event_type, content_type="application/json"),
+                "mwm.payload.arrived",
+            )
+        await bus.publish_message(
+            aio_pika.Message(b"{}", message_id="unknown-type", type="mwm.payload.teleported.v9"),
+            "mwm.payload.arrived",
+        )
+        await bus.publish(payload_arrived("reject-this"))
+        good = payload_arrived()
+        await bus.publish(good)
+
+        async def good_one_handled() -> bool:
+            return await count(database, probe.EFFECTS, {"_id": good.payload_id}) == 1
+
+        await wait_for(good_one_handled, 15, "the valid message after the poison ones")
+        letters: list[dict[str, object]] = []
+
+        async def four_dead_letters() -> bool:
+            letters[:] = await dead_letters(settings)
+            return len(letters) == 4
+
+        await wait_for(four_dead_letters, 10, "four dead letters")
+    reasons = {letter["message_id"]: str(letter["reason"]) for letter in letters}
+    assert "failed validation" in reasons["not-json"] and "Invalid JSON" in reasons["not-json"]
+    assert "payload_id" in reasons["bad-schema"]
+    assert "unsupported event type 'mwm.payload.teleported.v9'" in reasons["unknown-type"]
+    assert any("refused by the probe" in reason for reason in reasons.values())
+
+
+async def test_sigkill_inside_the_handler_redelivers_to_another_replica_and_the_effect_happens_once(
+    live_settings: Settings,
+) -> None:
+    settings = live_settings
+    await declare_probe_queue(settings)
+    with consumer_processes(settings, PROBE, count=2, extra_env={"MWM_PROBE_SLEEP_S": "2"}) as replicas:
+        async with Bus(settings.bus) as bus, Database(settings.mongo) as database:
+            event = payload_arrived()
+            await bus.publish(event)
+
+            async def first_attempt_started() -> bool:
+                return await count(database, probe.ATTEMPTS) >= 1
+
+            await wait_for(first_attempt_started, 30, "the first attempt")
+            first = await database.collection(probe.ATTEMPTS).find_one({})
+            assert first is not None
+            victim = next(process for process in replicas if process.pid == first["pid"])
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+
+            async def effect_done() -> bool:
+                return await count(database, probe.EFFECTS) >= 1
+
+            await wait_for(effect_done, 30, "the effect after the redelivery")
+            await asyncio.sleep(1.0)  # a second effect, if the runtime allowed one, would land within this
+            effects = await database.collection(probe.EFFECTS).find({}).to_list(None)
+            assert len(effects) == 1
+            assert effects[0]["pid"] != victim.pid
+            assert await count(database, probe.ATTEMPTS) == 2
+
+
+async def test_consumers_resume_by_themselves_after_a_broker_restart_and_lose_nothing(
+    live_settings: Settings,
+) -> None:
+    settings = live_settings
+    await declare_probe_queue(settings)
+    with consumer_processes(settings, PROBE, count=1, extra_env={"MWM_PROBE_SLEEP_S": "0.05"}):
+        before = [payload_arrived() for _ in range(30)]
+        async with Bus(settings.bus) as bus:
+            for event in before:
+                await bus.publish(event)
+        services_command("restart", "rabbitmq")
+        after = [payload_arrived() for _ in range(30)]
+        async with Bus(settings.bus) as bus:
+            for event in after:
+                await bus.publish(event)
+        async with Database(settings.mongo) as database:
+
+            async def all_handled() -> bool:
+                return await count(database, probe.EFFECTS) == len(before) + len(after)
+
+            await wait_for(all_handled, 60, "every message published before and after the restart")
+            handled = {doc["_id"] for doc in await database.collection(probe.EFFECTS).find({}).to_list(None)}
+    assert handled == {event.payload_id for event in before + after}
+
+
+async def test_a_short_database_outage_is_ridden_out_and_a_lasting_one_ends_in_the_dead_letter_queue(
+    live_settings: Settings,
+) -> None:
+    settings = live_settings.model_copy(
+        update={"retry": live_settings.retry.model_copy(update={"attempts": 8, "max_delay_s": 2.0})}
+    )
+    async with running_probe(settings), Bus(settings.bus) as bus, Database(settings.mongo) as database:
+        services_command("stop", "mongo")
+        try:
+            survivors = [payload_arrived() for _ in range(5)]
+            for event in survivors:
+                await bus.publish(event)
+            await asyncio.sleep(2.0)  # the outage: handlers are retrying meanwhile
+        finally:
+            services_command("start", "mongo")
+
+        async def survivors_handled() -> bool:
+            return await count(database, probe.EFFECTS) == len(survivors)
+
+        await wait_for(survivors_handled, 60, "the messages published during a short outage")
+        assert await dead_letters(settings) == []
+
+        services_command("stop", "mongo")
+        try:
+            doomed = payload_arrived()
+            await bus.publish(doomed)
+            letters: list[dict[str, object]] = []
+
+            async def dead_lettered() -> bool:
+                letters[:] = await dead_letters(settings)
+                return len(letters) == 1
+
+            await wait_for(dead_lettered, 90, "the message to be dead-lettered after its attempts")
+        finally:
+            services_command("start", "mongo")
+    assert letters[0]["message_id"] is not None
+    assert "transient failure persisted after 8 attempts" in str(letters[0]["reason"])
+
+
+async def test_two_replicas_share_the_work_and_sigterm_drains_what_is_in_flight(live_settings: Settings) -> None:
+    settings = live_settings.model_copy(
+        update={"bus": live_settings.bus.model_copy(update={"prefetch": 2})}
+    )
+    await declare_probe_queue(settings)
+    with consumer_processes(settings, PROBE, count=2, extra_env={"MWM_PROBE_SLEEP_S": "0.5"}) as replicas:
+        events = [payload_arrived() for _ in range(16)]
+        async with Bus(settings.bus) as bus, Database(settings.mongo) as database:
+            for event in events:
+                await bus.publish(event)
+
+            async def some_work_started_on_both() -> bool:
+                pids = await database.collection(probe.ATTEMPTS).distinct("pid")
+                return len(pids) == 2
+
+            await wait_for(some_work_started_on_both, 30, "both replicas to take work")
+            leaving = replicas[0]
+            leaving.send_signal(signal.SIGTERM)
+            assert leaving.wait(timeout=30) == 0, _stderr(leaving)
+
+            async def all_handled() -> bool:
+                return await count(database, probe.EFFECTS) == len(events)
+
+            await wait_for(all_handled, 60, "every message, after one replica drained and left")
+            effects = await database.collection(probe.EFFECTS).find({}).to_list(None)
+            attempts = await database.collection(probe.ATTEMPTS).find({}).to_list(None)
+    by_pid = {pid: sum(1 for e in effects if e["pid"] == pid) for pid in (replicas[0].pid, replicas[1].pid)}
+    assert all(n > 0 for n in by_pid.values()), by_pid
+    started_on_leaver = {a["payload_id"] for a in attempts if a["pid"] == leaving.pid}
+    finished_on_leaver = {e["_id"] for e in effects if e["pid"] == leaving.pid}
+    assert started_on_leaver == finished_on_leaver, "SIGTERM abandoned a message it had started"
+    assert len(attempts) == len(events), "a drained message was handled twice"
+
+
+def _stderr(process: subprocess.Popen[bytes]) -> str:
+    assert process.stderr is not None
+    return process.stderr.read().decode(errors="replace")[-3000:] if os.name == "posix" else ""

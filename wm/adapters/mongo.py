@@ -1,0 +1,162 @@
+"""MongoDB through PyMongo's native async client (``AsyncMongoClient``; Motor is deprecated).
+
+Works on MongoDB and on FerretDB v1's subset: no transactions, no change streams, no TTL/partial/sparse
+indexes. Mutual exclusion across replicas is built on inserts under unique indexes, never on
+check-then-write. Indexes are declared in code (``IndexSpec``) and created at start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+from pymongo import ASCENDING, AsyncMongoClient, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
+
+from wm.config import MongoSettings
+from wm.errors import Duplicate, TransientError
+
+Document = dict[str, Any]
+
+# Error codes that mean "the server is there but not ready/available", worth a retry.
+_RETRYABLE_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436})
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Indexes one collection needs."""
+
+    collection: str
+    indexes: tuple[IndexModel, ...] = field(default_factory=tuple)
+
+
+@asynccontextmanager
+async def translated_errors(what: str) -> AsyncIterator[None]:
+    """Translate PyMongo errors: a duplicate key to ``Duplicate``, outages to ``TransientError``."""
+    try:
+        yield
+    except DuplicateKeyError as exc:
+        raise Duplicate(f"{what}: duplicate key") from exc
+    except ConnectionFailure as exc:
+        raise TransientError(f"{what}: database unavailable: {exc}") from exc
+    except OperationFailure as exc:
+        if exc.code in _RETRYABLE_CODES:
+            raise TransientError(f"{what}: {exc}") from exc
+        raise
+    except PyMongoError as exc:
+        if getattr(exc, "timeout", False):
+            raise TransientError(f"{what}: database timeout: {exc}") from exc
+        raise
+
+
+class Database:
+    """One ``AsyncMongoClient`` and database per process; use as an async context manager."""
+
+    def __init__(self, settings: MongoSettings, index_specs: Iterable[IndexSpec] = ()) -> None:
+        self.settings = settings
+        self.index_specs = tuple(index_specs)
+        self._client: AsyncMongoClient[Document] | None = None
+
+    async def __aenter__(self) -> Self:
+        timeout = self.settings.timeout_ms
+        self._client = AsyncMongoClient(
+            self.settings.url,
+            tz_aware=True,
+            serverSelectionTimeoutMS=timeout,
+            connectTimeoutMS=timeout,
+            socketTimeoutMS=timeout * 3,
+            retryWrites=False,  # FerretDB has no retryable writes; our writes are idempotent anyway
+        )
+        try:
+            await self.ensure_indexes()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the client (idempotent)."""
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    @property
+    def db(self) -> AsyncDatabase[Document]:
+        assert self._client is not None, "Database used outside its context"
+        return self._client[self.settings.database]
+
+    def collection(self, name: str) -> AsyncCollection[Document]:
+        """A collection of the configured database."""
+        return self.db[name]
+
+    async def ensure_indexes(self) -> None:
+        """Create every declared index (a no-op for those that exist)."""
+        async with translated_errors("create indexes"):
+            for spec in self.index_specs:
+                if spec.indexes:
+                    await self.db[spec.collection].create_indexes(list(spec.indexes))
+
+    async def ping(self) -> bool:
+        """True when the server answers."""
+        try:
+            async with translated_errors("ping"):
+                await self.db.command("ping")
+        except TransientError:
+            return False
+        return True
+
+
+PROCESSED_MESSAGES = "processed_messages"
+
+PROCESSED_MESSAGES_INDEXES = IndexSpec(PROCESSED_MESSAGES, (IndexModel([("processed_at", ASCENDING)]),))
+
+
+class ProcessedMessages:
+    """Keys of messages a consumer has fully handled, under the unique ``_id`` index.
+
+    The handler's own effects are idempotent (natural keys); this record lets a redelivery of an already
+    handled message be acknowledged without running the handler again.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self._collection = database.collection(PROCESSED_MESSAGES)
+
+    @staticmethod
+    def _key(consumer: str, message_id: str) -> str:
+        return f"{consumer}:{message_id}"
+
+    async def seen(self, consumer: str, message_id: str) -> bool:
+        """Whether this consumer already handled this message."""
+        async with translated_errors("read processed message"):
+            found = await self._collection.find_one({"_id": self._key(consumer, message_id)}, {"_id": 1})
+        return found is not None
+
+    async def record(self, consumer: str, message_id: str, extra: Mapping[str, Any] | None = None) -> None:
+        """Record the message as handled; recording it twice is harmless."""
+        document = {
+            "_id": self._key(consumer, message_id),
+            "processed_at": datetime.now(UTC),
+            **(extra or {}),
+        }
+        try:
+            async with translated_errors("record processed message"):
+                await self._collection.insert_one(document)
+        except Duplicate:
+            return
+
+    async def forget_before(self, cutoff: datetime) -> int:
+        """Remove keys older than ``cutoff`` (no TTL indexes on FerretDB); returns how many."""
+        async with translated_errors("purge processed messages"):
+            result = await self._collection.delete_many({"processed_at": {"$lt": cutoff}})
+        return result.deleted_count

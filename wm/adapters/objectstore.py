@@ -1,0 +1,194 @@
+"""The S3 object store through the ``minio`` SDK (MinIO in production, SeaweedFS in tests).
+
+The SDK is synchronous: calls run in a bounded thread pool. Files stream in both directions (multipart
+upload from a file-like object, chunked download); nothing holds a whole file in memory. Library errors
+become ``TransientError`` (store unreachable) or ``NotFound`` (no such key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self, TypeVar
+
+import urllib3
+from minio import Minio
+from minio.commonconfig import CopySource
+from minio.deleteobjects import DeleteObject
+from minio.error import MinioException, S3Error
+from urllib3.exceptions import HTTPError
+
+from schemas.events import FileRef
+from wm.config import ObjectStoreSettings
+from wm.errors import NotFound, TransientError
+
+T = TypeVar("T")
+
+CHUNK_SIZE = 1024 * 1024
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NoSuchBucket"})
+
+
+class ObjectStore:
+    """One bucket of an S3 server. Use as an async context manager (it creates the bucket if missing)."""
+
+    def __init__(self, settings: ObjectStoreSettings) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        http = urllib3.PoolManager(
+            num_pools=4,
+            maxsize=settings.workers,
+            timeout=urllib3.Timeout(connect=3.0, read=60.0),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+        )
+        self._client = Minio(
+            settings.endpoint,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key,
+            secure=settings.secure,
+            region=settings.region,
+            http_client=http,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="s3")
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.ensure_bucket()
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _call(self, what: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(function, *args, **kwargs))
+        except S3Error as exc:
+            if exc.code in _MISSING_CODES:
+                raise NotFound(f"{what}: {exc.code}") from exc
+            if exc.code in {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}:
+                raise TransientError(f"{what}: {exc.code}") from exc
+            raise
+        except (HTTPError, MinioException, OSError) as exc:
+            raise TransientError(f"{what}: object store unavailable: {exc}") from exc
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist."""
+        if not await self._call("bucket exists", self._client.bucket_exists, self.bucket):
+            try:
+                await self._call("make bucket", self._client.make_bucket, self.bucket)
+            except S3Error as exc:
+                if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    raise
+
+    async def ping(self) -> bool:
+        """True when the store answers."""
+        try:
+            await self._call("ping", self._client.bucket_exists, self.bucket)
+        except TransientError:
+            return False
+        return True
+
+    async def put_stream(
+        self, key: str, stream: IO[bytes], length: int = -1, content_type: str = "application/dicom"
+    ) -> FileRef:
+        """Upload from a file-like object, streaming (multipart when ``length`` is unknown or large)."""
+        part_size = self.settings.part_size if length < 0 or length > self.settings.part_size else 0
+        await self._call(
+            f"put {key}",
+            self._client.put_object,
+            self.bucket,
+            key,
+            stream,
+            length,
+            content_type=content_type,
+            part_size=part_size,
+        )
+        size = length if length >= 0 else await self.size(key)
+        return FileRef(bucket=self.bucket, key=key, size=size, content_type=content_type)
+
+    async def put_file(self, key: str, path: Path, content_type: str = "application/dicom") -> FileRef:
+        """Upload a local file."""
+        await self._call(
+            f"put {key}",
+            self._client.fput_object,
+            self.bucket,
+            key,
+            str(path),
+            content_type=content_type,
+            part_size=self.settings.part_size,
+        )
+        return FileRef(bucket=self.bucket, key=key, size=await self.size(key), content_type=content_type)
+
+    async def copy(self, source_key: str, target_key: str) -> FileRef:
+        """Copy an object inside the bucket (server-side: no bytes pass through MWM)."""
+        await self._call(f"copy {source_key}", self._client.copy_object, self.bucket, target_key,
+                         CopySource(self.bucket, source_key))
+        return FileRef(bucket=self.bucket, key=target_key, size=await self.size(target_key))
+
+    async def size(self, key: str) -> int:
+        """The object's size; ``NotFound`` when it does not exist."""
+        stat = await self._call(f"stat {key}", self._client.stat_object, self.bucket, key)
+        return int(stat.size or 0)
+
+    async def exists(self, key: str) -> bool:
+        """Whether the object exists."""
+        try:
+            await self.size(key)
+        except NotFound:
+            return False
+        return True
+
+    async def download_file(self, key: str, path: Path) -> None:
+        """Download an object to a local file (streamed to disk)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await self._call(f"get {key}", self._client.fget_object, self.bucket, key, str(path))
+
+    async def stream(self, key: str, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+        """The object's bytes, chunk by chunk."""
+        response = await self._call(f"get {key}", self._client.get_object, self.bucket, key)
+        try:
+            while chunk := await self._call(f"read {key}", response.read, chunk_size):
+                yield chunk
+        finally:
+            response.close()
+            response.release_conn()
+
+    async def list(self, prefix: str) -> list[FileRef]:
+        """Every object under ``prefix``, recursively, sorted by key."""
+
+        def list_all() -> list[FileRef]:
+            return [
+                FileRef(
+                    bucket=self.bucket,
+                    key=str(obj.object_name),
+                    size=int(obj.size or 0),
+                    content_type="application/dicom"
+                    if str(obj.object_name).endswith(".dcm")
+                    else "application/octet-stream",
+                )
+                for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            ]
+
+        return sorted(await self._call(f"list {prefix}", list_all), key=lambda ref: ref.key)
+
+    async def remove_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``; returns how many were removed."""
+        keys = [ref.key for ref in await self.list(prefix)]
+
+        def remove() -> None:
+            errors = list(self._client.remove_objects(self.bucket, (DeleteObject(key) for key in keys)))
+            if errors:
+                raise TransientError(f"remove {prefix}: {len(errors)} objects not deleted: {errors[0]}")
+
+        if keys:
+            await self._call(f"remove {prefix}", remove)
+        return len(keys)

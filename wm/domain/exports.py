@@ -1,0 +1,183 @@
+"""Export tasks, pure: states, the outcome of a task from its per-file results, extension filtering.
+
+    pending --claim--> in_progress --record_result--> succeeded | partial | failed
+       |                   |  ^
+       |                   +--+ lease expired or released: back to pending (claimable again)
+       +--record_result (e.g. the exporter gave up before claiming)--> failed
+
+Final states accept nothing: a second final update leaves the first result in place.
+
+How an outcome is decided (`export_outcome`), per file ``succeeded`` / ``failed`` / ``skipped``:
+
+- ``skipped`` files (filtered out by the sink's ``extensions``) are not failures: the sink did everything it
+  was configured to do with them. A task whose files are all skipped (or that has no files) *succeeded*.
+- at least one ``failed`` and at least one ``succeeded`` -> ``partial``;
+- at least one ``failed`` and none ``succeeded`` -> ``failed``;
+- otherwise -> ``succeeded``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from enum import StrEnum
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.events import ExportCompleted, ExportOutcome, ExportRequested, FileExportResult, FileRef, SinkRef
+
+T = TypeVar("T")
+
+
+class ExportState(StrEnum):
+    """Where an export task is in its life."""
+
+    pending = "pending"
+    in_progress = "in_progress"
+    succeeded = "succeeded"
+    partial = "partial"
+    failed = "failed"
+
+
+FINAL_STATES = frozenset({ExportState.succeeded, ExportState.partial, ExportState.failed})
+OPEN_STATES = frozenset({ExportState.pending, ExportState.in_progress})
+_OUTCOMES: dict[ExportState, ExportOutcome] = {
+    ExportState.succeeded: "succeeded",
+    ExportState.partial: "partial",
+    ExportState.failed: "failed",
+}
+
+NO_RESULT = "no result: the sink did not report on this file"
+
+
+class ExportTask(BaseModel):
+    """One job's files for one sink, and what became of them.
+
+    ``lease_owner`` / ``lease_expires_at`` mirror the live lease (the truth is the ``export_leases``
+    collection); ``lease_number`` is the number the next lease will take. ``completion_published`` is the
+    outbox flag: the final state is written first, ``export.completed`` published next, then this is set.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    export_task_id: str
+    job_id: str
+    application_id: str
+    correlation_id: str
+    sink: SinkRef
+    files: list[FileRef]
+    state: ExportState = ExportState.pending
+    file_results: list[FileExportResult] = Field(default_factory=list)
+    message: str = ""
+    attempts: int = 0
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None = None
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    lease_number: int = 0
+    completion_published: bool = False
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the task reached succeeded, partial or failed."""
+        return self.state in FINAL_STATES
+
+
+def task_for(event: ExportRequested, now: datetime) -> ExportTask:
+    """The pending task an ``ExportRequested`` describes (the event is self-contained)."""
+    return ExportTask(
+        export_task_id=event.export_task_id,
+        job_id=event.job_id,
+        application_id=event.application_id,
+        correlation_id=event.correlation_id,
+        sink=event.sink,
+        files=list(event.files),
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def completed_event(task: ExportTask) -> ExportCompleted:
+    """The ``export.completed`` of a final task."""
+    if not task.is_final:
+        raise ValueError(f"export task {task.export_task_id} is {task.state}, not final")
+    return ExportCompleted(
+        correlation_id=task.correlation_id,
+        export_task_id=task.export_task_id,
+        job_id=task.job_id,
+        sink=task.sink,
+        status=_OUTCOMES[task.state],
+        message=task.message,
+        file_results=task.file_results,
+    )
+
+
+def completed_message_id(task_id: str) -> str:
+    """The message id of a task's ``export.completed``: a re-publish is recognisably the same message."""
+    return f"{task_id}.completed"
+
+
+def export_outcome(results: Iterable[FileExportResult]) -> ExportOutcome:
+    """The task's outcome from its per-file results (see the module docstring)."""
+    statuses = {result.status for result in results}
+    if "failed" not in statuses:
+        return "succeeded"
+    return "partial" if "succeeded" in statuses else "failed"
+
+
+def wanted_by(extensions: Sequence[str], key: str) -> bool:
+    """Whether a sink with ``extensions`` exports ``key``; an empty list exports everything.
+
+    Case-insensitive, and an extension may be written with or without its dot (``.dcm`` or ``dcm``).
+    """
+    if not extensions:
+        return True
+    name = key.rsplit("/", 1)[-1].lower()
+    return any(name.endswith("." + extension.lower().lstrip(".")) for extension in extensions)
+
+
+def split_by_extension(
+    files: Sequence[FileRef], extensions: Sequence[str]
+) -> tuple[list[FileRef], list[FileExportResult]]:
+    """The files to send, and a ``skipped`` result for every other one."""
+    wanted = [file for file in files if wanted_by(extensions, file.key)]
+    skipped = [
+        FileExportResult(key=file.key, status="skipped", error=f"extension not in {list(extensions)}")
+        for file in files
+        if not wanted_by(extensions, file.key)
+    ]
+    return wanted, skipped
+
+
+def complete_results(files: Sequence[FileRef], results: Iterable[FileExportResult]) -> list[FileExportResult]:
+    """Exactly one result per file, in the files' order: a file the sink did not report on failed.
+
+    When a sink reports a key twice, the last report wins; reports on keys not in ``files`` are dropped.
+    """
+    by_key = {result.key: result for result in results}
+    return [
+        by_key.get(file.key) or FileExportResult(key=file.key, status="failed", error=NO_RESULT)
+        for file in files
+    ]
+
+
+def all_failed(files: Sequence[FileRef], error: str) -> list[FileExportResult]:
+    """A ``failed`` result with ``error`` for every file (the export could not be attempted at all)."""
+    return [FileExportResult(key=file.key, status="failed", error=error) for file in files]
+
+
+def split_evenly(items: Sequence[T], lanes: int, min_per_lane: int) -> list[list[T]]:
+    """``items`` dealt into at most ``lanes`` contiguous runs, each at least ``min_per_lane`` long.
+
+    Contiguous runs keep a series' instances in order on one association. Never returns an empty run.
+    """
+    count = max(1, min(lanes, len(items) // max(min_per_lane, 1)))
+    size, extra = divmod(len(items), count)
+    runs, start = [], 0
+    for index in range(count):
+        end = start + size + (1 if index < extra else 0)
+        runs.append(list(items[start:end]))
+        start = end
+    return [run for run in runs if run]

@@ -1,0 +1,172 @@
+"""Jobs in MongoDB: one document per job, ``_id`` = the job id derived from its bucket.
+
+Creating a job is an insert under the unique ``_id``: a duplicate ``bucket.ready`` finds the job that
+exists. State changes go through the domain state machine (``wm.domain.jobs``); finishing a job is
+claimed by a unique insert into ``job_finishes`` so one monitor replica publishes its ``job.finished``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pymongo import ASCENDING, IndexModel
+
+from schemas.events import FileRef
+from wm.adapters.mongo import Database, IndexSpec, translated_errors
+from wm.domain.jobs import TERMINAL, JobState, JobTransition, next_state
+from wm.errors import Duplicate, NotFound
+
+JOBS = "jobs"
+FINISHES = "job_finishes"
+
+INDEXES = (
+    IndexSpec(JOBS, (IndexModel([("state", ASCENDING), ("next_check_at", ASCENDING)]),
+                     IndexModel([("application_id", ASCENDING), ("created_at", ASCENDING)]),
+                     IndexModel([("bucket_id", ASCENDING)]))),
+    IndexSpec(FINISHES, (IndexModel([("published_at", ASCENDING)]),)),
+)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Job(BaseModel):
+    """A job: one run of one application revision on one bucket."""
+
+    job_id: str
+    bucket_id: str
+    correlation_id: str
+    application_id: str
+    application_revision: int
+    engine: str
+    state: JobState = JobState.created
+    engine_job_id: str | None = None
+    input_prefix: str
+    output_prefix: str
+    deadline: datetime
+    message: str = ""
+    outputs: list[FileRef] = Field(default_factory=list)
+    cancel_requested: bool = False
+    created_at: datetime = Field(default_factory=_now)
+    updated_at: datetime = Field(default_factory=_now)
+    finished_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+def _document(job: Job) -> dict[str, Any]:
+    document = job.model_dump(mode="python")
+    document["_id"] = document.pop("job_id")
+    document["outputs"] = [ref.model_dump() for ref in job.outputs]
+    return document
+
+
+def _job(document: dict[str, Any]) -> Job:
+    return Job.model_validate({**document, "job_id": document["_id"]})
+
+
+class JobStore:
+    """Job persistence for the scheduler, the monitor and the API."""
+
+    def __init__(self, database: Database) -> None:
+        self._jobs = database.collection(JOBS)
+        self._finishes = database.collection(FINISHES)
+
+    async def create(self, job: Job) -> Job:
+        """Insert the job, or return the one that already exists under its id."""
+        try:
+            async with translated_errors("create job"):
+                await self._jobs.insert_one({**_document(job), "next_check_at": job.created_at})
+            return job
+        except Duplicate:
+            return await self.get(job.job_id)
+
+    async def get(self, job_id: str) -> Job:
+        """The job; ``NotFound`` if there is none."""
+        async with translated_errors("read job"):
+            document = await self._jobs.find_one({"_id": job_id})
+        if document is None:
+            raise NotFound(f"job {job_id} does not exist")
+        return _job(document)
+
+    async def apply(self, job_id: str, transition: JobTransition, **fields: Any) -> Job:
+        """Move the job through ``transition`` (a repeat is a no-op; an illegal one raises)."""
+        job = await self.get(job_id)
+        state = next_state(job.state, transition)
+        changes: dict[str, Any] = {"state": state.value, "updated_at": _now(), **fields}
+        if state in TERMINAL and job.finished_at is None:
+            changes["finished_at"] = _now()
+        if "outputs" in changes:
+            changes["outputs"] = [ref.model_dump() for ref in changes["outputs"]]
+        async with translated_errors("update job"):
+            await self._jobs.update_one({"_id": job_id}, {"$set": changes})
+        return job.model_copy(update={"state": state, **fields})
+
+    async def due_for_check(self, now: datetime, limit: int = 200) -> list[Job]:
+        """Jobs an engine is running whose next status check is due."""
+        query = {"state": {"$in": [JobState.launched.value, JobState.running.value]}, "next_check_at": {"$lte": now}}
+        async with translated_errors("find jobs to check"):
+            return [_job(doc) for doc in await self._jobs.find(query).limit(limit).to_list(None)]
+
+    async def check_again_at(self, job_id: str, when: datetime) -> None:
+        """Schedule the job's next status check."""
+        async with translated_errors("schedule job check"):
+            await self._jobs.update_one({"_id": job_id}, {"$set": {"next_check_at": when}})
+
+    async def request_cancel(self, job_id: str) -> Job:
+        """Ask the monitor to cancel the job at its next check."""
+        job = await self.get(job_id)
+        async with translated_errors("request cancel"):
+            await self._jobs.update_one({"_id": job_id}, {"$set": {"cancel_requested": True, "next_check_at": _now()}})
+        return job.model_copy(update={"cancel_requested": True})
+
+    async def list(self, state: str | None, application_id: str | None, skip: int, limit: int) -> tuple[list[Job], int]:
+        """A page of jobs, newest first, and the total that match."""
+        query: dict[str, Any] = {}
+        if state:
+            query["state"] = state
+        if application_id:
+            query["application_id"] = application_id
+        async with translated_errors("list jobs"):
+            total = await self._jobs.count_documents(query)
+            cursor = self._jobs.find(query).sort("created_at", -1).skip(skip).limit(limit)
+            return [_job(doc) for doc in await cursor.to_list(None)], total
+
+    async def claim_finish(self, job_id: str) -> bool:
+        """True for exactly one caller per job: the one that publishes its end."""
+        try:
+            async with translated_errors("claim job finish"):
+                await self._finishes.insert_one({"_id": job_id, "claimed_at": _now(), "published_at": None})
+            return True
+        except Duplicate:
+            return False
+
+    async def stale_finishes(self, older_than: timedelta) -> list[str]:
+        """Finishes claimed but not published in time (the claimer died)."""
+        async with translated_errors("find stale finishes"):
+            cutoff = _now() - older_than
+            cursor = self._finishes.find({"published_at": None, "claimed_at": {"$lte": cutoff}})
+            return [str(doc["_id"]) for doc in await cursor.to_list(100)]
+
+    async def reclaim_finish(self, job_id: str, older_than: timedelta) -> bool:
+        """Take over a stale finish: one caller wins by re-stamping the claim time it read."""
+        async with translated_errors("reclaim job finish"):
+            document = await self._finishes.find_one({"_id": job_id})
+            if document is None or document["published_at"] is not None:
+                return False
+            if document["claimed_at"] > _now() - older_than:
+                return False
+            result = await self._finishes.update_one(
+                {"_id": job_id, "claimed_at": document["claimed_at"]}, {"$set": {"claimed_at": _now()}}
+            )
+        return result.modified_count == 1
+
+    async def mark_finish_published(self, job_id: str) -> None:
+        """The end of the job was published (confirmed by the broker)."""
+        async with translated_errors("mark finish published"):
+            await self._finishes.update_one({"_id": job_id}, {"$set": {"published_at": _now()}})

@@ -1,0 +1,354 @@
+"""The one consume loop: decode, bind log context, call the handler, then ack, retry or dead-letter.
+
+For each delivery:
+
+1. Decode: the ``type`` property names the event (``mwm.payload.arrived.v1``), the body must validate
+   against its model, and ``message_id`` must be present. Otherwise: dead-letter at once with the reason.
+2. Skip it when this consumer already handled that ``message_id`` (acknowledged as a duplicate).
+3. Call the handler. ``TransientError``: retry with exponential backoff, ``retry.attempts`` times in all,
+   then dead-letter (after the consumer's ``on_give_up`` hook published any terminal failure event).
+   ``PermanentError``: dead-letter at once. ``Duplicate``: acknowledge. Anything else is a bug:
+   dead-letter and log the traceback.
+4. Record the message id as handled, then acknowledge. A crash anywhere before the ack means the broker
+   redelivers; handlers are idempotent, so the effect still happens once.
+
+A process runs one or more consumers on one connection. SIGTERM (or SIGINT) stops taking deliveries,
+waits up to ``observability.drain_timeout_s`` for those in flight, and exits. The broker connection is
+robust: after a broker restart, channels, queues and consumers come back by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import structlog
+import uvicorn
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from schemas.events import EVENTS_BY_TYPE_NAME, Event
+from wm import metrics
+from wm.adapters.mongo import PROCESSED_MESSAGES_INDEXES, Database, IndexSpec, ProcessedMessages
+from wm.adapters.objectstore import ObjectStore
+from wm.adapters.rabbitmq import Bus
+from wm.config import Settings
+from wm.errors import Duplicate, InvalidMessage, PermanentError, TransientError
+
+log = structlog.get_logger("wm.runtime")
+
+Deps = TypeVar("Deps")
+Handler = Callable[[Any, Deps], Awaitable[None]]
+GiveUpHook = Callable[[Any, Deps, str], Awaitable[None]]
+BackgroundTask = Callable[[Deps, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class Services:
+    """The connections a process shares between its consumers."""
+
+    settings: Settings
+    bus: Bus
+    database: Database
+    objects: ObjectStore
+    processed: ProcessedMessages
+
+
+@dataclass(frozen=True)
+class Consumer(Generic[Deps]):
+    """A consumer: its queue's bindings, a handler per event type, and how it builds its ports.
+
+    ``background`` coroutines run beside the queue until the stop event is set (for example a sweeper).
+    """
+
+    name: str
+    routing_keys: tuple[str, ...]
+    handlers: Mapping[type[Event], Handler[Deps]]
+    build_deps: Callable[[Services], Deps]
+    indexes: tuple[IndexSpec, ...] = ()
+    on_give_up: GiveUpHook[Deps] | None = None
+    background: tuple[BackgroundTask[Deps], ...] = ()
+    prefetch: int | None = None
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings, indexes: tuple[IndexSpec, ...] = ()) -> AsyncIterator[Services]:
+    """Connect to the broker, the database and the object store; close them all on exit."""
+    async with (
+        Bus(settings.bus) as bus,
+        Database(settings.mongo, (PROCESSED_MESSAGES_INDEXES, *indexes)) as database,
+        ObjectStore(settings.object_store) as objects,
+    ):
+        yield Services(settings, bus, database, objects, ProcessedMessages(database))
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    kind: str  # "succeeded" | "duplicate" | "dead_lettered"
+    reason: str = ""
+    cause: str = ""
+
+
+def decode(message: AbstractIncomingMessage, accepted: Mapping[type[Event], object]) -> Event:
+    """The event in a delivery; ``InvalidMessage`` says precisely what is wrong with it."""
+    if not message.message_id:
+        raise InvalidMessage("missing AMQP property message_id")
+    if message.content_type not in (None, "application/json"):
+        raise InvalidMessage(f"content_type {message.content_type!r} is not application/json")
+    event_class = EVENTS_BY_TYPE_NAME.get(message.type or "")
+    if event_class is None or event_class not in accepted:
+        raise InvalidMessage(f"unsupported event type {message.type!r}")
+    try:
+        return event_class.model_validate_json(message.body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+            for error in exc.errors(include_url=False)
+        )
+        raise InvalidMessage(f"{event_class.type_name()} failed validation: {problems}") from exc
+
+
+@dataclass
+class ConsumerRunner(Generic[Deps]):
+    """Runs one consumer on its own channel of the shared connection."""
+
+    consumer: Consumer[Deps]
+    services: Services
+    deps: Deps = field(init=False)
+    _queue: AbstractRobustQueue | None = field(default=None, init=False)
+    _channel: AbstractRobustChannel | None = field(default=None, init=False)
+    _tag: str | None = field(default=None, init=False)
+    _inflight: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    _background: list[asyncio.Task[None]] = field(default_factory=list, init=False)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    def __post_init__(self) -> None:
+        self.deps = self.consumer.build_deps(self.services)
+
+    @property
+    def settings(self) -> Settings:
+        return self.services.settings
+
+    async def start(self) -> None:
+        """Declare the queue, start consuming and start the background tasks."""
+        bus = self.services.bus
+        self._channel = await bus.connection.channel()
+        assert self._channel is not None
+        await self._channel.set_qos(prefetch_count=self.consumer.prefetch or self.settings.bus.prefetch)
+        self._queue = await bus.declare_consumer_queue(
+            self._channel, self.consumer.name, self.consumer.routing_keys
+        )
+        self._tag = await self._queue.consume(self._on_message)
+        for task in self.consumer.background:
+            self._background.append(asyncio.create_task(task(self.deps, self._stopping)))
+        log.info("consumer_started", consumer=self.consumer.name, queue=self._queue.name)
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        """Stop taking deliveries; let in-flight ones and background tasks finish within the drain timeout."""
+        self._stopping.set()
+        if self._queue is not None and self._tag is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.cancel(self._tag)
+        pending = set(self._inflight) | set(self._background)
+        if pending:
+            done, not_done = await asyncio.wait(pending, timeout=drain_timeout_s)
+            for task in not_done:
+                task.cancel()
+            log.info(
+                "consumer_drained", consumer=self.consumer.name, finished=len(done), abandoned=len(not_done)
+            )
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._process(message))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        name = self.consumer.name
+        started = time.perf_counter()
+        metrics.CONSUMED.labels(name).inc()
+        with structlog.contextvars.bound_contextvars(
+            consumer=name,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            event_type=message.type,
+            delivery_count=(message.headers or {}).get("x-delivery-count", 0),
+        ):
+            outcome = await self._outcome(message)
+            await self._settle(message, outcome)
+            elapsed = time.perf_counter() - started
+            metrics.HANDLER_SECONDS.labels(name).observe(elapsed)
+            log.info(
+                "delivery_handled",
+                outcome=outcome.kind,
+                reason=outcome.reason or None,
+                duration_ms=round(elapsed * 1000, 2),
+            )
+
+    async def _outcome(self, message: AbstractIncomingMessage) -> _Outcome:
+        try:
+            event = decode(message, self.consumer.handlers)
+        except InvalidMessage as exc:
+            return _Outcome("dead_lettered", str(exc), "invalid")
+        structlog.contextvars.bind_contextvars(**_event_context(event))
+        try:
+            return await self._handle_with_retries(event, str(message.message_id))
+        except PermanentError as exc:
+            return _Outcome("dead_lettered", f"permanent: {exc}", "permanent")
+        except Exception as exc:
+            log.exception("handler_bug", error=repr(exc))
+            metrics.FAILED.labels(self.consumer.name, type(exc).__name__).inc()
+            return _Outcome("dead_lettered", f"unexpected {type(exc).__name__}: {exc}", "bug")
+
+    async def _handle_with_retries(self, event: Event, message_id: str) -> _Outcome:
+        retry = self.settings.retry
+        handler = self.consumer.handlers[type(event)]
+        delay = retry.initial_delay_s
+        for attempt in range(1, retry.attempts + 1):
+            try:
+                if await self.services.processed.seen(self.consumer.name, message_id):
+                    return _Outcome("duplicate")
+                await handler(event, self.deps)
+                await self.services.processed.record(self.consumer.name, message_id)
+                return _Outcome("succeeded")
+            except Duplicate:
+                await self.services.processed.record(self.consumer.name, message_id)
+                return _Outcome("duplicate")
+            except TransientError as exc:
+                metrics.FAILED.labels(self.consumer.name, "transient").inc()
+                if attempt == retry.attempts:
+                    reason = f"transient failure persisted after {attempt} attempts: {exc}"
+                    await self._give_up(event, reason)
+                    return _Outcome("dead_lettered", reason, "retries_exhausted")
+                log.warning("handler_retrying", attempt=attempt, delay_s=delay, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, retry.max_delay_s)
+        raise AssertionError("unreachable: the retry loop always returns")
+
+    async def _give_up(self, event: Event, reason: str) -> None:
+        if self.consumer.on_give_up is None:
+            return
+        try:
+            await self.consumer.on_give_up(event, self.deps, reason)
+        except Exception as exc:  # the dead letter still records the failure
+            log.error("give_up_hook_failed", error=repr(exc))
+
+    async def _settle(self, message: AbstractIncomingMessage, outcome: _Outcome) -> None:
+        name = self.consumer.name
+        try:
+            if outcome.kind == "dead_lettered":
+                await self.services.bus.dead_letter(message, name, outcome.reason)
+                metrics.DEAD_LETTERED.labels(name, outcome.cause).inc()
+                log.warning("dead_lettered", reason=outcome.reason)
+            elif outcome.kind == "duplicate":
+                metrics.DUPLICATES.labels(name).inc()
+            else:
+                metrics.SUCCEEDED.labels(name).inc()
+            await message.ack()
+        except TransientError as exc:
+            # The copy to the DLQ was not confirmed: leave the delivery to the broker, which redelivers it
+            # and, past x-delivery-limit, dead-letters it itself.
+            log.error("dead_letter_failed", error=str(exc))
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+        except Exception as exc:
+            # The channel closed under us (broker restart): the broker redelivers; handlers are idempotent.
+            log.warning("ack_lost", error=repr(exc))
+
+
+def _event_context(event: Event) -> dict[str, str]:
+    """Log context an operator searches by: the study, and the ids the event is about."""
+    context: dict[str, str] = {}
+    dicom = getattr(event, "dicom", None)
+    if dicom is not None:
+        context["study_uid"] = dicom.study_instance_uid
+    for key in ("bucket_id", "job_id", "export_task_id", "application_id"):
+        value = getattr(event, key, None)
+        if value:
+            context[key] = str(value)
+    return context
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the runtime owns SIGTERM and drains first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def health_app(services: Services) -> Starlette:
+    """``/healthz`` (the process is alive), ``/readyz`` (bus and database reachable), ``/metrics``."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(request: Request) -> Response:
+        checks = {"bus": services.bus.is_connected, "database": await services.database.ping()}
+        ready = all(checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
+        )
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_endpoint)]
+    )
+
+
+async def serve_http(app: Any, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve an ASGI app until ``stop`` is set (no signal handling of its own)."""
+    server = _EmbeddedServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    await stop.wait()
+    server.should_exit = True
+    await serving
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_consumers(
+    settings: Settings, consumers: list[Consumer[Any]], stop: asyncio.Event | None = None
+) -> None:
+    """Run consumers in this process until SIGTERM/SIGINT (or ``stop``), then drain and exit."""
+    stop = stop or stop_on_signals()
+    indexes = tuple(spec for consumer in consumers for spec in consumer.indexes)
+    async with open_services(settings, indexes) as services:
+        runners = [ConsumerRunner(consumer, services) for consumer in consumers]
+        for runner in runners:
+            await runner.start()
+        http: asyncio.Task[None] | None = None
+        observability = settings.observability
+        if observability.http_port:
+            http = asyncio.create_task(
+                serve_http(health_app(services), observability.http_host, observability.http_port, stop)
+            )
+        log.info("process_ready", consumers=[consumer.name for consumer in consumers])
+        await stop.wait()
+        log.info("draining", timeout_s=observability.drain_timeout_s)
+        await asyncio.gather(*(runner.stop(observability.drain_timeout_s) for runner in runners))
+        if http is not None:
+            await http
+        log.info("stopped")

@@ -1,0 +1,1 @@
+"""Test, demo and benchmark helpers: synthetic DICOM studies and real DICOM peers (dcmtk, Orthanc)."""

@@ -1,0 +1,120 @@
+"""The quiet-period timer: precise in memory, durable in the database.
+
+Each discovery replica arms an in-memory timer for the buckets its files joined, so a bucket closes within
+milliseconds of its quiet period. The timer state that matters lives in MongoDB (``closes_at`` of every
+open bucket), and every replica also sweeps the database for due buckets every ``sweep_interval_s``: when
+the replica that armed a timer dies, or everything restarts, the sweep closes the bucket. Whoever closes it,
+the closure is decided by a unique insert (``wm.buckets``), so ``bucket.ready`` is published once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from pymongo import IndexModel
+
+from schemas.events import BucketReady
+from wm.adapters.mongo import Database, IndexSpec, translated_errors
+from wm.buckets import BucketStore
+from wm.errors import Duplicate, TransientError
+from wm.ports import EventPublisher
+
+log = structlog.get_logger("wm.timers")
+
+RETRIES = "bucket_closure_retries"
+INDEXES = (IndexSpec(RETRIES, (IndexModel("bucket_id"),)),)
+
+
+class BucketTimers:
+    """Closes buckets when their quiet period ends and publishes their ``bucket.ready``."""
+
+    def __init__(self, store: BucketStore, publisher: EventPublisher, database: Database,
+                 sweep_interval_s: float = 1.0, publish_lease_s: float = 10.0) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._retries = database.collection(RETRIES)
+        self._sweep_interval = sweep_interval_s
+        self._lease = timedelta(seconds=publish_lease_s)
+        self._armed: dict[str, datetime] = {}
+        self._wake = asyncio.Event()
+
+    def arm(self, bucket_id: str, due: datetime) -> None:
+        """Close ``bucket_id`` at ``due`` unless more files move it later."""
+        current = self._armed.get(bucket_id)
+        if current is None or due > current:
+            self._armed[bucket_id] = due
+            self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fire armed timers on time and sweep the database, until ``stop`` is set."""
+        next_sweep = 0.0
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            if loop.time() >= next_sweep:
+                await self._guarded(self._sweep())
+                next_sweep = loop.time() + self._sweep_interval
+            await self._guarded(self._fire_due())
+            await self._sleep_until_next(stop, next_sweep - loop.time())
+
+    async def _sleep_until_next(self, stop: asyncio.Event, until_sweep: float) -> None:
+        now = datetime.now(UTC)
+        soonest = min(self._armed.values(), default=None)
+        delay = until_sweep if soonest is None else min(until_sweep, (soonest - now).total_seconds())
+        self._wake.clear()
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        await asyncio.wait(waiters, timeout=max(delay, 0.0), return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+
+    async def _guarded(self, work: asyncio.Future[None] | object) -> None:
+        try:
+            await work  # type: ignore[misc]
+        except TransientError as exc:
+            log.warning("bucket_timer_deferred", error=str(exc))
+
+    async def _fire_due(self) -> None:
+        now = datetime.now(UTC)
+        for bucket_id, due in list(self._armed.items()):
+            if due > now:
+                continue
+            del self._armed[bucket_id]
+            closes_at = await self._store.closes_at(bucket_id)
+            if closes_at is not None and closes_at > now:
+                self.arm(bucket_id, closes_at)  # another replica's file moved it
+                continue
+            await self._close(bucket_id, now)
+
+    async def _sweep(self) -> None:
+        now = datetime.now(UTC)
+        for bucket_id in await self._store.due(now - timedelta(seconds=self._sweep_interval)):
+            await self._close(bucket_id, now)
+        for bucket_id, event in await self._store.unpublished(self._lease, now):
+            if await self._claim_retry(bucket_id, now):
+                log.warning("bucket_ready_republished", bucket_id=bucket_id)
+                await self._publish(bucket_id, event)
+
+    async def _close(self, bucket_id: str, now: datetime) -> None:
+        event = await self._store.close(bucket_id, now)
+        if event is not None:
+            await self._publish(bucket_id, event)
+
+    async def _publish(self, bucket_id: str, event: BucketReady | None) -> None:
+        if event is not None:
+            await self._publisher.publish(event, message_id=bucket_id)
+            delay_ms = (datetime.now(UTC) - event.closed_at).total_seconds() * 1000
+            log.info("bucket_ready_published", bucket_id=bucket_id, files=len(event.files),
+                     application_id=event.application_id, correlation_id=event.correlation_id,
+                     publish_delay_ms=round(delay_ms, 1))
+        await self._store.mark_published(bucket_id)
+
+    async def _claim_retry(self, bucket_id: str, now: datetime) -> bool:
+        """One replica per lease period may re-publish a stale closure."""
+        window = int(now.timestamp() // self._lease.total_seconds())
+        with contextlib.suppress(Duplicate):
+            async with translated_errors("claim closure retry"):
+                await self._retries.insert_one({"_id": f"{bucket_id}@{window}", "bucket_id": bucket_id})
+            return True
+        return False
