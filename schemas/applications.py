@@ -71,7 +71,9 @@ class ArgoOptions(Definition):
     """Argo-specific settings of an application."""
 
     namespace: str = "argo"
-    workflow_template: str | None = Field(None, description="use this WorkflowTemplate instead of a generated one")
+    workflow_template: str | None = Field(
+        None, description="use this WorkflowTemplate instead of a generated one"
+    )
     service_account: str | None = None
 
 
@@ -136,6 +138,4 @@ class AeTitleMapping(Definition):
 
     ae_title: AeTitle
     applications: list[Name] = Field(default_factory=list)
-    allowed_callers: list[CallingPeer] = Field(
-        default_factory=list, description="empty: any caller may send"
-    )
+    allowed_callers: list[CallingPeer] = Field(default_factory=list, description="empty: any caller may send")

@@ -70,6 +70,10 @@ class Event(Contract):
         """Where this event is published on the topic exchange."""
         return self.event_type
 
+    def must_route(self) -> bool:
+        """Whether an MWM consumer must receive it: if no queue is bound, publishing fails loudly."""
+        return True
+
 
 class PayloadArrived(Event):
     """A DICOM file was stored in the object store (by the gateway, the Payloads API or an external IG)."""
@@ -131,6 +135,10 @@ JobOutcome = Literal["succeeded", "failed", "cancelled", "timed_out"]
 class JobFinished(Event):
     """A job reached a terminal state."""
 
+    def must_route(self) -> bool:
+        """Informational for other systems: no MWM consumer needs it."""
+        return False
+
     event_type: ClassVar[str] = "mwm.job.finished"
 
     job_id: Identifier
@@ -165,6 +173,10 @@ class ExportRequested(Event):
     def routing_key(self) -> str:
         return f"{self.event_type}.{self.sink.type}"
 
+    def must_route(self) -> bool:
+        """The built-in exporter serves ``dicom`` sinks; other sink types may have no queue (pull clients)."""
+        return self.sink.type == "dicom"
+
 
 FileExportStatus = Literal["succeeded", "failed", "skipped"]
 
@@ -182,6 +194,10 @@ ExportOutcome = Literal["succeeded", "partial", "failed"]
 
 class ExportCompleted(Event):
     """An export task ended, with a result per file."""
+
+    def must_route(self) -> bool:
+        """Informational for other systems: no MWM consumer needs it."""
+        return False
 
     event_type: ClassVar[str] = "mwm.export.completed"
 

@@ -19,9 +19,12 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def live_settings(settings: Settings) -> AsyncIterator[Settings]:
-    """``settings`` for a test on the real services: fails (never skips) when one is unreachable; cleans up."""
-    down = [f"{name} at {host}:{port}" for name, (host, port) in service_endpoints(settings).items()
-            if not reachable(host, port)]
+    """``settings`` on the real services: fails (never skips) when one is unreachable; cleans up."""
+    down = [
+        f"{name} at {host}:{port}"
+        for name, (host, port) in service_endpoints(settings).items()
+        if not reachable(host, port)
+    ]
     if down:
         pytest.fail("not reachable: " + ", ".join(down) + " (start them with `bash scripts/services up`)")
     yield settings

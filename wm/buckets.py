@@ -39,8 +39,13 @@ CLOSURES = "bucket_closures"
 MEMBERSHIPS = "bucket_memberships"
 
 INDEXES = (
-    IndexSpec(BUCKETS, (IndexModel([("state", ASCENDING), ("closes_at", ASCENDING)]),
-                        IndexModel([("key", ASCENDING), ("generation", ASCENDING)], unique=True))),
+    IndexSpec(
+        BUCKETS,
+        (
+            IndexModel([("state", ASCENDING), ("closes_at", ASCENDING)]),
+            IndexModel([("key", ASCENDING), ("generation", ASCENDING)], unique=True),
+        ),
+    ),
     IndexSpec(FILES, (IndexModel([("bucket_id", ASCENDING)]),)),
     IndexSpec(CLOSURES, (IndexModel([("published_at", ASCENDING)]),)),
     IndexSpec(MEMBERSHIPS, (IndexModel([("bucket_id", ASCENDING), ("winner", ASCENDING)]),)),
@@ -73,8 +78,13 @@ class BucketStore:
         fid = file_id(placement, event)
         async with translated_errors("add file to bucket"):
             bucket = await self._open_generation(placement, event.correlation_id)
-            document = {"_id": fid, "bucket_id": bucket["_id"], "arrived_at": _now(),
-                        "file": event.file.model_dump(mode="json"), "dicom": event.dicom.model_dump(mode="json")}
+            document = {
+                "_id": fid,
+                "bucket_id": bucket["_id"],
+                "arrived_at": _now(),
+                "file": event.file.model_dump(mode="json"),
+                "dicom": event.dicom.model_dump(mode="json"),
+            }
             try:
                 await self._files.insert_one(document)
             except Exception as exc:
@@ -85,10 +95,14 @@ class BucketStore:
                 bucket = await self._bucket(existing["bucket_id"]) or bucket
             bucket = await self._settle_membership(placement, fid, bucket, event.correlation_id)
             due = closes_at(_now(), placement.quiet_period_s)
-            await self._buckets.update_one({"_id": bucket["_id"]}, {"$max": {"closes_at": due, "last_file_at": _now()}})
+            await self._buckets.update_one(
+                {"_id": bucket["_id"]}, {"$max": {"closes_at": due, "last_file_at": _now()}}
+            )
         return Joined(str(bucket["_id"]), max(due, bucket["closes_at"]))
 
-    async def _settle_membership(self, placement: Placement, fid: str, bucket: Document, correlation_id: str) -> Document:
+    async def _settle_membership(
+        self, placement: Placement, fid: str, bucket: Document, correlation_id: str
+    ) -> Document:
         """If the file's bucket started closing, contest the file; move it on while it loses."""
         while await self._closures.find_one({"_id": bucket["_id"]}, {"_id": 1}) is not None:
             if not await self._contest(fid, bucket["_id"], winner="file"):
@@ -123,11 +137,19 @@ class BucketStore:
         bucket_id = placement.bucket_id(generation)
         now = _now()
         document = {
-            "_id": bucket_id, "key": placement.bucket_key, "generation": generation, "state": "open",
-            "application": placement.application, "revision": placement.revision,
-            "grouping_tag": placement.grouping_tag, "grouping_value": placement.grouping_value,
-            "quiet_period_s": placement.quiet_period_s, "correlation_id": correlation_id,
-            "opened_at": now, "last_file_at": now, "closes_at": closes_at(now, placement.quiet_period_s),
+            "_id": bucket_id,
+            "key": placement.bucket_key,
+            "generation": generation,
+            "state": "open",
+            "application": placement.application,
+            "revision": placement.revision,
+            "grouping_tag": placement.grouping_tag,
+            "grouping_value": placement.grouping_value,
+            "quiet_period_s": placement.quiet_period_s,
+            "correlation_id": correlation_id,
+            "opened_at": now,
+            "last_file_at": now,
+            "closes_at": closes_at(now, placement.quiet_period_s),
         }
         try:
             await self._buckets.insert_one(document)
@@ -151,7 +173,9 @@ class BucketStore:
     async def due(self, now: datetime, limit: int = 100) -> list[str]:
         """Open buckets whose quiet period is over."""
         async with translated_errors("find due buckets"):
-            cursor = self._buckets.find({"state": "open", "closes_at": {"$lte": now}}, {"_id": 1}).limit(limit)
+            cursor = self._buckets.find({"state": "open", "closes_at": {"$lte": now}}, {"_id": 1}).limit(
+                limit
+            )
             return [str(doc["_id"]) for doc in await cursor.to_list(None)]
 
     async def close(self, bucket_id: str, now: datetime) -> BucketReady | None:
@@ -174,13 +198,17 @@ class BucketStore:
         heading_here = await self._files.find({"bucket_id": bucket_id}, {"_id": 1}).to_list(None)
         for document in heading_here:
             await self._contest(document["_id"], bucket_id, winner="closer")
-        won = await self._memberships.find({"bucket_id": bucket_id, "winner": "closer"}, {"file_id": 1}).to_list(None)
+        won = await self._memberships.find(
+            {"bucket_id": bucket_id, "winner": "closer"}, {"file_id": 1}
+        ).to_list(None)
         files = await self._files.find({"_id": {"$in": [doc["file_id"] for doc in won]}}).to_list(None)
         event = None
         if files:
             placement = _placement(bucket)
             members = [BucketFile.model_validate({"file": f["file"], "dicom": f["dicom"]}) for f in files]
-            event = bucket_ready(bucket_id, placement, bucket["correlation_id"], members, bucket["opened_at"], now)
+            event = bucket_ready(
+                bucket_id, placement, bucket["correlation_id"], members, bucket["opened_at"], now
+            )
         await self._closures.update_one(
             {"_id": bucket_id}, {"$set": {"event": event.model_dump(mode="json") if event else None}}
         )
@@ -208,8 +236,13 @@ class BucketStore:
 
 
 def _placement(bucket: Document) -> Placement:
-    return Placement(bucket["application"], bucket["revision"], bucket["grouping_tag"], bucket["grouping_value"],
-                     bucket["quiet_period_s"])
+    return Placement(
+        bucket["application"],
+        bucket["revision"],
+        bucket["grouping_tag"],
+        bucket["grouping_value"],
+        bucket["quiet_period_s"],
+    )
 
 
 def _is_duplicate(exc: Exception) -> bool:

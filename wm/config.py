@@ -114,7 +114,7 @@ class ArgoSettings(BaseModel):
     ttl_after_success_s: int = Field(3600, ge=0, description="workflow `ttlStrategy.secondsAfterSuccess`")
     ttl_after_failure_s: int = Field(86400, ge=0, description="workflow `ttlStrategy.secondsAfterFailure`")
     retries: int = Field(3, ge=0, description="retries of a transient Argo Server failure inside the engine")
-    artifact_secret: str = Field("mwm-s3", description="Kubernetes secret with `accessKey`/`secretKey` for S3")
+    artifact_secret: str = Field("mwm-s3", description="k8s secret holding `accessKey`/`secretKey` for S3")
 
 
 class ExportSettings(BaseModel):

@@ -22,9 +22,14 @@ JOBS = "jobs"
 FINISHES = "job_finishes"
 
 INDEXES = (
-    IndexSpec(JOBS, (IndexModel([("state", ASCENDING), ("next_check_at", ASCENDING)]),
-                     IndexModel([("application_id", ASCENDING), ("created_at", ASCENDING)]),
-                     IndexModel([("bucket_id", ASCENDING)]))),
+    IndexSpec(
+        JOBS,
+        (
+            IndexModel([("state", ASCENDING), ("next_check_at", ASCENDING)]),
+            IndexModel([("application_id", ASCENDING), ("created_at", ASCENDING)]),
+            IndexModel([("bucket_id", ASCENDING)]),
+        ),
+    ),
     IndexSpec(FINISHES, (IndexModel([("published_at", ASCENDING)]),)),
 )
 
@@ -109,7 +114,10 @@ class JobStore:
 
     async def due_for_check(self, now: datetime, limit: int = 200) -> list[Job]:
         """Jobs an engine is running whose next status check is due."""
-        query = {"state": {"$in": [JobState.launched.value, JobState.running.value]}, "next_check_at": {"$lte": now}}
+        query = {
+            "state": {"$in": [JobState.launched.value, JobState.running.value]},
+            "next_check_at": {"$lte": now},
+        }
         async with translated_errors("find jobs to check"):
             return [_job(doc) for doc in await self._jobs.find(query).limit(limit).to_list(None)]
 
@@ -122,10 +130,14 @@ class JobStore:
         """Ask the monitor to cancel the job at its next check."""
         job = await self.get(job_id)
         async with translated_errors("request cancel"):
-            await self._jobs.update_one({"_id": job_id}, {"$set": {"cancel_requested": True, "next_check_at": _now()}})
+            await self._jobs.update_one(
+                {"_id": job_id}, {"$set": {"cancel_requested": True, "next_check_at": _now()}}
+            )
         return job.model_copy(update={"cancel_requested": True})
 
-    async def list(self, state: str | None, application_id: str | None, skip: int, limit: int) -> tuple[list[Job], int]:
+    async def page(
+        self, state: str | None, application_id: str | None, skip: int, limit: int
+    ) -> tuple[list[Job], int]:
         """A page of jobs, newest first, and the total that match."""
         query: dict[str, Any] = {}
         if state:

@@ -22,7 +22,7 @@ class ApplicationCatalog(Protocol):
     """The registered applications a file may trigger."""
 
     async def candidates(self, event: PayloadArrived) -> list[Candidate]:
-        """Latest active revisions of the applications named by the event, or mapped to its called AE title."""
+        """Latest active revisions of the applications the event names, or mapped to its called AE."""
         ...
 
 

@@ -31,8 +31,14 @@ INDEXES = (IndexSpec(RETRIES, (IndexModel("bucket_id"),)),)
 class BucketTimers:
     """Closes buckets when their quiet period ends and publishes their ``bucket.ready``."""
 
-    def __init__(self, store: BucketStore, publisher: EventPublisher, database: Database,
-                 sweep_interval_s: float = 1.0, publish_lease_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: BucketStore,
+        publisher: EventPublisher,
+        database: Database,
+        sweep_interval_s: float = 1.0,
+        publish_lease_s: float = 10.0,
+    ) -> None:
         self._store = store
         self._publisher = publisher
         self._retries = database.collection(RETRIES)
@@ -105,9 +111,14 @@ class BucketTimers:
         if event is not None:
             await self._publisher.publish(event, message_id=bucket_id)
             delay_ms = (datetime.now(UTC) - event.closed_at).total_seconds() * 1000
-            log.info("bucket_ready_published", bucket_id=bucket_id, files=len(event.files),
-                     application_id=event.application_id, correlation_id=event.correlation_id,
-                     publish_delay_ms=round(delay_ms, 1))
+            log.info(
+                "bucket_ready_published",
+                bucket_id=bucket_id,
+                files=len(event.files),
+                application_id=event.application_id,
+                correlation_id=event.correlation_id,
+                publish_delay_ms=round(delay_ms, 1),
+            )
         await self._store.mark_published(bucket_id)
 
     async def _claim_retry(self, bucket_id: str, now: datetime) -> bool:

@@ -68,7 +68,9 @@ async def test_poison_messages_are_dead_lettered_with_a_reason_and_the_consumer_
         event_type = "mwm.payload.arrived.v1"
         for body, message_id in ((b"this is not json", "not-json"), (b'{"payload_id": 7}', "bad-schema")):
             await bus.publish_message(
-                aio_pika.Message(body, message_id=message_id, type=event_type, content_type="application/json"),
+                aio_pika.Message(
+                    body, message_id=message_id, type=event_type, content_type="application/json"
+                ),
                 "mwm.payload.arrived",
             )
         await bus.publish_message(
@@ -192,10 +194,10 @@ async def test_a_short_database_outage_is_ridden_out_and_a_lasting_one_ends_in_t
     assert "transient failure persisted after 8 attempts" in str(letters[0]["reason"])
 
 
-async def test_two_replicas_share_the_work_and_sigterm_drains_what_is_in_flight(live_settings: Settings) -> None:
-    settings = live_settings.model_copy(
-        update={"bus": live_settings.bus.model_copy(update={"prefetch": 2})}
-    )
+async def test_two_replicas_share_the_work_and_sigterm_drains_what_is_in_flight(
+    live_settings: Settings,
+) -> None:
+    settings = live_settings.model_copy(update={"bus": live_settings.bus.model_copy(update={"prefetch": 2})})
     await declare_probe_queue(settings)
     with consumer_processes(settings, PROBE, count=2, extra_env={"MWM_PROBE_SLEEP_S": "0.5"}) as replicas:
         events = [payload_arrived() for _ in range(16)]

@@ -7,8 +7,14 @@ import uuid
 from schemas.events import DicomIdentifiers, FileRef, PayloadArrived
 
 
-def payload_arrived(payload_id: str | None = None, *, study_uid: str = "1.2.3.4", called_ae: str = "MWM",
-                    calling_ae: str = "MODALITY", key: str | None = None) -> PayloadArrived:
+def payload_arrived(
+    payload_id: str | None = None,
+    *,
+    study_uid: str = "1.2.3.4",
+    called_ae: str = "MWM",
+    calling_ae: str = "MODALITY",
+    key: str | None = None,
+) -> PayloadArrived:
     """A valid payload.arrived for one CT file."""
     payload_id = payload_id or uuid.uuid4().hex
     sop_uid = f"1.2.3.4.5.{uuid.uuid4().int % 10**12}"

@@ -31,8 +31,13 @@ def unique_settings(work_dir: Path, **overrides: Any) -> Settings:
     run = uuid.uuid4().hex[:10]
     base = Settings()
     sections: dict[str, BaseModel] = {
-        "bus": base.bus.model_copy(update={"exchange": f"mwm-t-{run}", "dead_letter_exchange": f"mwm-t-{run}.dlx",
-                                           "queue_prefix": f"t-{run}"}),
+        "bus": base.bus.model_copy(
+            update={
+                "exchange": f"mwm-t-{run}",
+                "dead_letter_exchange": f"mwm-t-{run}.dlx",
+                "queue_prefix": f"t-{run}",
+            }
+        ),
         "mongo": base.mongo.model_copy(update={"database": f"mwm_t_{run}", "timeout_ms": 800}),
         "object_store": base.object_store.model_copy(update={"bucket": f"mwm-t-{run}"}),
         "retry": base.retry.model_copy(update={"attempts": 4, "initial_delay_s": 0.05, "max_delay_s": 0.5}),
@@ -74,7 +79,9 @@ def service_endpoints(settings: Settings) -> Mapping[str, tuple[str, int]]:
     }
 
 
-async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.05) -> None:
+async def wait_for(
+    check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.05
+) -> None:
     """Poll ``check`` until it is true; fail the test with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not await check():
@@ -85,7 +92,9 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: s
 
 def services_command(*args: str) -> None:
     """Run ``scripts/services`` (fault injection: stop/start a service)."""
-    subprocess.run(["bash", str(REPO / "scripts" / "services"), *args], check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        ["bash", str(REPO / "scripts" / "services"), *args], check=True, capture_output=True, timeout=180
+    )
 
 
 async def cleanup(settings: Settings) -> None:
@@ -106,8 +115,13 @@ async def cleanup(settings: Settings) -> None:
 
 async def _queues_with_prefix(settings: Settings) -> list[str]:
     listing = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        "rabbitmqctl",
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
         env={**os.environ, "RABBITMQ_NODENAME": os.environ.get("RABBITMQ_NODENAME", "rabbit@localhost")},
     )
     stdout, _ = await listing.communicate()
@@ -116,13 +130,19 @@ async def _queues_with_prefix(settings: Settings) -> list[str]:
 
 
 @contextmanager
-def consumer_processes(settings: Settings, name: str, count: int = 1,
-                       extra_env: Mapping[str, str] | None = None) -> Iterator[list[subprocess.Popen[bytes]]]:
+def consumer_processes(
+    settings: Settings, name: str, count: int = 1, extra_env: Mapping[str, str] | None = None
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``count`` replicas of ``mwm consume NAME`` as child processes; stopped (SIGKILL) on exit."""
     env = {**settings_env(settings), **(extra_env or {})}
     processes = [
-        subprocess.Popen([sys.executable, "-m", "wm", "consume", name], env=env, cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, "-m", "wm", "consume", name],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for _ in range(count)
     ]
     try:

@@ -39,7 +39,8 @@ def test_a_finished_job_cannot_be_cancelled(state: JobState) -> None:
 
 
 @pytest.mark.parametrize(
-    ("state", "transition"), [(S.created, T.start), (S.created, T.succeed), (S.succeeded, T.fail), (S.failed, T.succeed)]
+    ("state", "transition"),
+    [(S.created, T.start), (S.created, T.succeed), (S.succeeded, T.fail), (S.failed, T.succeed)],
 )
 def test_illegal_pairs_are_refused(state: JobState, transition: JobTransition) -> None:
     with pytest.raises(IllegalTransition, match=f"a {state} job cannot {transition}"):
@@ -49,11 +50,17 @@ def test_illegal_pairs_are_refused(state: JobState, transition: JobTransition) -
 @pytest.mark.parametrize(
     ("state", "transition"), [(S.launched, T.launch), (S.succeeded, T.succeed), (S.timed_out, T.time_out)]
 )
-def test_repeating_the_transition_that_led_here_is_a_no_op(state: JobState, transition: JobTransition) -> None:
+def test_repeating_the_transition_that_led_here_is_a_no_op(
+    state: JobState, transition: JobTransition
+) -> None:
     assert next_state(state, transition) is state
 
 
 def test_a_job_id_is_derived_from_its_bucket_and_safe_as_a_kubernetes_name() -> None:
-    first, again, other = job_id_for("app.r1.abc.g1"), job_id_for("app.r1.abc.g1"), job_id_for("app.r1.abc.g2")
+    first, again, other = (
+        job_id_for("app.r1.abc.g1"),
+        job_id_for("app.r1.abc.g1"),
+        job_id_for("app.r1.abc.g2"),
+    )
     assert first == again != other
     assert len(first) <= 63 and first.replace("-", "").isalnum() and first == first.lower()

@@ -13,8 +13,11 @@ from tests.support.events import payload_arrived
 
 
 def test_the_committed_schema_files_match_the_models() -> None:
-    drifted = [path.name for path, content in rendered_files().items()
-               if not path.exists() or path.read_text() != content]
+    drifted = [
+        path.name
+        for path, content in rendered_files().items()
+        if not path.exists() or path.read_text() != content
+    ]
     assert drifted == [], f"regenerate with `python -m schemas.generate`: {drifted}"
 
 
@@ -27,8 +30,12 @@ def test_every_event_has_a_versioned_type_name_and_a_schema_naming_its_required_
 
 def test_export_requested_routes_by_sink_type() -> None:
     event = ExportRequested(
-        correlation_id="c1", export_task_id="t1", job_id="j1", application_id="app",
-        sink=SinkRef(name="pacs", type="dicom"), files=[FileRef(bucket="mwm", key="a.dcm", size=1)],
+        correlation_id="c1",
+        export_task_id="t1",
+        job_id="j1",
+        application_id="app",
+        sink=SinkRef(name="pacs", type="dicom"),
+        files=[FileRef(bucket="mwm", key="a.dcm", size=1)],
     )
     assert event.routing_key() == "mwm.export.requested.dicom"
 

@@ -130,8 +130,13 @@ class ObjectStore:
 
     async def copy(self, source_key: str, target_key: str) -> FileRef:
         """Copy an object inside the bucket (server-side: no bytes pass through MWM)."""
-        await self._call(f"copy {source_key}", self._client.copy_object, self.bucket, target_key,
-                         CopySource(self.bucket, source_key))
+        await self._call(
+            f"copy {source_key}",
+            self._client.copy_object,
+            self.bucket,
+            target_key,
+            CopySource(self.bucket, source_key),
+        )
         return FileRef(bucket=self.bucket, key=target_key, size=await self.size(target_key))
 
     async def size(self, key: str) -> int:

@@ -175,7 +175,7 @@ class Bus:
         re-publish after a crash carries the same id and downstream duplicates are recognised.
         """
         message = event_message(event, app_id=self.settings.app_id, message_id=message_id)
-        await self._publish(self._exchange, message, event.routing_key())
+        await self._publish(self._exchange, message, event.routing_key(), mandatory=event.must_route())
         return str(message.message_id)
 
     async def publish_message(self, message: aio_pika.Message, routing_key: str) -> None:
@@ -214,15 +214,21 @@ class Bus:
         await self._publish(self._dead_letter_exchange, message, queue_name(self.settings, consumer))
 
     async def _publish(
-        self, exchange: AbstractRobustExchange | None, message: aio_pika.Message, key: str
+        self,
+        exchange: AbstractRobustExchange | None,
+        message: aio_pika.Message,
+        key: str,
+        mandatory: bool = True,
     ) -> None:
         assert exchange is not None, "Bus used outside its context"
         try:
             confirmation = await exchange.publish(
-                message, routing_key=key, timeout=self.settings.publish_timeout_s
+                message, routing_key=key, mandatory=mandatory, timeout=self.settings.publish_timeout_s
             )
         except _BROKER_ERRORS as exc:
             raise TransientError(f"publish to {key!r} failed: {exc!r}") from exc
+        if isinstance(confirmation, aiormq.abc.DeliveredMessage):
+            raise TransientError(f"no queue is bound to {key!r} (run `mwm topology declare`): not routed")
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise TransientError(f"broker did not confirm the publish to {key!r}: {confirmation!r}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from wm.cli import bus
+from wm.cli import api, bus, gateway, registry
 
 app = typer.Typer(
     name="mwm",
@@ -16,6 +16,12 @@ app.command("consume")(bus.consume)
 app.command("run")(bus.run_all)
 app.add_typer(bus.topology_app, name="topology")
 app.add_typer(bus.dlq_app, name="dlq")
+app.command("api")(api.api)
+app.add_typer(api.keys_app, name="keys")
+app.add_typer(registry.apps_app, name="apps")
+app.add_typer(registry.sinks_app, name="sinks")
+app.add_typer(registry.aet_app, name="aet")
+app.command("gateway")(gateway.gateway)
 
 
 def main() -> None:

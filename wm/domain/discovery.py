@@ -81,8 +81,13 @@ def placements(candidates: list[Candidate], event: PayloadArrived) -> tuple[list
             continue
         assert value is not None
         placed.append(
-            Placement(candidate.name, candidate.revision, definition.discovery.grouping_tag, value,
-                      definition.discovery.quiet_period_s)
+            Placement(
+                candidate.name,
+                candidate.revision,
+                definition.discovery.grouping_tag,
+                value,
+                definition.discovery.quiet_period_s,
+            )
         )
     return placed, refused
 
@@ -98,8 +103,12 @@ def closes_at(last_file_at: datetime, quiet_period_s: float) -> datetime:
 
 
 def bucket_ready(
-    bucket_id: str, placement: Placement, correlation_id: str, files: list[BucketFile],
-    opened_at: datetime, closed_at: datetime,
+    bucket_id: str,
+    placement: Placement,
+    correlation_id: str,
+    files: list[BucketFile],
+    opened_at: datetime,
+    closed_at: datetime,
 ) -> BucketReady:
     """The event a closed bucket emits; files in a stable order (series, then SOP instance)."""
     ordered = sorted(files, key=lambda f: (f.dicom.series_instance_uid, f.dicom.sop_instance_uid, f.file.key))

@@ -114,6 +114,27 @@ def completed_event(task: ExportTask) -> ExportCompleted:
     )
 
 
+def requested_event(task: ExportTask) -> ExportRequested:
+    """The ``export.requested`` that asks for ``task`` again (after its lease expired)."""
+    return ExportRequested(
+        correlation_id=task.correlation_id,
+        export_task_id=task.export_task_id,
+        job_id=task.job_id,
+        application_id=task.application_id,
+        sink=task.sink,
+        files=task.files,
+    )
+
+
+def summary(results: Sequence[FileExportResult]) -> str:
+    """A one-line account of per-file results, e.g. ``3 succeeded, 1 failed (first: C-STORE status ...)``."""
+    statuses = ("succeeded", "failed", "skipped")
+    counts = {status: sum(1 for r in results if r.status == status) for status in statuses}
+    text = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
+    first_error = next((r.error for r in results if r.status == "failed" and r.error), None)
+    return f"{text} (first error: {first_error})" if first_error else text
+
+
 def completed_message_id(task_id: str) -> str:
     """The message id of a task's ``export.completed``: a re-publish is recognisably the same message."""
     return f"{task_id}.completed"

@@ -88,7 +88,9 @@ def load_engine(name: str, settings: Settings) -> Engine:
     """The engine plugin ``name``; ``PermanentError`` naming the installed ones when it is unknown."""
     matches = [ep for ep in entry_points(group=ENGINE_GROUP) if ep.name == name]
     if not matches:
-        raise PermanentError(f"unknown engine {name!r}; installed: {', '.join(available_engines()) or 'none'}")
+        raise PermanentError(
+            f"unknown engine {name!r}; installed: {', '.join(available_engines()) or 'none'}"
+        )
     factory: EngineFactory = matches[0].load()
     return factory(settings)
 

@@ -75,15 +75,23 @@ class LocalEngine:
             marker = os.open(job_dir / PID_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return  # launched before (a duplicate bucket.ready or a retried launch)
-        spec = {"job_id": job.job_id, "correlation_id": job.correlation_id,
-                "application": job.application.model_dump(mode="json"), "input_prefix": job.input_prefix,
-                "output_prefix": job.output_prefix, "deadline": job.deadline.isoformat()}
+        spec = {
+            "job_id": job.job_id,
+            "correlation_id": job.correlation_id,
+            "application": job.application.model_dump(mode="json"),
+            "input_prefix": job.input_prefix,
+            "output_prefix": job.output_prefix,
+            "deadline": job.deadline.isoformat(),
+        }
         (job_dir / SPEC_FILE).write_text(json.dumps(spec))
         write_status(job_dir, "pending", "")
         with open(job_dir / "runner.log", "ab") as log:
             runner = subprocess.Popen(
                 [sys.executable, "-m", "wm.engines.local_runner", str(job_dir)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
                 env={**os.environ, **_settings_env(self._settings)},
             )
         os.write(marker, str(runner.pid).encode())

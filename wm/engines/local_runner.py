@@ -25,8 +25,12 @@ CONTAINER_OUTPUT = "/var/monai/output"
 
 def map_environment(input_dir: str, output_dir: str) -> dict[str, str]:
     """The MAP conventions for where inputs are and outputs go."""
-    return {"MONAI_INPUTPATH": input_dir, "MONAI_OUTPUTPATH": output_dir,
-            "HOLOSCAN_INPUT_PATH": input_dir, "HOLOSCAN_OUTPUT_PATH": output_dir}
+    return {
+        "MONAI_INPUTPATH": input_dir,
+        "MONAI_OUTPUTPATH": output_dir,
+        "HOLOSCAN_INPUT_PATH": input_dir,
+        "HOLOSCAN_OUTPUT_PATH": output_dir,
+    }
 
 
 def map_command(application: ApplicationDefinition, job_dir: Path) -> tuple[list[str], dict[str, str]]:
@@ -34,8 +38,15 @@ def map_command(application: ApplicationDefinition, job_dir: Path) -> tuple[list
     spec = application.map
     runtime = container_runtime()
     if spec.image and runtime:
-        command = [runtime, "run", "--rm", "-v", f"{job_dir / 'input'}:{CONTAINER_INPUT}:ro",
-                   "-v", f"{job_dir / 'output'}:{CONTAINER_OUTPUT}"]
+        command = [
+            runtime,
+            "run",
+            "--rm",
+            "-v",
+            f"{job_dir / 'input'}:{CONTAINER_INPUT}:ro",
+            "-v",
+            f"{job_dir / 'output'}:{CONTAINER_OUTPUT}",
+        ]
         for key, value in {**spec.environment, **map_environment(CONTAINER_INPUT, CONTAINER_OUTPUT)}.items():
             command += ["-e", f"{key}={value}"]
         if spec.cpu:
@@ -46,8 +57,11 @@ def map_command(application: ApplicationDefinition, job_dir: Path) -> tuple[list
             command += ["--gpus", str(spec.gpu)]
         return [*command, spec.image, *spec.command], dict(os.environ)
     executable = sys.executable if spec.command[0] == "python" else spec.command[0]
-    environment = {**os.environ, **spec.environment,
-                   **map_environment(str(job_dir / "input"), str(job_dir / "output"))}
+    environment = {
+        **os.environ,
+        **spec.environment,
+        **map_environment(str(job_dir / "input"), str(job_dir / "output")),
+    }
     return [executable, *spec.command[1:]], environment
 
 
@@ -59,7 +73,9 @@ async def run(job_dir: Path) -> tuple[str, str]:
     async with ObjectStore(Settings().object_store) as objects:
         write_status(job_dir, "running", "staging inputs")
         for ref in await objects.list(spec["input_prefix"]):
-            await objects.download_file(ref.key, job_dir / "input" / ref.key.removeprefix(spec["input_prefix"]))
+            await objects.download_file(
+                ref.key, job_dir / "input" / ref.key.removeprefix(spec["input_prefix"])
+            )
         (job_dir / "output").mkdir(exist_ok=True)
         write_status(job_dir, "running", "application running")
         code = await _run_map(application, job_dir, max(timeout, 1.0))
@@ -72,13 +88,14 @@ async def run(job_dir: Path) -> tuple[str, str]:
     return "succeeded", ""
 
 
-async def _run_map(application: ApplicationDefinition, job_dir: Path, timeout: float) -> int:
+async def _run_map(application: ApplicationDefinition, job_dir: Path, limit_s: float) -> int:
     command, environment = map_command(application, job_dir)
-    with open(job_dir / "app.log", "ab") as log:
-        process = await asyncio.create_subprocess_exec(*command, env=environment, cwd=job_dir,
-                                                       stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL)
+    with (job_dir / "app.log").open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            *command, env=environment, cwd=job_dir, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL
+        )
         try:
-            return await asyncio.wait_for(process.wait(), timeout)
+            return await asyncio.wait_for(process.wait(), limit_s)
         except TimeoutError:
             process.kill()
             await process.wait()

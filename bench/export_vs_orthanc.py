@@ -1,0 +1,146 @@
+"""Benchmark: export a 324-slice CT study from the object store with the DICOM sink, against Orthanc.
+
+Both send the same study to the same dcmtk ``storescp`` (``--fork``: one process per association), in the
+same run, alternating, ``--rounds`` times each; the median of each is compared.
+
+- mwm: ``DicomSink.export`` of the study's files as they sit in the object store (download to a scratch
+  directory, read file meta, C-STORE over ``export.associations_per_task`` associations).
+- Orthanc: the study uploaded into Orthanc first (dcmtk storescu), then
+  ``POST /modalities/{id}/store`` with ``Synchronous: true`` (Orthanc reads from its own storage).
+
+Needs the S3 server (``bash scripts/services up``), dcmtk and Orthanc. Prints a markdown-table row:
+
+    | export vs Orthanc (324-slice CT) | mwm 1.2 s | Orthanc 0.9 s | ratio 1.33 | target <= 2.0 |
+
+Run: ``python -m bench.export_vs_orthanc [--slices 324] [--rounds 3] [--associations 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from schemas.applications import SinkDefinition
+from schemas.events import FileRef
+from wm.adapters.objectstore import ObjectStore
+from wm.config import Settings
+from wm.sinks.dicom import DicomSink
+from wm.testing.dicom import write_ct_study
+from wm.testing.peers import LOCALHOST, Orthanc, StoreSCP, astorescu
+
+TARGET_RATIO = 2.0
+SCP_AET = "BENCHSCP"
+
+
+async def upload(objects: ObjectStore, files: list[Path], prefix: str) -> list[FileRef]:
+    """Put the study in the object store, as a job's outputs would be."""
+    return list(await asyncio.gather(*(objects.put_file(f"{prefix}/{p.name}", p) for p in files)))
+
+
+async def time_mwm(sink: DicomSink, refs: list[FileRef]) -> float:
+    started = time.perf_counter()
+    results = await sink.export(refs)
+    elapsed = time.perf_counter() - started
+    failed = [r for r in results if r.status != "succeeded"]
+    if failed:
+        raise RuntimeError(f"mwm export failed for {len(failed)} files, first: {failed[0]}")
+    return elapsed
+
+
+def time_orthanc(orthanc: Orthanc, study_id: str, count: int) -> float:
+    started = time.perf_counter()
+    summary = orthanc.store_to_modality("dest", [study_id], synchronous=True)
+    elapsed = time.perf_counter() - started
+    if summary.get("FailedInstancesCount") or summary.get("InstancesCount") != count:
+        raise RuntimeError(f"Orthanc export incomplete: {summary}")
+    return elapsed
+
+
+def clear(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+
+
+def bench_settings(root: Path, associations: int) -> Settings:
+    """Default settings with a bucket of its own and ``associations`` per task."""
+    base = Settings()
+    return base.model_copy(
+        update={
+            "object_store": base.object_store.model_copy(
+                update={"bucket": f"mwm-bench-{uuid.uuid4().hex[:8]}"}
+            ),
+            "export": base.export.model_copy(update={"associations_per_task": associations}),
+            "work_dir": str(root / "work"),
+        }
+    )
+
+
+def dicom_sink(settings: Settings, objects: ObjectStore, port: int) -> DicomSink:
+    definition = SinkDefinition.model_validate(
+        {"name": "bench", "type": "dicom", "args": {"ae_title": SCP_AET, "host": LOCALHOST, "port": port}}
+    )
+    return DicomSink(definition, settings, objects)
+
+
+async def alternate(
+    sink: DicomSink, refs: list[FileRef], orthanc: Orthanc, received: Path, rounds: int
+) -> tuple[list[float], list[float]]:
+    """``rounds`` exports by each, alternating, into an emptied receiving directory."""
+    [study_id] = orthanc.studies()
+    mwm_times, orthanc_times = [], []
+    for _ in range(rounds):
+        clear(received)
+        mwm_times.append(await time_mwm(sink, refs))
+        clear(received)
+        orthanc_times.append(await asyncio.to_thread(time_orthanc, orthanc, study_id, len(refs)))
+    return mwm_times, orthanc_times
+
+
+async def run(slices: int, rounds: int, associations: int) -> tuple[float, float]:
+    """Median seconds of (mwm, Orthanc)."""
+    with tempfile.TemporaryDirectory(prefix="mwm-bench-") as scratch:
+        root = Path(scratch)
+        settings = bench_settings(root, associations)
+        study = write_ct_study(root / "study", slices_per_series=slices, rows=512, columns=512, seed=7)
+        async with ObjectStore(settings.object_store) as objects:
+            try:
+                refs = await upload(objects, study.files, "jobs/bench/outputs")
+                with (
+                    StoreSCP(root / "received", aet=SCP_AET, extra_args=["--fork"], verbose=False) as scp,
+                    Orthanc(aet="BENCHORTHANC") as orthanc,
+                ):
+                    await astorescu(LOCALHOST, orthanc.dicom_port, orthanc.aet, root / "study", check=True)
+                    orthanc.set_modality("dest", SCP_AET, LOCALHOST, scp.port)
+                    sink = dicom_sink(settings, objects, scp.port)
+                    mwm_times, orthanc_times = await alternate(sink, refs, orthanc, root / "received", rounds)
+            finally:
+                await objects.remove_prefix("")
+                await asyncio.to_thread(objects._client.remove_bucket, objects.bucket)
+    rounded = [[round(t, 2) for t in times] for times in (mwm_times, orthanc_times)]
+    print(f"rounds (s): mwm {rounded[0]}, Orthanc {rounded[1]}", file=sys.stderr)
+    return statistics.median(mwm_times), statistics.median(orthanc_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--slices", type=int, default=324)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--associations", type=int, default=Settings().export.associations_per_task)
+    options = parser.parse_args()
+    mwm, orthanc = asyncio.run(run(options.slices, options.rounds, options.associations))
+    ratio = mwm / orthanc
+    print(
+        f"| export vs Orthanc ({options.slices}-slice CT) | mwm {mwm:.2f} s | Orthanc {orthanc:.2f} s "
+        f"| ratio {ratio:.2f} | target <= {TARGET_RATIO} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

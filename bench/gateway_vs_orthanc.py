@@ -1,0 +1,201 @@
+"""Benchmark: the DICOM gateway against Orthanc, receiving the same 324-slice CT study, in one run.
+
+    python bench/gateway_vs_orthanc.py [--slices 324] [--rows 512] [--columns 512]
+
+Needs the real local services (``bash scripts/services up``), dcmtk and Orthanc. Generates a CT study
+(1 series x 324 slices of 512 x 512, 16-bit: about 164 MB) and sends it with dcmtk ``storescu``
+(``TCP_NODELAY=1``):
+
+* to the gateway, run as its own process (``python -m wm gateway``) with a fresh bucket, exchange and
+  database and an AE title mapping made first: timed from the start of storescu until storescu finished
+  and every file was announced on ``mwm.payload.arrived`` (the gateway announces a file only after the
+  object store confirmed it; the object count is checked afterwards);
+* to Orthanc 1.10 (``TCP_NODELAY=1``): timed until storescu finished and Orthanc indexed every instance.
+
+Prints both times, their ratio (target <= 1.0) and the gateway's peak resident memory (VmHWM, target under
+300 MB), as Markdown table rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aio_pika
+from pydantic import BaseModel
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from schemas.applications import CallingPeer  # noqa: E402
+from schemas.events import PayloadArrived  # noqa: E402
+from wm.adapters.mongo import Database  # noqa: E402
+from wm.adapters.objectstore import ObjectStore  # noqa: E402
+from wm.config import Settings  # noqa: E402
+from wm.registry import Registry  # noqa: E402
+from wm.testing.dicom import write_ct_study  # noqa: E402
+from wm.testing.peers import LOCALHOST, Orthanc, free_port, storescu, wait_for_port  # noqa: E402
+
+AET = "MWM-BENCH"
+CALLING = "STORESCU"
+TIMEOUT_S = 300.0
+
+
+def bench_settings() -> Settings:
+    """Settings with this run's own exchange, queues, database and bucket, and a free gateway port."""
+    run = uuid.uuid4().hex[:8]
+    base = Settings()
+    return base.model_copy(
+        update={
+            "bus": base.bus.model_copy(
+                update={"exchange": f"mwm-bench-{run}", "dead_letter_exchange": f"mwm-bench-{run}.dlx"}
+            ),
+            "mongo": base.mongo.model_copy(update={"database": f"mwm_bench_{run}"}),
+            "object_store": base.object_store.model_copy(update={"bucket": f"mwm-bench-{run}"}),
+            "gateway": base.gateway.model_copy(update={"host": LOCALHOST, "port": free_port()}),
+            "observability": base.observability.model_copy(update={"http_port": 0, "log_level": "WARNING"}),
+        }
+    )
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes ``python -m wm gateway`` build exactly ``settings``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MWM_")}
+    for section, value in settings:
+        if isinstance(value, BaseModel):
+            for name, field_value in value:
+                env[f"MWM_{section.upper()}__{name.upper()}"] = str(field_value)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set size (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+async def time_gateway(settings: Settings, study_dir: Path, count: int) -> tuple[float, float]:
+    """Seconds until storescu finished and ``count`` files were announced; the gateway's peak RSS in MB."""
+    async with Database(settings.mongo) as database:
+        await Registry(database).ae_titles.map(AET, "bench", [CallingPeer(ae_title=CALLING)])
+    gateway = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wm", "gateway", env=child_env(settings), cwd=REPO, stdin=subprocess.DEVNULL
+    )
+    try:
+        await asyncio.to_thread(wait_for_port, LOCALHOST, settings.gateway.port, timeout=60)
+        elapsed = await _send_and_count(settings, study_dir, count)
+        peak = peak_rss_mb(gateway.pid)
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(gateway.wait(), 60)
+    async with ObjectStore(settings.object_store) as objects:
+        stored = len(await objects.list("payloads/"))
+    if stored != count:
+        raise RuntimeError(f"{stored} files in the object store, expected {count}")
+    return elapsed, peak
+
+
+async def _send_and_count(settings: Settings, study_dir: Path, count: int) -> float:
+    connection = await aio_pika.connect(settings.bus.url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            settings.bus.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(f"mwm-bench-{uuid.uuid4().hex[:8]}", exclusive=True)
+        await queue.bind(exchange, routing_key=PayloadArrived.event_type)
+        announced = 0
+        all_announced = asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal announced
+            announced += 1
+            if announced >= count:
+                all_announced.set()
+
+        await queue.consume(on_message, no_ack=True)
+        started = time.perf_counter()
+        sent = await asyncio.to_thread(_storescu, settings.gateway.port, AET, study_dir)
+        await asyncio.wait_for(all_announced.wait(), TIMEOUT_S)
+        elapsed = time.perf_counter() - started
+    if sent.returncode != 0:
+        raise RuntimeError(f"storescu to the gateway failed:\n{sent.stderr[-2000:]}")
+    return elapsed
+
+
+def _storescu(port: int, called: str, study_dir: Path) -> subprocess.CompletedProcess[str]:
+    return storescu(LOCALHOST, port, called, study_dir, calling_aet=CALLING, timeout=TIMEOUT_S)
+
+
+def time_orthanc(study_dir: Path, count: int) -> float:
+    """Seconds until storescu finished and Orthanc indexed ``count`` instances."""
+    with Orthanc(aet="ORTHANC") as orthanc:
+        started = time.perf_counter()
+        sent = _storescu(orthanc.dicom_port, orthanc.aet, study_dir)
+        while orthanc.instance_count() < count:
+            if time.perf_counter() - started > TIMEOUT_S:
+                raise TimeoutError("Orthanc did not index every instance")
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - started
+    if sent.returncode != 0:
+        raise RuntimeError(f"storescu to Orthanc failed:\n{sent.stderr[-2000:]}")
+    return elapsed
+
+
+async def cleanup(settings: Settings) -> None:
+    """Remove the run's exchanges, database and bucket."""
+    connection = await aio_pika.connect(settings.bus.url)
+    async with connection:
+        channel = await connection.channel()
+        for name in (settings.bus.exchange, settings.bus.dead_letter_exchange):
+            await channel.exchange_delete(name)
+    async with Database(settings.mongo) as database:
+        await database.db.client.drop_database(settings.mongo.database)
+    async with ObjectStore(settings.object_store) as objects:
+        await objects.remove_prefix("")
+        await asyncio.to_thread(objects._client.remove_bucket, objects.bucket)
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--slices", type=int, default=324)
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--columns", type=int, default=512)
+    args = parser.parse_args()
+    settings = bench_settings()
+    with tempfile.TemporaryDirectory(prefix="mwm-bench-") as tmp:
+        study = write_ct_study(
+            Path(tmp), series=1, slices_per_series=args.slices, rows=args.rows, columns=args.columns
+        )
+        size_mb = sum(path.stat().st_size for path in study.files) / 1e6
+        try:
+            gateway_s, peak_mb = await time_gateway(settings, Path(tmp), len(study.files))
+        finally:
+            await cleanup(settings)
+        orthanc_s = await asyncio.to_thread(time_orthanc, Path(tmp), len(study.files))
+    what = f"{len(study.files)}-slice CT, {size_mb:.0f} MB"
+    print("| measure | gateway | Orthanc | ratio | target |")
+    print("| --- | --- | --- | --- | --- |")
+    print(
+        f"| gateway vs Orthanc ({what}) | gateway {gateway_s:.2f} s | Orthanc {orthanc_s:.2f} s "
+        f"| ratio {gateway_s / orthanc_s:.2f} | target <= 1.0 |"
+    )
+    print(f"| gateway peak RSS (VmHWM) | {peak_mb:.0f} MB | | | target < 300 MB |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))

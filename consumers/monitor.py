@@ -1,0 +1,204 @@
+"""Monitor: follow launched jobs to their end, then announce the end and request the exports.
+
+Queue ``mwm.monitor``, bound to ``mwm.job.launched``.
+
+- In: ``JobLaunched``: the job is due for a status check now. The delivery is acknowledged at once; no
+  delivery is held while a job runs.
+- Background (every replica): jobs in ``launched``/``running`` whose next check is due are asked for
+  their engine status every ``monitor.poll_interval_s``. A job past its deadline is cancelled and ends
+  ``timed_out``; a job whose cancel was requested is cancelled.
+- Effects at the end: the job's state and outputs (listed from its output prefix); ``JobFinished``
+  (message id ``<job id>.finished``); on success one export task per sink of the application and
+  ``ExportRequested`` on ``mwm.export.requested.<sink type>`` (message id = export task id).
+- Idempotency: one replica wins the finish (unique insert); a finish whose claimer died is taken over
+  after ``monitor.finish_lease_s`` and re-published under the same message ids.
+- Failure: engine or store outages leave the job due; the next check retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from schemas.events import ExportRequested, JobFinished, JobLaunched, JobOutcome, SinkRef
+from wm import jobs
+from wm.adapters.objectstore import ObjectStore
+from wm.config import MonitorSettings
+from wm.domain.exports import ExportTask
+from wm.domain.jobs import JobState, JobTransition, export_task_id_for
+from wm.engines import LoadedEngines
+from wm.errors import TransientError
+from wm.exports import INDEXES as EXPORT_INDEXES
+from wm.exports import ExportTasks
+from wm.jobs import Job, JobStore
+from wm.ports import ApplicationRevisions, EngineDirectory, EventPublisher, SinkDirectory
+from wm.registry import Registry
+from wm.runtime import Consumer, Services
+
+log = structlog.get_logger("consumers.monitor")
+
+NAME = "monitor"
+
+_OUTCOME_TRANSITION: dict[str, JobTransition] = {
+    "succeeded": JobTransition.succeed,
+    "failed": JobTransition.fail,
+    "cancelled": JobTransition.cancel,
+    "timed_out": JobTransition.time_out,
+}
+
+
+@dataclass(frozen=True)
+class MonitorDeps:
+    """The ports the monitor uses."""
+
+    jobs: JobStore
+    engines: EngineDirectory
+    objects: ObjectStore
+    applications: ApplicationRevisions
+    sinks: SinkDirectory
+    exports: ExportTasks
+    publisher: EventPublisher
+    settings: MonitorSettings
+
+
+async def handle(event: JobLaunched, deps: MonitorDeps) -> None:
+    """Make the job due for a status check now (the background follower does the rest)."""
+    await deps.jobs.check_again_at(event.job_id, datetime.now(UTC))
+
+
+async def follow(deps: MonitorDeps, stop: asyncio.Event) -> None:
+    """Check due jobs until ``stop`` is set."""
+    lease = timedelta(seconds=deps.settings.finish_lease_s)
+    while not stop.is_set():
+        try:
+            for job in await deps.jobs.due_for_check(datetime.now(UTC)):
+                await check(job, deps)
+            for job_id in await deps.jobs.stale_finishes(lease):
+                if await deps.jobs.reclaim_finish(job_id, lease):
+                    log.warning("job_finish_taken_over", job_id=job_id)
+                    await complete(await deps.jobs.get(job_id), deps)
+        except TransientError as exc:
+            log.warning("job_check_deferred", error=str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), deps.settings.poll_interval_s)
+
+
+async def check(job: Job, deps: MonitorDeps) -> None:
+    """One status check of one job."""
+    assert job.engine_job_id is not None
+    engine = deps.engines.engine(job.engine)
+    now = datetime.now(UTC)
+    if job.cancel_requested or now > job.deadline:
+        await engine.cancel(job.engine_job_id)
+        cancelled = job.cancel_requested
+        await finish(
+            job,
+            "cancelled" if cancelled else "timed_out",
+            "cancelled on request" if cancelled else f"deadline {job.deadline.isoformat()} passed",
+            deps,
+        )
+        return
+    status = await engine.status(job.engine_job_id)
+    if status.terminal:
+        await finish(job, "succeeded" if status.phase == "succeeded" else "failed", status.message, deps)
+        return
+    if status.phase == "running" and job.state is JobState.launched:
+        await deps.jobs.apply(job.job_id, JobTransition.start)
+    await deps.jobs.check_again_at(job.job_id, now + timedelta(seconds=deps.settings.poll_interval_s))
+
+
+async def finish(job: Job, outcome: JobOutcome, message: str, deps: MonitorDeps) -> None:
+    """Record the job's end once across replicas, then publish it."""
+    if not await deps.jobs.claim_finish(job.job_id):
+        return
+    outputs = await deps.objects.list(job.output_prefix) if outcome == "succeeded" else []
+    job = await deps.jobs.apply(job.job_id, _OUTCOME_TRANSITION[outcome], message=message, outputs=outputs)
+    log.info(
+        "job_finished", job_id=job.job_id, outcome=outcome, outputs=len(outputs), message=message or None
+    )
+    await complete(job, deps)
+
+
+async def complete(job: Job, deps: MonitorDeps) -> None:
+    """Publish the job's end and its export requests (safe to repeat: ids are derived)."""
+    status: JobOutcome = job.state.value  # type: ignore[assignment]
+    await deps.publisher.publish(
+        JobFinished(
+            correlation_id=job.correlation_id,
+            job_id=job.job_id,
+            bucket_id=job.bucket_id,
+            application_id=job.application_id,
+            application_revision=job.application_revision,
+            engine=job.engine,
+            engine_job_id=job.engine_job_id,
+            status=status,
+            message=job.message,
+            outputs=job.outputs,
+        ),
+        message_id=f"{job.job_id}.finished",
+    )
+    if job.state is JobState.succeeded and job.outputs:
+        application = await deps.applications.revision(job.application_id, job.application_revision)
+        for sink_name in application.definition.sinks:
+            await request_export(job, sink_name, deps)
+    await deps.jobs.mark_finish_published(job.job_id)
+
+
+async def request_export(job: Job, sink_name: str, deps: MonitorDeps) -> None:
+    """Create the export task of the job's outputs for one sink and publish its request."""
+    sink = await deps.sinks.sink(sink_name)
+    task_id = export_task_id_for(job.job_id, sink_name)
+    ref = SinkRef(name=sink.name, type=sink.type)
+    now = datetime.now(UTC)
+    await deps.exports.create(
+        ExportTask(
+            export_task_id=task_id,
+            job_id=job.job_id,
+            application_id=job.application_id,
+            correlation_id=job.correlation_id,
+            sink=ref,
+            files=job.outputs,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    await deps.publisher.publish(
+        ExportRequested(
+            correlation_id=job.correlation_id,
+            export_task_id=task_id,
+            job_id=job.job_id,
+            application_id=job.application_id,
+            sink=ref,
+            files=job.outputs,
+        ),
+        message_id=task_id,
+    )
+
+
+def build(services: Services) -> MonitorDeps:
+    """Wire the ports to the process's shared connections."""
+    registry = Registry(services.database)
+    return MonitorDeps(
+        JobStore(services.database),
+        LoadedEngines(services.settings),
+        services.objects,
+        registry,
+        registry,
+        ExportTasks(services.database),
+        services.bus,
+        services.settings.monitor,
+    )
+
+
+CONSUMER = Consumer[MonitorDeps](
+    name=NAME,
+    routing_keys=(JobLaunched.event_type,),
+    handlers={JobLaunched: handle},
+    build_deps=build,
+    indexes=(*jobs.INDEXES, *EXPORT_INDEXES),
+    background=(follow,),
+)

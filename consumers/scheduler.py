@@ -1,0 +1,161 @@
+"""Scheduler: turn a closed bucket into a job and launch it on the application's engine.
+
+Queue ``mwm.scheduler``, bound to ``mwm.bucket.ready``.
+
+- In: ``BucketReady``.
+- Decisions: the job id is derived from the bucket id (``job_id_for``); the application revision named
+  by the event decides the engine, the MAP and the deadline.
+- Effects: the job document (created once, under its unique id); the bucket's files copied server-side
+  to ``jobs/<job id>/input/<series uid>/<sop uid>.dcm``, so the job sees exactly its bucket under one
+  input prefix; the engine launch (idempotent per job id); ``JobLaunched`` (message id
+  ``<job id>.launched``).
+- Idempotency: a duplicate ``bucket.ready`` finds the job; a launched job is only re-announced.
+- Failure: an engine or store outage is retried with backoff; when retries run out the job is marked
+  failed and ``JobFinished(failed)`` is published, so nothing waits forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from schemas.events import BucketReady, JobFinished, JobLaunched
+from wm import jobs
+from wm.adapters.objectstore import ObjectStore
+from wm.domain.jobs import JobState, JobTransition, job_id_for
+from wm.engines import JobSpec, LoadedEngines
+from wm.errors import Conflict
+from wm.jobs import Job, JobStore
+from wm.ports import ApplicationRevisions, EngineDirectory, EventPublisher
+from wm.registry import INDEXES as REGISTRY_INDEXES
+from wm.registry import Registry
+from wm.runtime import Consumer, Services
+
+log = structlog.get_logger("consumers.scheduler")
+
+NAME = "scheduler"
+
+
+@dataclass(frozen=True)
+class SchedulerDeps:
+    """The ports the scheduler uses."""
+
+    applications: ApplicationRevisions
+    jobs: JobStore
+    objects: ObjectStore
+    engines: EngineDirectory
+    publisher: EventPublisher
+
+
+def input_prefix(job_id: str) -> str:
+    """Where a job's inputs are staged."""
+    return f"jobs/{job_id}/input/"
+
+
+def output_prefix(job_id: str) -> str:
+    """Where a job's outputs go."""
+    return f"jobs/{job_id}/output/"
+
+
+async def handle(event: BucketReady, deps: SchedulerDeps) -> None:
+    """Create the bucket's job, stage its inputs, launch it and announce it."""
+    application = (
+        await deps.applications.revision(event.application_id, event.application_revision)
+    ).definition
+    job_id = job_id_for(event.bucket_id)
+    job = await deps.jobs.create(
+        Job(
+            job_id=job_id,
+            bucket_id=event.bucket_id,
+            correlation_id=event.correlation_id,
+            application_id=event.application_id,
+            application_revision=event.application_revision,
+            engine=application.engine.name,
+            input_prefix=input_prefix(job_id),
+            output_prefix=output_prefix(job_id),
+            deadline=datetime.now(UTC) + timedelta(seconds=application.map.timeout_s),
+        )
+    )
+    if job.state is JobState.created:
+        for member in event.files:
+            target = (
+                f"{job.input_prefix}{member.dicom.series_instance_uid}/{member.dicom.sop_instance_uid}.dcm"
+            )
+            await deps.objects.copy(member.file.key, target)
+        engine = deps.engines.engine(job.engine)
+        engine_job_id = await engine.launch(
+            JobSpec(
+                job.job_id, job.correlation_id, application, job.input_prefix, job.output_prefix, job.deadline
+            )
+        )
+        job = await deps.jobs.apply(job_id, JobTransition.launch, engine_job_id=engine_job_id)
+        log.info(
+            "job_launched",
+            job_id=job_id,
+            engine=job.engine,
+            engine_job_id=engine_job_id,
+            files=len(event.files),
+        )
+    if job.state is JobState.launched:
+        await deps.publisher.publish(_launched(job), message_id=f"{job_id}.launched")
+
+
+def _launched(job: Job) -> JobLaunched:
+    assert job.engine_job_id is not None
+    return JobLaunched(
+        correlation_id=job.correlation_id,
+        job_id=job.job_id,
+        bucket_id=job.bucket_id,
+        application_id=job.application_id,
+        application_revision=job.application_revision,
+        engine=job.engine,
+        engine_job_id=job.engine_job_id,
+        input_prefix=job.input_prefix,
+        output_prefix=job.output_prefix,
+        deadline=job.deadline,
+    )
+
+
+async def give_up(event: BucketReady, deps: SchedulerDeps, reason: str) -> None:
+    """Retries ran out: fail the job and say so, so nothing downstream waits for it."""
+    job_id = job_id_for(event.bucket_id)
+    try:
+        job = await deps.jobs.apply(job_id, JobTransition.fail, message=reason)
+    except Conflict:
+        return  # launched meanwhile, or already finished: the monitor owns it
+    await deps.publisher.publish(
+        JobFinished(
+            correlation_id=job.correlation_id,
+            job_id=job_id,
+            bucket_id=job.bucket_id,
+            application_id=job.application_id,
+            application_revision=job.application_revision,
+            engine=job.engine,
+            status="failed",
+            message=reason,
+        ),
+        message_id=f"{job_id}.finished",
+    )
+
+
+def build(services: Services) -> SchedulerDeps:
+    """Wire the ports to the process's shared connections."""
+    return SchedulerDeps(
+        Registry(services.database),
+        JobStore(services.database),
+        services.objects,
+        LoadedEngines(services.settings),
+        services.bus,
+    )
+
+
+CONSUMER = Consumer[SchedulerDeps](
+    name=NAME,
+    routing_keys=(BucketReady.event_type,),
+    handlers={BucketReady: handle},
+    build_deps=build,
+    indexes=(*jobs.INDEXES, *REGISTRY_INDEXES),
+    on_give_up=give_up,
+)

@@ -1,0 +1,335 @@
+"""The DICOM gateway: a C-STORE SCP that stores what it receives and announces it on the bus.
+
+``mwm gateway`` listens on one port (``settings.gateway``) and answers every called AE title that is mapped
+to an application (see `producers.gateway_admission`: unknown called AE -> association rejected "called AE
+not recognised"; a caller not on the AE title's allow-list -> "calling AE not recognised"). It supports
+C-ECHO and every storage SOP class in any transfer syntax, caps concurrent associations at
+``max_associations``, disables Nagle (TCP_NODELAY) on every accepted socket and speaks TLS when
+``tls_cert`` and ``tls_key`` are set.
+
+For each C-STORE, in pynetdicom's association thread: the received bytes are taken without decoding them
+(preamble, file meta and data set as sent: a valid Part-10 file), the identifiers are read from the header,
+then the event loop uploads the file to ``payloads/{payload_id}/{study}/{series}/{sop}.dcm`` and publishes
+``mwm.payload.arrived`` (source ``dimse``, correlation id = payload id = one UUID per association). The
+handler answers success only after both are confirmed. At most ``queue_size`` stores are in flight at once
+(back-pressure: the sender waits for its response). Failures answer a DICOM failure status and never
+success: an unparsable file -> `STATUS.CANNOT_UNDERSTAND`, nothing stored or published; the object store or
+the broker unavailable (or slower than ``STORE_TIMEOUT_S``) -> `STATUS.OUT_OF_RESOURCES`, and the sender may
+retry. A store whose upload succeeded but whose publish failed leaves an orphan object under its payload;
+a retry overwrites it (same key) and re-publishes with the same message id.
+
+SIGTERM: stop accepting associations, let open ones finish within ``drain_timeout_s``, abort the rest, exit.
+One log line per association: calling and called AE, peer, payload id, files, failures, duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from enum import IntEnum
+from io import BytesIO
+from typing import Any
+
+import structlog
+from prometheus_client import Counter, Histogram
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from producers.gateway_admission import REJECT, AeTitleDirectory, CachedDirectory, Rejection, admit
+from producers.publisher import PayloadPublisher
+from schemas.events import DicomIdentifiers, FileRef
+from wm.adapters.objectstore import ObjectStore
+from wm.config import GatewaySettings, Settings
+from wm.dicom import InvalidDicom, read_identifiers
+from wm.errors import MwmError
+from wm.registry import Registry
+from wm.runtime import Services, health_app, open_services, serve_http, stop_on_signals
+
+log = structlog.get_logger("producers.gateway")
+
+STORE_TIMEOUT_S = 60.0
+"""Longest a C-STORE waits for its upload and publish before answering `STATUS.OUT_OF_RESOURCES`."""
+LOOKUP_TIMEOUT_S = 10.0
+"""Longest an association request waits for its AE title mapping."""
+MAX_PDU_SIZE = 0
+"""Maximum PDU length we receive: 0 = unlimited, so senders use large PDUs (far fewer round trips)."""
+
+FILES = Counter("mwm_gateway_files_total", "C-STORE requests answered by the gateway", ["outcome"])
+ASSOCIATIONS = Counter("mwm_gateway_associations_total", "Association requests", ["outcome"])
+STORE_SECONDS = Histogram(
+    "mwm_gateway_store_seconds",
+    "Upload plus publish of one received file",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+class STATUS(IntEnum):
+    """The C-STORE response statuses the gateway answers (PS3.4 Annex B.2.3)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    """Refused: the object store or the broker is unavailable; the sender may retry later."""
+    CANNOT_UNDERSTAND = 0xC210
+    """Error: the data set cannot be parsed or lacks an identifier; retrying cannot help."""
+    PROCESSING_FAILURE = 0x0110
+    """Failure: an unexpected error in the gateway (a bug); logged with its traceback."""
+
+
+def object_key(payload_id: str, ids: DicomIdentifiers) -> str:
+    """Where a received file is stored: ``payloads/{payload_id}/{study}/{series}/{sop}.dcm``."""
+    study, series = ids.study_instance_uid, ids.series_instance_uid
+    return f"payloads/{payload_id}/{study}/{series}/{ids.sop_instance_uid}.dcm"
+
+
+@dataclass
+class Session:
+    """One accepted association: its payload and what happened in it."""
+
+    payload_id: str
+    calling_ae_title: str
+    called_ae_title: str
+    peer: str
+    started: float = field(default_factory=time.perf_counter)
+    files: int = 0
+    failures: int = 0
+
+
+class Gateway:
+    """The C-STORE SCP. ``start`` in the event loop; the pynetdicom threads hand their work back to it."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        objects: ObjectStore,
+        publisher: PayloadPublisher,
+        directory: AeTitleDirectory,
+        store_timeout_s: float = STORE_TIMEOUT_S,
+    ) -> None:
+        self.settings = settings
+        self._objects = objects
+        self._publisher = publisher
+        self._directory = directory
+        self._store_timeout_s = store_timeout_s
+        self._sessions: dict[int, Session] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self.ae = _application_entity(settings)
+        self._server: Any = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); valid after `start`."""
+        assert self._server is not None, "gateway not started"
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    async def start(self) -> None:
+        """Listen for associations (pynetdicom's server thread) until `stop`."""
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.settings.queue_size)
+        self._server = self.ae.start_server(
+            (self.settings.host, self.settings.port),
+            block=False,
+            ssl_context=_ssl_context(self.settings),
+            evt_handlers=[
+                (evt.EVT_CONN_OPEN, self._on_conn_open),
+                (evt.EVT_REQUESTED, self._on_requested),
+                (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            ],
+        )
+        host, port = self.address
+        log.info("gateway_listening", host=host, port=port, tls=_ssl_context(self.settings) is not None)
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        """Stop accepting, wait up to ``drain_timeout_s`` for open associations, abort what is left."""
+        server = self._server
+        if server is None:
+            return
+        await asyncio.to_thread(server.shutdown)
+        await asyncio.to_thread(_join_all, server.active_associations, drain_timeout_s)
+        left = server.active_associations
+        for assoc in left:
+            assoc.abort()
+        await asyncio.to_thread(self.ae.shutdown)
+        self._server = None
+        log.info("gateway_stopped", aborted_associations=len(left))
+
+    # -- pynetdicom handlers (association threads) --------------------------------------------------------
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        """Disable Nagle: without it every C-STORE response waits on a 40 ms delayed ACK."""
+        connection = event.assoc.dul.socket
+        if connection is not None and connection.socket is not None:
+            connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Accept or reject the association by its called and calling AE titles."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        assert request is not None, "EVT_REQUESTED always carries the A-ASSOCIATE request"
+        called, calling = request.called_ae_title.strip(), request.calling_ae_title.strip()
+        peer = str(assoc.requestor.address)
+        rejection = self._admission(called, calling, peer)
+        if rejection is not None:
+            ASSOCIATIONS.labels("rejected").inc()
+            log.warning(
+                "association_rejected",
+                calling_ae=calling,
+                called_ae=called,
+                peer=peer,
+                reason=rejection.reason,
+            )
+            assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+            assoc.kill()
+            return
+        ASSOCIATIONS.labels("accepted").inc()
+        with self._lock:
+            self._sessions[id(assoc)] = Session(uuid.uuid4().hex, calling, called, peer)
+
+    def _admission(self, called: str, calling: str, peer: str) -> Rejection | None:
+        try:
+            mapping = self._run(self._directory.mapping(called), LOOKUP_TIMEOUT_S)
+        except (MwmError, FutureTimeout) as exc:
+            log.error("ae_title_lookup_failed", called_ae=called, error=str(exc))
+            return REJECT.TEMPORARY_CONGESTION
+        return admit(mapping, calling, peer)
+
+    def _on_store(self, event: evt.Event) -> int:
+        """Store and announce one file; the status says whether both happened."""
+        session = self._sessions.get(id(event.assoc))
+        if session is None:  # pragma: no cover - pynetdicom only stores on accepted associations
+            return int(STATUS.PROCESSING_FAILURE)
+        status = self._store_status(session, event.encoded_dataset())
+        FILES.labels(status.name.lower()).inc()
+        if status is STATUS.SUCCESS:
+            session.files += 1
+        else:
+            session.failures += 1
+        return int(status)
+
+    def _store_status(self, session: Session, data: bytes) -> STATUS:
+        with structlog.contextvars.bound_contextvars(correlation_id=session.payload_id):
+            try:
+                ids = read_identifiers(BytesIO(data))
+            except InvalidDicom as exc:
+                log.warning("store_refused", calling_ae=session.calling_ae_title, reason=str(exc))
+                return STATUS.CANNOT_UNDERSTAND
+            try:
+                self._run(self._store(session, data, ids), self._store_timeout_s)
+            except (MwmError, FutureTimeout) as exc:
+                log.error("store_failed", sop_uid=ids.sop_instance_uid, error=str(exc) or type(exc).__name__)
+                return STATUS.OUT_OF_RESOURCES
+            except Exception as exc:
+                log.exception("store_bug", sop_uid=ids.sop_instance_uid, error=repr(exc))
+                return STATUS.PROCESSING_FAILURE
+            return STATUS.SUCCESS
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        """The association's one log line."""
+        with self._lock:
+            session = self._sessions.pop(id(event.assoc), None)
+        if session is None:
+            return
+        log.info(
+            "association_closed",
+            correlation_id=session.payload_id,
+            calling_ae=session.calling_ae_title,
+            called_ae=session.called_ae_title,
+            peer=session.peer,
+            files=session.files,
+            failures=session.failures,
+            duration_ms=round((time.perf_counter() - session.started) * 1000, 1),
+        )
+
+    # -- event loop side ----------------------------------------------------------------------------------
+
+    def _run(self, coroutine: Any, timeout: float) -> Any:
+        """Run ``coroutine`` on the gateway's loop from a pynetdicom thread and wait for its result."""
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise
+
+    async def _store(self, session: Session, data: bytes, ids: DicomIdentifiers) -> FileRef:
+        """Upload, then publish; holds one of the ``queue_size`` in-flight slots throughout."""
+        assert self._slots is not None
+        async with self._slots:
+            started = time.perf_counter()
+            key = object_key(session.payload_id, ids)
+            ref = await self._objects.put_stream(key, BytesIO(data), len(data))
+            await self._publisher.file_stored(
+                payload_id=session.payload_id,
+                file=ref,
+                dicom=ids,
+                calling_ae_title=session.calling_ae_title,
+                called_ae_title=session.called_ae_title,
+                source="dimse",
+            )
+            STORE_SECONDS.observe(time.perf_counter() - started)
+            return ref
+
+
+def _join_all(threads: list[threading.Thread], timeout_s: float) -> None:
+    """Wait for ``threads`` to end, ``timeout_s`` seconds at most in all."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _application_entity(settings: GatewaySettings) -> AE:
+    """An AE accepting C-ECHO and every storage SOP class, in every transfer syntax (stored as sent)."""
+    ae = AE()
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = MAX_PDU_SIZE
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+def _ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """A server TLS context when both ``tls_cert`` and ``tls_key`` are set."""
+    if not (settings.tls_cert and settings.tls_key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[tuple[Gateway, Services]]:
+    """The gateway listening, with its services; on exit it drains (``drain_timeout_s``) and closes."""
+    async with open_services(settings) as services:
+        directory = CachedDirectory(Registry(services.database))
+        gateway = Gateway(settings.gateway, services.objects, PayloadPublisher.over(services.bus), directory)
+        await gateway.start()
+        try:
+            yield gateway, services
+        finally:
+            await gateway.stop(settings.observability.drain_timeout_s)
+
+
+async def run_gateway(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the gateway (and /healthz, /readyz, /metrics) until SIGTERM/SIGINT or ``stop``, then drain."""
+    stop = stop or stop_on_signals()
+    observability = settings.observability
+    async with serving(settings) as (_, services), asyncio.TaskGroup() as tasks:
+        if observability.http_port:
+            app = health_app(services)
+            tasks.create_task(serve_http(app, observability.http_host, observability.http_port, stop))
+        await stop.wait()
+        log.info("draining", timeout_s=observability.drain_timeout_s)

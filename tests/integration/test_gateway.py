@@ -1,0 +1,246 @@
+"""The DICOM gateway on the real services, with dcmtk's storescu and echoscu as the peers (never skipped).
+
+Each test runs the gateway in this process (pynetdicom threads, the test's event loop) on a free port, with
+its own bucket, exchange and database, and an AE title mapping made through `wm.registry.Registry`.
+Announcements are read from a queue of the test's own, bound to ``mwm.payload.arrived``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aio_pika
+import pydicom
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from producers.gateway import Gateway, serving
+from schemas.applications import CallingPeer
+from schemas.events import PayloadArrived
+from tests.support.services import services_command, wait_for
+from wm.adapters.mongo import Database
+from wm.adapters.objectstore import ObjectStore
+from wm.config import Settings
+from wm.registry import Registry
+from wm.testing.dicom import GeneratedStudy, write_ct_study
+from wm.testing.peers import LOCALHOST, astorescu, dcmtk_tool, free_port, peer_env
+
+pytestmark = pytest.mark.integration
+
+AET = "MWM-CT"
+SENDER = "CT-SCANNER"
+
+
+@pytest.fixture
+def settings(live_settings: Settings) -> Settings:
+    """The test's settings with the gateway on a free port."""
+    gateway = live_settings.gateway.model_copy(update={"host": LOCALHOST, "port": free_port()})
+    return live_settings.model_copy(update={"gateway": gateway})
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> GeneratedStudy:
+    return write_ct_study(tmp_path / "study", series=2, slices_per_series=3, rows=64, columns=64, seed=41)
+
+
+async def map_ae_title(
+    settings: Settings, callers: Sequence[CallingPeer] = (CallingPeer(ae_title=SENDER),)
+) -> None:
+    """Map ``AET`` to an application, allowing ``callers`` (empty: anyone)."""
+    async with Database(settings.mongo) as database:
+        await Registry(database).ae_titles.map(AET, "ct-liver", callers)
+
+
+@asynccontextmanager
+async def announcements(settings: Settings) -> AsyncIterator[AbstractQueue]:
+    """A queue of this test's own, bound to ``mwm.payload.arrived`` on the test's exchange."""
+    connection = await aio_pika.connect(settings.bus.url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            settings.bus.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(f"{settings.bus.queue_prefix}.gateway-test", exclusive=True)
+        await queue.bind(exchange, routing_key=PayloadArrived.event_type)
+        yield queue
+
+
+async def drain(queue: AbstractQueue) -> list[AbstractIncomingMessage]:
+    """Every message now in ``queue`` (acknowledged)."""
+    messages = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        messages.append(message)
+    return messages
+
+
+async def collect(queue: AbstractQueue, count: int, within_s: float = 20) -> list[AbstractIncomingMessage]:
+    """Wait until ``count`` messages arrived, then return them (and any extra ones)."""
+    messages: list[AbstractIncomingMessage] = []
+
+    async def enough() -> bool:
+        messages.extend(await drain(queue))
+        return len(messages) >= count
+
+    await wait_for(enough, within_s, f"{count} payload.arrived events")
+    await asyncio.sleep(0.2)  # a margin for duplicates that must not come
+    return messages + await drain(queue)
+
+
+async def stored_keys(settings: Settings) -> list[str]:
+    async with ObjectStore(settings.object_store) as objects:
+        return [ref.key for ref in await objects.list("payloads/")]
+
+
+async def send(
+    gateway: Gateway,
+    files: Path | Sequence[Path],
+    *,
+    called: str = AET,
+    calling: str = SENDER,
+    extra_args: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
+    host, port = gateway.address
+    return await astorescu(host, port, called, files, calling_aet=calling, timeout=60, extra_args=extra_args)
+
+
+async def test_a_study_is_stored_byte_for_byte_and_announced_once_per_file(
+    settings: Settings, study: GeneratedStudy, tmp_path: Path
+) -> None:
+    await map_ae_title(settings)
+    async with announcements(settings) as queue, serving(settings) as (gateway, _):
+        result = await send(gateway, study.files[0].parent.parent)
+        assert result.returncode == 0, result.stderr
+        messages = await collect(queue, len(study.files))
+    events = [PayloadArrived.model_validate_json(message.body) for message in messages]
+    assert len(events) == len(study.files) == 6
+    payload_ids = {event.payload_id for event in events}
+    assert len(payload_ids) == 1, "one payload per association"
+    for message, event in zip(messages, events, strict=True):
+        assert message.type == "mwm.payload.arrived.v1" and message.message_id
+        assert message.correlation_id == event.correlation_id == event.payload_id
+        assert (event.source, event.calling_ae_title, event.called_ae_title) == ("dimse", SENDER, AET)
+        assert event.dicom.study_instance_uid == study.study_uid
+        assert event.dicom.series_instance_uid in study.series_uids
+        assert event.file.key == (
+            f"payloads/{event.payload_id}/{study.study_uid}/{event.dicom.series_instance_uid}/"
+            f"{event.dicom.sop_instance_uid}.dcm"
+        )
+    assert sorted(await stored_keys(settings)) == sorted(event.file.key for event in events)
+    await assert_identical_to_sources(settings, events, study, tmp_path / "downloaded")
+
+
+async def assert_identical_to_sources(
+    settings: Settings, events: list[PayloadArrived], study: GeneratedStudy, directory: Path
+) -> None:
+    """Each stored file is valid Part-10 with the source's pixel data, byte for byte."""
+    sources = {str(pydicom.dcmread(path).SOPInstanceUID): pydicom.dcmread(path) for path in study.files}
+    async with ObjectStore(settings.object_store) as objects:
+        for event in events:
+            path = directory / f"{event.dicom.sop_instance_uid}.dcm"
+            await objects.download_file(event.file.key, path)
+            assert path.stat().st_size == event.file.size
+            stored = pydicom.dcmread(path)
+            source = sources[event.dicom.sop_instance_uid]
+            assert stored.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
+            assert stored.PixelData == source.PixelData
+            assert stored.SOPInstanceUID == event.dicom.sop_instance_uid
+
+
+@pytest.mark.parametrize(
+    ("called", "callers", "diagnostic"),
+    [
+        ("UNKNOWN-AE", [CallingPeer(ae_title=SENDER)], "Called AE Title Not Recognized"),
+        (AET, [CallingPeer(ae_title="SOMEONE-ELSE")], "Calling AE Title Not Recognized"),
+        (AET, [CallingPeer(ae_title=SENDER, host="10.11.12.13")], "Calling AE Title Not Recognized"),
+    ],
+    ids=["unknown-called-ae", "calling-ae-not-allowed", "calling-ae-from-another-host"],
+)
+async def test_an_association_that_is_not_allowed_is_rejected_and_nothing_is_stored(
+    settings: Settings, study: GeneratedStudy, called: str, callers: list[CallingPeer], diagnostic: str
+) -> None:
+    await map_ae_title(settings, callers)
+    async with announcements(settings) as queue, serving(settings) as (gateway, _):
+        result = await send(gateway, study.files[:2], called=called, extra_args=["-v"])
+        await asyncio.sleep(0.2)
+        assert await drain(queue) == []
+    assert result.returncode != 0
+    assert "Association Rejected" in result.stderr and diagnostic in result.stderr, result.stderr
+    assert await stored_keys(settings) == []
+
+
+async def test_an_empty_allow_list_accepts_any_caller(settings: Settings, study: GeneratedStudy) -> None:
+    await map_ae_title(settings, callers=())
+    async with announcements(settings) as queue, serving(settings) as (gateway, _):
+        result = await send(gateway, study.files[:1], calling="ANY-SENDER")
+        assert result.returncode == 0, result.stderr
+        assert len(await collect(queue, 1)) == 1
+
+
+async def test_a_file_the_gateway_cannot_understand_fails_and_nothing_is_stored_or_published(
+    settings: Settings, study: GeneratedStudy, tmp_path: Path
+) -> None:
+    unusable = tmp_path / "no-study-uid.dcm"
+    dataset = pydicom.dcmread(study.files[0])
+    del dataset.StudyInstanceUID
+    dataset.save_as(unusable, enforce_file_format=True)
+    await map_ae_title(settings)
+    async with announcements(settings) as queue, serving(settings) as (gateway, _):
+        result = await send(gateway, [unusable], extra_args=["-v"])
+        await asyncio.sleep(0.2)
+        assert await drain(queue) == []
+    assert "Received Store Response (Error: CannotUnderstand)" in result.stderr, result.stderr
+    assert await stored_keys(settings) == []
+
+
+async def test_the_object_store_down_gives_a_failure_status_never_success(
+    settings: Settings, study: GeneratedStudy
+) -> None:
+    await map_ae_title(settings)
+    async with announcements(settings) as queue, serving(settings) as (gateway, _):
+        services_command("stop", "s3")
+        try:
+            result = await send(gateway, study.files[:1], extra_args=["-v"])
+        finally:
+            services_command("start", "s3")
+        assert "Received Store Response (Refused: OutOfResources)" in result.stderr, result.stderr
+        assert await drain(queue) == []
+        retried = await send(gateway, study.files[:1])
+        assert retried.returncode == 0, retried.stderr
+        assert len(await collect(queue, 1)) == 1
+
+
+async def test_c_echo_is_answered_for_a_mapped_ae_title(settings: Settings) -> None:
+    await map_ae_title(settings)
+    async with serving(settings) as (gateway, _):
+        host, port = gateway.address
+        echo = [dcmtk_tool("echoscu"), "-aet", SENDER, "-aec", AET, host, str(port)]
+        result = await asyncio.to_thread(
+            subprocess.run, echo, capture_output=True, text=True, timeout=30, env=peer_env()
+        )
+    assert result.returncode == 0, result.stderr
+
+
+async def test_accepted_sockets_have_tcp_nodelay(settings: Settings) -> None:
+    await map_ae_title(settings)
+    async with serving(settings) as (gateway, _):
+        host, port = gateway.address
+        scu = AE(ae_title=SENDER)
+        scu.add_requested_context(Verification)
+        assoc = await asyncio.to_thread(scu.associate, host, port, ae_title=AET)
+        try:
+            assert assoc.is_established
+            accepted = [a for a in gateway.ae.active_associations if a.is_acceptor]
+            assert len(accepted) == 1
+            connection = accepted[0].dul.socket
+            assert connection is not None and connection.socket is not None
+            server_socket = connection.socket
+            assert server_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            await asyncio.to_thread(assoc.release)

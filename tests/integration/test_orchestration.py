@@ -1,0 +1,131 @@
+"""Orchestration on the real services: a closed bucket runs the example application on the local engine."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from consumers import discovery, monitor, scheduler
+from schemas.events import BucketReady, ExportRequested, JobFinished, JobLaunched
+from tests.support.pipeline import arrive, consumers_running, mip_application, register, tap
+from tests.support.services import consumer_processes
+from wm.adapters.mongo import Database
+from wm.adapters.objectstore import ObjectStore
+from wm.adapters.rabbitmq import Bus
+from wm.config import Settings
+from wm.jobs import JOBS
+from wm.registry import Registry
+from wm.testing.dicom import write_ct_study
+
+
+async def add_sink(settings: Settings) -> None:
+    async with Database(settings.mongo) as database:
+        await Registry(database).sinks.create(
+            _sink(name="pacs", ae_title="PACS", host="127.0.0.1", port=11199)
+        )
+
+
+def _sink(name: str, ae_title: str, host: str, port: int):  # type: ignore[no-untyped-def]
+    from schemas.applications import SinkDefinition
+
+    return SinkDefinition.model_validate(
+        {"name": name, "type": "dicom", "args": {"ae_title": ae_title, "host": host, "port": port}}
+    )
+
+
+async def test_a_closed_bucket_runs_the_example_application_and_requests_its_export(
+    live_settings: Settings, tmp_path: Path
+) -> None:
+    settings = live_settings
+    await add_sink(settings)
+    await register(settings, mip_application(quiet_period_s=0.5, sinks=["pacs"]))
+    study = write_ct_study(tmp_path / "s", series=2, slices_per_series=4, seed=7)
+    keys = (BucketReady.event_type, JobLaunched.event_type, JobFinished.event_type, "mwm.export.requested.#")
+    async with Bus(settings.bus) as bus:
+        await bus.declare_consumer_queue(bus.channel, "exporter", ("mwm.export.requested.dicom",))
+    async with (
+        tap(settings, *keys) as events,
+        consumers_running(settings, [discovery.CONSUMER, scheduler.CONSUMER, monitor.CONSUMER]),
+    ):
+        await arrive(settings, study.files, called_ae="MWM-MIP")
+        [finished] = await events.wait_for(JobFinished, 1, 60)
+        [requested] = await events.wait_for(ExportRequested, 1, 10)
+    [launched] = events.of(JobLaunched)
+    assert finished.status == "succeeded", finished.message
+    assert finished.job_id == launched.job_id == requested.job_id
+    assert len(finished.outputs) == 2, "one MIP per series"
+    assert requested.sink.name == "pacs" and requested.routing_key() == "mwm.export.requested.dicom"
+    async with ObjectStore(settings.object_store) as objects:
+        staged = await objects.list(launched.input_prefix)
+        outputs = await objects.list(launched.output_prefix)
+    assert len(staged) == len(study.files), "the job sees exactly its bucket's files"
+    assert [ref.key for ref in outputs] == [ref.key for ref in finished.outputs]
+
+
+async def test_a_failing_application_ends_in_a_failed_job_and_no_export(
+    live_settings: Settings, tmp_path: Path
+) -> None:
+    settings = live_settings
+    await register(settings, mip_application(quiet_period_s=0.5, command=["false"]))
+    study = write_ct_study(tmp_path / "s", series=1, slices_per_series=2, seed=8)
+    async with (
+        tap(settings, JobFinished.event_type, "mwm.export.requested.#") as events,
+        consumers_running(settings, [discovery.CONSUMER, scheduler.CONSUMER, monitor.CONSUMER]),
+    ):
+        await arrive(settings, study.files, called_ae="MWM-MIP")
+        [finished] = await events.wait_for(JobFinished, 1, 60)
+    assert finished.status == "failed" and "exited with 1" in finished.message
+    assert events.of(ExportRequested) == []
+
+
+async def test_two_schedulers_and_a_duplicate_bucket_ready_make_one_job(
+    live_settings: Settings, tmp_path: Path
+) -> None:
+    settings = live_settings
+    await register(settings, mip_application(quiet_period_s=0.5))
+    study = write_ct_study(tmp_path / "s", series=1, slices_per_series=2, seed=9)
+    async with tap(settings, BucketReady.event_type, JobFinished.event_type) as events:
+        async with consumers_running(settings, [discovery.CONSUMER]):
+            await arrive(settings, study.files, called_ae="MWM-MIP")
+            [ready] = await events.wait_for(BucketReady, 1, 30)
+        async with consumers_running(settings, [monitor.CONSUMER, scheduler.CONSUMER]):
+            with consumer_processes(settings, "scheduler", count=1):
+                async with Bus(settings.bus) as bus:
+                    for _ in range(3):
+                        await bus.publish(ready, message_id=f"replayed-{_}")
+                await events.wait_for(JobFinished, 1, 60)
+                await asyncio.sleep(1.0)
+    async with Database(settings.mongo) as database:
+        assert await database.collection(JOBS).count_documents({}) == 1
+    assert len({event.job_id for event in events.of(JobFinished)}) == 1
+    runs = list((Path(settings.work_dir) / "jobs").iterdir())
+    assert len(runs) == 1 and len((runs[0] / "app.log").read_text().splitlines()) == 1, "the MAP ran once"
+
+
+async def test_a_job_is_followed_to_its_end_after_its_monitor_is_killed(
+    live_settings: Settings, tmp_path: Path
+) -> None:
+    settings = live_settings
+    slow = [
+        "bash",
+        "-c",
+        f"sleep 3 && exec {__import__('sys').executable} {mip_application()['map']['command'][1]}",
+    ]
+    await register(settings, mip_application(quiet_period_s=0.5, command=slow))
+    study = write_ct_study(tmp_path / "s", series=1, slices_per_series=2, seed=10)
+    async with Bus(settings.bus) as bus:
+        await bus.declare_consumer_queue(bus.channel, "monitor", monitor.CONSUMER.routing_keys)
+    async with (
+        tap(settings, JobLaunched.event_type, JobFinished.event_type) as events,
+        consumers_running(settings, [discovery.CONSUMER, scheduler.CONSUMER]),
+    ):
+        with consumer_processes(settings, "monitor", count=1) as [first_monitor]:
+            await arrive(settings, study.files, called_ae="MWM-MIP")
+            await events.wait_for(JobLaunched, 1, 30)
+            await asyncio.sleep(1.0)
+            first_monitor.send_signal(signal.SIGKILL)
+            first_monitor.wait(timeout=10)
+        with consumer_processes(settings, "monitor", count=1):
+            [finished] = await events.wait_for(JobFinished, 1, 60)
+    assert finished.status == "succeeded", finished.message

@@ -1,0 +1,167 @@
+"""Helpers for pipeline tests: register applications, feed files, tap the events MWM publishes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from schemas.events import EVENTS_BY_TYPE_NAME, DicomIdentifiers, Event, PayloadArrived
+from tests.support.services import REPO, wait_for
+from wm.adapters.mongo import Database
+from wm.adapters.objectstore import ObjectStore
+from wm.adapters.rabbitmq import Bus
+from wm.config import Settings
+from wm.dicom import read_identifiers
+from wm.registry import Registry, engine_validator
+from wm.runtime import Consumer, run_consumers
+
+MIP_APP = REPO / "examples" / "mip" / "app.py"
+
+
+def mip_application(
+    name: str = "mip",
+    ae_title: str = "MWM-MIP",
+    quiet_period_s: float = 1.0,
+    sinks: Sequence[str] = (),
+    command: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The example application's definition, with the absolute path of its program."""
+    return {
+        "name": name,
+        "version": "1.0.0",
+        "ae_titles": [ae_title],
+        "discovery": {"quiet_period_s": quiet_period_s, "filters": {"modalities": ["CT"]}},
+        "map": {"command": list(command or ["python", str(MIP_APP)]), "timeout_s": 120},
+        "engine": {"name": "local"},
+        "sinks": list(sinks),
+    }
+
+
+async def register(settings: Settings, definition: dict[str, Any]) -> None:
+    """Register an application (and map its AE titles) through the registry."""
+    async with Database(settings.mongo) as database:
+        await Registry(database, engine_validator(settings)).register(definition)
+
+
+class EventTap:
+    """Every event published on the given routing keys while the tap is open, decoded."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.message_ids: list[str | None] = []
+
+    def of(self, kind: type[Event]) -> list[Any]:
+        """The events of one type, in arrival order."""
+        return [event for event in self.events if isinstance(event, kind)]
+
+    async def wait_for(self, kind: type[Event], count: int, timeout: float) -> list[Any]:
+        """Wait until ``count`` events of ``kind`` arrived; returns them."""
+
+        async def enough() -> bool:
+            return len(self.of(kind)) >= count
+
+        await wait_for(enough, timeout, f"{count} {kind.__name__} event(s)")
+        return self.of(kind)
+
+
+@asynccontextmanager
+async def tap(settings: Settings, *routing_keys: str) -> AsyncIterator[EventTap]:
+    """An exclusive queue bound to ``routing_keys`` on the event exchange."""
+    collected = EventTap()
+    connection = await aio_pika.connect(settings.bus.url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            settings.bus.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(exclusive=True)
+        for key in routing_keys:
+            await queue.bind(exchange, key)
+
+        async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with message.process():
+                kind = EVENTS_BY_TYPE_NAME[message.type or ""]
+                collected.events.append(kind.model_validate(json.loads(message.body)))
+                collected.message_ids.append(message.message_id)
+
+        await queue.consume(collect)
+        yield collected
+
+
+@asynccontextmanager
+async def consumers_running(settings: Settings, consumers: Sequence[Consumer[Any]]) -> AsyncIterator[None]:
+    """The consumers running in this process for the duration of the block."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_consumers(settings, list(consumers), stop=stop))
+    await asyncio.sleep(0)
+    try:
+        await _started(settings, consumers, task)
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def _started(settings: Settings, consumers: Sequence[Consumer[Any]], task: asyncio.Task[None]) -> None:
+    connection = await aio_pika.connect(settings.bus.url)
+    async with connection:
+        for consumer in consumers:
+            name = f"{settings.bus.queue_prefix}.{consumer.name}"
+
+            async def declared(queue: str = name) -> bool:
+                if task.done():
+                    task.result()  # surface the start-up error
+                channel = await connection.channel()
+                try:
+                    await channel.declare_queue(queue, passive=True)
+                    return True
+                except aio_pika.exceptions.ChannelClosed:
+                    return False
+
+            await wait_for(declared, 20, f"queue {name}")
+
+
+async def arrive(
+    settings: Settings,
+    files: Sequence[Path],
+    *,
+    called_ae: str,
+    calling_ae: str = "MODALITY",
+    payload_id: str | None = None,
+) -> list[PayloadArrived]:
+    """Store files as a gateway would and publish one payload.arrived per file."""
+    payload_id = payload_id or uuid.uuid4().hex
+    events = []
+    async with ObjectStore(settings.object_store) as objects, Bus(settings.bus) as bus:
+        for path in files:
+            dicom: DicomIdentifiers = read_identifiers(path)
+            key = (
+                f"payloads/{payload_id}/{dicom.study_instance_uid}/{dicom.series_instance_uid}/"
+                f"{dicom.sop_instance_uid}.dcm"
+            )
+            ref = await objects.put_file(key, path)
+            event = PayloadArrived(
+                correlation_id=payload_id,
+                payload_id=payload_id,
+                file=ref,
+                dicom=dicom,
+                calling_ae_title=calling_ae,
+                called_ae_title=called_ae,
+                source="dimse",
+            )
+            await bus.publish(event)
+            events.append(event)
+    return events
+
+
+def consumer_command(name: str) -> list[str]:
+    """The command line of one consumer process."""
+    return [sys.executable, "-m", "wm", "consume", name]

@@ -1,0 +1,59 @@
+"""The FastAPI application: `create_app` builds it; its lifespan opens the database and migrates it.
+
+Nothing connects at import. Every route but ``/health`` needs an API key (see `wm.auth`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from wm.adapters.mongo import Database
+from wm.api import routes_aetitles, routes_apps, routes_sinks
+from wm.api.problems import install_problem_handlers
+from wm.auth import ApiKeys
+from wm.config import Settings
+from wm.registry import EngineValidator, Registry, engine_validator, migrate
+
+
+def create_app(settings: Settings, validator: EngineValidator | None = None) -> FastAPI:
+    """The MWM API; ``validator`` defaults to the installed engine plugins' own checks."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with Database(settings.mongo) as database:
+            await migrate(database)
+            keys = ApiKeys(database)
+            if settings.api.bootstrap_admin_key:
+                await keys.ensure_bootstrap(settings.api.bootstrap_admin_key)
+            app.state.database = database
+            app.state.api_keys = keys
+            app.state.registry = Registry(database, validator or engine_validator(settings))
+            yield
+
+    app = FastAPI(
+        title="MWM",
+        summary="Workload manager for medical-imaging AI: applications, sinks and AE titles.",
+        version="0.1.0",
+        lifespan=lifespan,
+        separate_input_output_schemas=False,
+    )
+    install_problem_handlers(app)
+    app.add_api_route("/health", health, methods=["GET"], tags=["health"])
+    for module in (routes_apps, routes_sinks, routes_aetitles):
+        app.include_router(module.router)
+    return app
+
+
+async def health(request: Request) -> JSONResponse:
+    """Open (no key): 200 when the database answers, else 503."""
+    database: Database = request.app.state.database
+    checks: dict[str, Any] = {"database": await database.ping()}
+    ok = all(checks.values())
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
+    )

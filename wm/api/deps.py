@@ -1,0 +1,68 @@
+"""Request dependencies: the registry, the caller's API key and scope, pagination."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from wm.auth import ApiKeys, Principal, Scope
+from wm.registry import MAX_PAGE_SIZE, PageRequest, Registry
+
+_bearer = HTTPBearer(auto_error=False, description="an MWM API key: `mwm_<key id>_<secret>`")
+
+
+def registry(request: Request) -> Registry:
+    """The registry opened by the app's lifespan."""
+    found: Registry = request.app.state.registry
+    return found
+
+
+def api_keys(request: Request) -> ApiKeys:
+    """The API key store opened by the app's lifespan."""
+    found: ApiKeys = request.app.state.api_keys
+    return found
+
+
+def require(*scopes: Scope) -> Callable[..., Awaitable[Principal]]:
+    """A dependency admitting keys with one of ``scopes`` (admin always): else 401 or 403."""
+    accepted = frozenset(scopes)
+
+    async def authorized(
+        keys: Annotated[ApiKeys, Depends(api_keys)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        if credentials is None:
+            raise _unauthorized("an API key is required (Authorization: Bearer <key>)")
+        principal = await keys.authenticate(credentials.credentials)
+        if principal is None:
+            raise _unauthorized("the API key is unknown or revoked")
+        if not principal.may(accepted):
+            wanted = " or ".join(sorted({"admin", *accepted}))
+            raise HTTPException(
+                403, f"the API key {principal.name!r} has scope {principal.scope}; needs {wanted}"
+            )
+        return principal
+
+    return authorized
+
+
+def page_request(
+    page: Annotated[int, Query(ge=1, description="1-based page number")] = 1,
+    page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="items per page")] = 50,
+) -> PageRequest:
+    """The ``page`` and ``page_size`` query parameters of a listing."""
+    return PageRequest(page=page, page_size=page_size)
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+RegistryDep = Annotated[Registry, Depends(registry)]
+PageDep = Annotated[PageRequest, Depends(page_request)]
+ADMIN = [Depends(require("admin"))]
+READ = [Depends(require("read"))]
+GATEWAY_READ = [Depends(require("read", "gateway"))]

@@ -1,0 +1,93 @@
+"""Reading the identifiers MWM matches and groups on from a DICOM file's header, never its pixel data.
+
+Shared by the DICOM gateway and the Payloads API. `read_identifiers` takes a path or a binary stream of a
+DICOM Part-10 file (128-byte preamble, ``DICM``, file meta) and reads only the few attributes it needs
+(``dcmread(..., stop_before_pixels=True, specific_tags=...)``): a 1 GB multi-frame file costs the same as a
+CT slice. A file that cannot be parsed, or lacks a required attribute, raises `InvalidDicom` (a
+`PermanentError`) whose message names what is missing or why the header cannot be read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import IO, Any
+
+from pydantic import ValidationError
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+
+from schemas.events import DicomIdentifiers
+from wm.errors import PermanentError
+
+__all__ = ["IDENTIFIER_KEYWORDS", "REQUIRED_KEYWORDS", "InvalidDicom", "read_identifiers"]
+
+REQUIRED_KEYWORDS: dict[str, str] = {
+    "StudyInstanceUID": "study_instance_uid",
+    "SeriesInstanceUID": "series_instance_uid",
+    "SOPInstanceUID": "sop_instance_uid",
+    "SOPClassUID": "sop_class_uid",
+}
+"""DICOM keyword -> `DicomIdentifiers` field, for the attributes a file must have."""
+
+OPTIONAL_KEYWORDS: dict[str, str] = {
+    "Modality": "modality",
+    "PatientID": "patient_id",
+    "AccessionNumber": "accession_number",
+}
+"""DICOM keyword -> `DicomIdentifiers` field, for the attributes read when present."""
+
+IDENTIFIER_KEYWORDS: tuple[str, ...] = (*REQUIRED_KEYWORDS, *OPTIONAL_KEYWORDS)
+"""Every attribute `read_identifiers` reads (and nothing else)."""
+
+Source = str | os.PathLike[str] | IO[bytes]
+
+
+class InvalidDicom(PermanentError):
+    """The file is not DICOM, cannot be parsed, or lacks an attribute MWM needs."""
+
+
+def read_identifiers(source: Source) -> DicomIdentifiers:
+    """The study, series, instance and SOP class UIDs (plus modality, patient ID, accession number).
+
+    ``source`` is a path or a binary stream positioned at the start of a Part-10 file; a stream is left
+    positioned after the header. Raises `InvalidDicom` naming what is wrong.
+    """
+    header = _read_header(source)
+    missing = [keyword for keyword in REQUIRED_KEYWORDS if not _text(header, keyword)]
+    if missing:
+        raise InvalidDicom(f"DICOM header lacks {', '.join(missing)}")
+    values: dict[str, str | None] = {field: _text(header, key) for key, field in REQUIRED_KEYWORDS.items()}
+    values |= {field: _text(header, key) or None for key, field in OPTIONAL_KEYWORDS.items()}
+    try:
+        return DicomIdentifiers.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidDicom(f"invalid DICOM identifiers: {problems}") from exc
+
+
+def _read_header(source: Source) -> Dataset:
+    """The header attributes MWM reads; parse failures become `InvalidDicom`."""
+    try:
+        return dcmread(source, stop_before_pixels=True, specific_tags=list(IDENTIFIER_KEYWORDS))
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pydicom raises many types on garbage: all mean "cannot parse"
+        raise InvalidDicom(f"cannot parse DICOM header: {type(exc).__name__}: {exc}") from exc
+
+
+def _text(header: Dataset, keyword: str) -> str:
+    """The attribute's value as stripped text ('' when absent or empty).
+
+    Raw values are decoded here rather than by pydicom, whose value validation would only warn: these
+    identifiers are validated by `DicomIdentifiers` instead, with a message naming the field.
+    """
+    element: Any = header.get_item(keyword)
+    if element is None:
+        return ""
+    if isinstance(element, RawDataElement):
+        raw = element.value or b""
+        text = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
+    else:
+        text = "" if element.value is None else str(element.value)
+    return text.strip(" \x00")

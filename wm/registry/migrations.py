@@ -1,0 +1,50 @@
+"""A small versioned migration mechanism: collection ``schema_migrations``.
+
+``MIGRATIONS`` is an ordered list of ``(id, function)``. At start-up `migrate` runs each one whose id is
+not recorded yet, then records it by inserting ``{"_id": id}`` (unique). Two processes starting together
+may both run a migration before one records it, so every migration must be idempotent (creating indexes
+is). Append new migrations; never edit or reorder applied ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+
+from wm.adapters.mongo import Database, translated_errors
+from wm.auth import API_KEYS_INDEXES
+from wm.errors import Duplicate
+from wm.registry.aetitles import AE_TITLE_LINKS_INDEXES
+from wm.registry.applications import APPLICATIONS_INDEXES
+
+SCHEMA_MIGRATIONS = "schema_migrations"
+
+Migration = tuple[str, Callable[[Database], Awaitable[None]]]
+
+
+async def _create_registry_indexes(database: Database) -> None:
+    for spec in (APPLICATIONS_INDEXES, AE_TITLE_LINKS_INDEXES, API_KEYS_INDEXES):
+        async with translated_errors(f"create indexes of {spec.collection}"):
+            await database.collection(spec.collection).create_indexes(list(spec.indexes))
+
+
+MIGRATIONS: tuple[Migration, ...] = (("0001-registry-indexes", _create_registry_indexes),)
+
+
+async def migrate(database: Database, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
+    """Apply the migrations not yet recorded, in order; returns the ids applied now."""
+    collection = database.collection(SCHEMA_MIGRATIONS)
+    async with translated_errors("read migrations"):
+        done = {document["_id"] for document in await collection.find({}, {"_id": 1}).to_list()}
+    applied = []
+    for migration_id, apply in migrations:
+        if migration_id in done:
+            continue
+        await apply(database)
+        try:
+            async with translated_errors("record migration"):
+                await collection.insert_one({"_id": migration_id, "applied_at": datetime.now(UTC)})
+        except Duplicate:
+            continue
+        applied.append(migration_id)
+    return applied
