@@ -4,12 +4,12 @@ For each delivery:
 
 1. Decode: the ``type`` property names the event (``mwm.payload.arrived.v1``), the body must validate
    against its model, and ``message_id`` must be present. Otherwise: dead-letter at once with the reason.
-2. Skip it when this consumer already handled that ``message_id`` (acknowledged as a duplicate).
+2. A redelivery whose ``message_id`` this consumer already handled is acknowledged as a duplicate.
 3. Call the handler. ``TransientError``: retry with exponential backoff, ``retry.attempts`` times in all,
    then dead-letter (after the consumer's ``on_give_up`` hook published any terminal failure event).
    ``PermanentError``: dead-letter at once. ``Duplicate``: acknowledge. Anything else is a bug:
    dead-letter and log the traceback.
-4. Record the message id as handled, then acknowledge. A crash anywhere before the ack means the broker
+4. Record the message id as handled (group-committed with concurrent deliveries), then acknowledge. A crash anywhere before the ack means the broker
    redelivers; handlers are idempotent, so the effect still happens once.
 
 A process runs one or more consumers on one connection. SIGTERM (or SIGINT) stops taking deliveries,
@@ -204,7 +204,8 @@ class ConsumerRunner(Generic[Deps]):
             return _Outcome("dead_lettered", str(exc), "invalid")
         structlog.contextvars.bind_contextvars(**_event_context(event))
         try:
-            return await self._handle_with_retries(event, str(message.message_id))
+            redelivered = bool(message.redelivered or (message.headers or {}).get("x-delivery-count"))
+            return await self._handle_with_retries(event, str(message.message_id), redelivered)
         except PermanentError as exc:
             return _Outcome("dead_lettered", f"permanent: {exc}", "permanent")
         except Exception as exc:
@@ -212,13 +213,15 @@ class ConsumerRunner(Generic[Deps]):
             metrics.FAILED.labels(self.consumer.name, type(exc).__name__).inc()
             return _Outcome("dead_lettered", f"unexpected {type(exc).__name__}: {exc}", "bug")
 
-    async def _handle_with_retries(self, event: Event, message_id: str) -> _Outcome:
+    async def _handle_with_retries(self, event: Event, message_id: str, redelivered: bool) -> _Outcome:
         retry = self.settings.retry
         handler = self.consumer.handlers[type(event)]
         delay = retry.initial_delay_s
         for attempt in range(1, retry.attempts + 1):
             try:
-                if await self.services.processed.seen(self.consumer.name, message_id):
+                # The look-up is a shortcut for redeliveries, kept off the hot path: a first delivery of a
+                # re-published message (same message_id) reaches the handler, whose effects are idempotent.
+                if redelivered and await self.services.processed.seen(self.consumer.name, message_id):
                     return _Outcome("duplicate")
                 await handler(event, self.deps)
                 await self.services.processed.record(self.consumer.name, message_id)

@@ -98,35 +98,21 @@ async def tap(settings: Settings, *routing_keys: str) -> AsyncIterator[EventTap]
 
 @asynccontextmanager
 async def consumers_running(settings: Settings, consumers: Sequence[Consumer[Any]]) -> AsyncIterator[None]:
-    """The consumers running in this process for the duration of the block."""
+    """The consumers running in this process for the duration of the block.
+
+    Their queues and bindings are declared first (as ``mwm topology declare`` does in a deployment), so
+    events published inside the block are routed even before the consumers are up.
+    """
+    async with Bus(settings.bus) as bus:
+        for consumer in consumers:
+            await bus.declare_consumer_queue(bus.channel, consumer.name, consumer.routing_keys)
     stop = asyncio.Event()
     task = asyncio.create_task(run_consumers(settings, list(consumers), stop=stop))
-    await asyncio.sleep(0)
     try:
-        await _started(settings, consumers, task)
         yield
     finally:
         stop.set()
         await task
-
-
-async def _started(settings: Settings, consumers: Sequence[Consumer[Any]], task: asyncio.Task[None]) -> None:
-    connection = await aio_pika.connect(settings.bus.url)
-    async with connection:
-        for consumer in consumers:
-            name = f"{settings.bus.queue_prefix}.{consumer.name}"
-
-            async def declared(queue: str = name) -> bool:
-                if task.done():
-                    task.result()  # surface the start-up error
-                channel = await connection.channel()
-                try:
-                    await channel.declare_queue(queue, passive=True)
-                    return True
-                except aio_pika.exceptions.ChannelClosed:
-                    return False
-
-            await wait_for(declared, 20, f"queue {name}")
 
 
 async def arrive(

@@ -7,7 +7,8 @@ check-then-write. Indexes are declared in code (``IndexSpec``) and created at st
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +18,13 @@ from typing import Any, Self
 from pymongo import ASCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
 
 from wm.config import MongoSettings
 from wm.errors import Duplicate, TransientError
@@ -25,6 +32,7 @@ from wm.errors import Duplicate, TransientError
 Document = dict[str, Any]
 
 # Error codes that mean "the server is there but not ready/available", worth a retry.
+_DUPLICATE_KEY = 11000
 _RETRYABLE_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436})
 
 
@@ -43,6 +51,8 @@ async def translated_errors(what: str) -> AsyncIterator[None]:
         yield
     except DuplicateKeyError as exc:
         raise Duplicate(f"{what}: duplicate key") from exc
+    except BulkWriteError:
+        raise  # the caller inspects which writes failed
     except ConnectionFailure as exc:
         raise TransientError(f"{what}: database unavailable: {exc}") from exc
     except OperationFailure as exc:
@@ -135,10 +145,16 @@ class ProcessedMessages:
 
     The handler's own effects are idempotent (natural keys); this record lets a redelivery of an already
     handled message be acknowledged without running the handler again.
+
+    Records are group-committed: deliveries handled concurrently share one ``insert_many``, and each caller
+    returns only once its own key is written (so the runtime still acknowledges after the write).
     """
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, batch_size: int = 256) -> None:
         self._collection = database.collection(PROCESSED_MESSAGES)
+        self._batch_size = batch_size
+        self._pending: list[tuple[Document, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     @staticmethod
     def _key(consumer: str, message_id: str) -> str:
@@ -150,18 +166,42 @@ class ProcessedMessages:
             found = await self._collection.find_one({"_id": self._key(consumer, message_id)}, {"_id": 1})
         return found is not None
 
-    async def record(self, consumer: str, message_id: str, extra: Mapping[str, Any] | None = None) -> None:
-        """Record the message as handled; recording it twice is harmless."""
-        document = {
-            "_id": self._key(consumer, message_id),
-            "processed_at": datetime.now(UTC),
-            **(extra or {}),
-        }
+    async def record(self, consumer: str, message_id: str) -> None:
+        """Record the message as handled (returns once written); recording it twice is harmless."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(
+            ({"_id": self._key(consumer, message_id), "processed_at": datetime.now(UTC)}, future)
+        )
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let deliveries finishing in the same loop turn join this batch
+        while self._pending:
+            batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
+            try:
+                await self._insert([document for document, _ in batch])
+            except Exception as exc:
+                outcome: BaseException | None = exc
+            else:
+                outcome = None
+            for _, future in batch:
+                if future.done():
+                    continue
+                if outcome is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(outcome)
+
+    async def _insert(self, documents: list[Document]) -> None:
         try:
-            async with translated_errors("record processed message"):
-                await self._collection.insert_one(document)
-        except Duplicate:
-            return
+            async with translated_errors("record processed messages"):
+                await self._collection.insert_many(documents, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if not errors or any(error.get("code") != _DUPLICATE_KEY for error in errors):
+                raise TransientError(f"record processed messages: {exc}") from exc
 
     async def forget_before(self, cutoff: datetime) -> int:
         """Remove keys older than ``cutoff`` (no TTL indexes on FerretDB); returns how many."""

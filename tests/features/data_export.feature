@@ -1,0 +1,9 @@
+Feature: Export results to DICOM destinations
+  Results reach PACS either pushed by MWM's DICOM sink or pulled by an export client through the
+  Export API.
+
+  Scenario: The DICOM sink pushes the results to a receiver
+    Given a DICOM receiver "PACS" is listening
+    And MWM is running with the example application "mip" on the AE title "MWM-MIP" exporting to "PACS"
+    When the modality "CT-SCANNER" sends 1 CT studies of 2 series each to "MWM-MIP"
+    Then the receiver "PACS" gets 2 secondary captures of that study
