@@ -24,17 +24,17 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from schemas.events import ExportRequested, JobFinished, JobLaunched, JobOutcome, SinkRef
+from schemas.events import ExportRequested, JobLaunched, JobOutcome, SinkRef
 from wm import jobs
 from wm.adapters.objectstore import ObjectStore
 from wm.config import MonitorSettings
-from wm.domain.exports import ExportTask
+from wm.domain.exports import task_for
 from wm.domain.jobs import JobState, JobTransition, export_task_id_for
 from wm.engines import LoadedEngines
 from wm.errors import TransientError
 from wm.exports import INDEXES as EXPORT_INDEXES
 from wm.exports import ExportTasks
-from wm.jobs import Job, JobStore
+from wm.jobs import Job, JobStore, finished_event
 from wm.ports import ApplicationRevisions, EngineDirectory, EventPublisher, SinkDirectory
 from wm.registry import Registry
 from wm.runtime import Consumer, Services
@@ -125,22 +125,7 @@ async def finish(job: Job, outcome: JobOutcome, message: str, deps: MonitorDeps)
 
 async def complete(job: Job, deps: MonitorDeps) -> None:
     """Publish the job's end and its export requests (safe to repeat: ids are derived)."""
-    status: JobOutcome = job.state.value  # type: ignore[assignment]
-    await deps.publisher.publish(
-        JobFinished(
-            correlation_id=job.correlation_id,
-            job_id=job.job_id,
-            bucket_id=job.bucket_id,
-            application_id=job.application_id,
-            application_revision=job.application_revision,
-            engine=job.engine,
-            engine_job_id=job.engine_job_id,
-            status=status,
-            message=job.message,
-            outputs=job.outputs,
-        ),
-        message_id=f"{job.job_id}.finished",
-    )
+    await deps.publisher.publish(finished_event(job), message_id=f"{job.job_id}.finished")
     if job.state is JobState.succeeded and job.outputs:
         application = await deps.applications.revision(job.application_id, job.application_revision)
         for sink_name in application.definition.sinks:
@@ -152,31 +137,16 @@ async def request_export(job: Job, sink_name: str, deps: MonitorDeps) -> None:
     """Create the export task of the job's outputs for one sink and publish its request."""
     sink = await deps.sinks.sink(sink_name)
     task_id = export_task_id_for(job.job_id, sink_name)
-    ref = SinkRef(name=sink.name, type=sink.type)
-    now = datetime.now(UTC)
-    await deps.exports.create(
-        ExportTask(
-            export_task_id=task_id,
-            job_id=job.job_id,
-            application_id=job.application_id,
-            correlation_id=job.correlation_id,
-            sink=ref,
-            files=job.outputs,
-            created_at=now,
-            updated_at=now,
-        )
+    request = ExportRequested(
+        correlation_id=job.correlation_id,
+        export_task_id=task_id,
+        job_id=job.job_id,
+        application_id=job.application_id,
+        sink=SinkRef(name=sink.name, type=sink.type),
+        files=job.outputs,
     )
-    await deps.publisher.publish(
-        ExportRequested(
-            correlation_id=job.correlation_id,
-            export_task_id=task_id,
-            job_id=job.job_id,
-            application_id=job.application_id,
-            sink=ref,
-            files=job.outputs,
-        ),
-        message_id=task_id,
-    )
+    await deps.exports.create(task_for(request, datetime.now(UTC)))
+    await deps.publisher.publish(request, message_id=task_id)
 
 
 def build(services: Services) -> MonitorDeps:

@@ -21,13 +21,13 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from schemas.events import BucketReady, JobFinished, JobLaunched
+from schemas.events import BucketReady
 from wm import jobs
 from wm.adapters.objectstore import ObjectStore
 from wm.domain.jobs import JobState, JobTransition, job_id_for
 from wm.engines import JobSpec, LoadedEngines
 from wm.errors import Conflict
-from wm.jobs import Job, JobStore
+from wm.jobs import Job, JobStore, finished_event, launched_event
 from wm.ports import ApplicationRevisions, EngineDirectory, EventPublisher
 from wm.registry import INDEXES as REGISTRY_INDEXES
 from wm.registry import Registry
@@ -99,23 +99,7 @@ async def handle(event: BucketReady, deps: SchedulerDeps) -> None:
             files=len(event.files),
         )
     if job.state is JobState.launched:
-        await deps.publisher.publish(_launched(job), message_id=f"{job_id}.launched")
-
-
-def _launched(job: Job) -> JobLaunched:
-    assert job.engine_job_id is not None
-    return JobLaunched(
-        correlation_id=job.correlation_id,
-        job_id=job.job_id,
-        bucket_id=job.bucket_id,
-        application_id=job.application_id,
-        application_revision=job.application_revision,
-        engine=job.engine,
-        engine_job_id=job.engine_job_id,
-        input_prefix=job.input_prefix,
-        output_prefix=job.output_prefix,
-        deadline=job.deadline,
-    )
+        await deps.publisher.publish(launched_event(job), message_id=f"{job_id}.launched")
 
 
 async def give_up(event: BucketReady, deps: SchedulerDeps, reason: str) -> None:
@@ -125,19 +109,7 @@ async def give_up(event: BucketReady, deps: SchedulerDeps, reason: str) -> None:
         job = await deps.jobs.apply(job_id, JobTransition.fail, message=reason)
     except Conflict:
         return  # launched meanwhile, or already finished: the monitor owns it
-    await deps.publisher.publish(
-        JobFinished(
-            correlation_id=job.correlation_id,
-            job_id=job_id,
-            bucket_id=job.bucket_id,
-            application_id=job.application_id,
-            application_revision=job.application_revision,
-            engine=job.engine,
-            status="failed",
-            message=reason,
-        ),
-        message_id=f"{job_id}.finished",
-    )
+    await deps.publisher.publish(finished_event(job), message_id=f"{job_id}.finished")
 
 
 def build(services: Services) -> SchedulerDeps:

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from pymongo import ASCENDING, IndexModel
 
-from schemas.events import FileRef
+from schemas.events import FileRef, JobFinished, JobLaunched, JobOutcome
 from wm.adapters.mongo import Database, IndexSpec, translated_errors
 from wm.domain.jobs import TERMINAL, JobState, JobTransition, next_state
 from wm.errors import Duplicate, NotFound
@@ -62,6 +62,41 @@ class Job(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
+
+
+def launched_event(job: Job) -> JobLaunched:
+    """The ``job.launched`` of a launched job."""
+    assert job.engine_job_id is not None, "a launched job has an engine job id"
+    return JobLaunched(
+        correlation_id=job.correlation_id,
+        job_id=job.job_id,
+        bucket_id=job.bucket_id,
+        application_id=job.application_id,
+        application_revision=job.application_revision,
+        engine=job.engine,
+        engine_job_id=job.engine_job_id,
+        input_prefix=job.input_prefix,
+        output_prefix=job.output_prefix,
+        deadline=job.deadline,
+    )
+
+
+def finished_event(job: Job) -> JobFinished:
+    """The ``job.finished`` of a job in a terminal state."""
+    assert job.terminal, f"job {job.job_id} is {job.state}, not finished"
+    status: JobOutcome = job.state.value  # type: ignore[assignment]  # terminal states are the outcomes
+    return JobFinished(
+        correlation_id=job.correlation_id,
+        job_id=job.job_id,
+        bucket_id=job.bucket_id,
+        application_id=job.application_id,
+        application_revision=job.application_revision,
+        engine=job.engine,
+        engine_job_id=job.engine_job_id,
+        status=status,
+        message=job.message,
+        outputs=job.outputs,
+    )
 
 
 def _document(job: Job) -> dict[str, Any]:
