@@ -133,9 +133,7 @@ async def main() -> int:
     try:
         with StoreSCP(work / "pacs", aet="PACS", port=pacs_port, verbose=False):
             await asyncio.to_thread(wait_for_port, "127.0.0.1", gateway_port, timeout=60.0)
-            step(
-                f"MWM running (gateway on port {gateway_port}); PACS (storescp) on port {pacs_port}"
-            )
+            step(f"MWM running (gateway on port {gateway_port}); PACS (storescp) on port {pacs_port}")
             waiting = asyncio.create_task(wait_for_export(settings, 300))
             await asyncio.sleep(0.2)
             sent = time.perf_counter()

@@ -9,8 +9,9 @@ For each delivery:
    then dead-letter (after the consumer's ``on_give_up`` hook published any terminal failure event).
    ``PermanentError``: dead-letter at once. ``Duplicate``: acknowledge. Anything else is a bug:
    dead-letter and log the traceback.
-4. Record the message id as handled (group-committed with concurrent deliveries), then acknowledge. A crash anywhere before the ack means the broker
-   redelivers; handlers are idempotent, so the effect still happens once.
+4. Record the message id as handled (group-committed with concurrent deliveries), then acknowledge.
+   A crash anywhere before the ack means the broker redelivers; handlers are idempotent, so the effect
+   still happens once.
 
 A process runs one or more consumers on one connection. SIGTERM (or SIGINT) stops taking deliveries,
 waits up to ``observability.drain_timeout_s`` for those in flight, and exits. The broker connection is
