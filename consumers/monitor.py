@@ -11,7 +11,8 @@ Queue ``mwm.monitor``, bound to ``mwm.job.launched``.
   (message id ``<job id>.finished``); on success one export task per sink of the application and
   ``ExportRequested`` on ``mwm.export.requested.<sink type>`` (message id = export task id).
 - Idempotency: one replica wins the finish (unique insert); a finish whose claimer died is taken over
-  after ``monitor.finish_lease_s`` and re-published under the same message ids.
+  after ``monitor.finish_lease_s`` and re-published under the same message ids, or, when the claimer
+  died (or S3 or the database failed) before the job's end was recorded, released for the next check.
 - Failure: engine or store outages leave the job due; the next check retries.
 """
 
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import structlog
 
@@ -42,6 +45,8 @@ from wm.runtime import Consumer, Services
 log = structlog.get_logger("consumers.monitor")
 
 NAME = "monitor"
+CONCURRENT_CHECKS = 16
+T = TypeVar("T")
 
 _OUTCOME_TRANSITION: dict[str, JobTransition] = {
     "succeeded": JobTransition.succeed,
@@ -73,18 +78,46 @@ async def handle(event: JobLaunched, deps: MonitorDeps) -> None:
 async def follow(deps: MonitorDeps, stop: asyncio.Event) -> None:
     """Check due jobs until ``stop`` is set."""
     lease = timedelta(seconds=deps.settings.finish_lease_s)
+    checks = asyncio.Semaphore(CONCURRENT_CHECKS)
+
+    async def guarded(job: Job) -> None:
+        async with checks:
+            await _guarded(check(job, deps))
+
     while not stop.is_set():
-        try:
-            for job in await deps.jobs.due_for_check(datetime.now(UTC)):
-                await check(job, deps)
-            for job_id in await deps.jobs.stale_finishes(lease):
-                if await deps.jobs.reclaim_finish(job_id, lease):
-                    log.warning("job_finish_taken_over", job_id=job_id)
-                    await complete(await deps.jobs.get(job_id), deps)
-        except TransientError as exc:
-            log.warning("job_check_deferred", error=str(exc))
+        due = await _guarded(deps.jobs.due_for_check(datetime.now(UTC))) or []
+        # Concurrently: one slow engine or store call must not delay every other job's end.
+        await asyncio.gather(*(guarded(job) for job in due))
+        for job_id in await _guarded(deps.jobs.stale_finishes(lease)) or []:
+            if await _guarded(deps.jobs.reclaim_finish(job_id, lease)):
+                await _guarded(_take_over_by_id(job_id, deps))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), deps.settings.poll_interval_s)
+
+
+async def _guarded(work: Coroutine[Any, Any, T]) -> T | None:
+    """Run one step of the follower; an outage defers it, a bug is logged loudly; neither stops the loop."""
+    try:
+        return await work
+    except TransientError as exc:
+        log.warning("job_check_deferred", error=str(exc))
+    except Exception as exc:
+        log.exception("job_check_failed", error=repr(exc))
+    return None
+
+
+async def _take_over_by_id(job_id: str, deps: MonitorDeps) -> None:
+    await take_over(await deps.jobs.get(job_id), deps)
+
+
+async def take_over(job: Job, deps: MonitorDeps) -> None:
+    """Finish the work of a finish claimer that died or failed (S3 or the database down) on the way."""
+    if job.terminal:
+        log.warning("job_finish_taken_over", job_id=job.job_id)
+        await complete(job, deps)
+    else:  # its end was never recorded: give the claim back; the job's next check finishes it
+        log.warning("job_finish_released", job_id=job.job_id, state=job.state.value)
+        await deps.jobs.release_finish(job.job_id)
 
 
 async def check(job: Job, deps: MonitorDeps) -> None:

@@ -16,6 +16,7 @@ Queue ``mwm.scheduler``, bound to ``mwm.bucket.ready``.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -79,11 +80,17 @@ async def handle(event: BucketReady, deps: SchedulerDeps) -> None:
         )
     )
     if job.state is JobState.created:
-        for member in event.files:
-            target = (
-                f"{job.input_prefix}{member.dicom.series_instance_uid}/{member.dicom.sop_instance_uid}.dcm"
+        # Server-side copies, all in flight at once (the object store's thread pool bounds them).
+        await asyncio.gather(
+            *(
+                deps.objects.copy(
+                    member.file.key,
+                    f"{job.input_prefix}{member.dicom.series_instance_uid}/"
+                    f"{member.dicom.sop_instance_uid}.dcm",
+                )
+                for member in event.files
             )
-            await deps.objects.copy(member.file.key, target)
+        )
         engine = deps.engines.engine(job.engine)
         engine_job_id = await engine.launch(
             JobSpec(
@@ -103,12 +110,18 @@ async def handle(event: BucketReady, deps: SchedulerDeps) -> None:
 
 
 async def give_up(event: BucketReady, deps: SchedulerDeps, reason: str) -> None:
-    """Retries ran out: fail the job and say so, so nothing downstream waits for it."""
+    """Retries ran out: fail the job and say so, so nothing downstream waits for it.
+
+    Only a job the engine never got: a launched one (its ``job.launched`` unpublished, the broker down)
+    runs, and the monitor follows it from the database to its ``job.finished``.
+    """
     job_id = job_id_for(event.bucket_id)
+    if (await deps.jobs.get(job_id)).state is not JobState.created:
+        return  # launched, or already finished: the monitor owns it
     try:
         job = await deps.jobs.apply(job_id, JobTransition.fail, message=reason)
     except Conflict:
-        return  # launched meanwhile, or already finished: the monitor owns it
+        return  # finished meanwhile
     await deps.publisher.publish(finished_event(job), message_id=f"{job_id}.finished")
 
 
