@@ -213,7 +213,23 @@ class JobStore:
             )
         return result.modified_count == 1
 
+    async def release_finish(self, job_id: str) -> None:
+        """Drop an unpublished finish claim, so the job's next check can claim its end again."""
+        async with translated_errors("release job finish"):
+            await self._finishes.delete_one({"_id": job_id, "published_at": None})
+
     async def mark_finish_published(self, job_id: str) -> None:
         """The end of the job was published (confirmed by the broker)."""
         async with translated_errors("mark finish published"):
             await self._finishes.update_one({"_id": job_id}, {"$set": {"published_at": _now()}})
+
+    async def finished_before(self, cutoff: datetime, limit: int = 500) -> list[Job]:
+        """Jobs that ended before ``cutoff`` whose files are not purged yet (retention)."""
+        query = {"finished_at": {"$lt": cutoff}, "purged_at": None}
+        async with translated_errors("find finished jobs"):
+            return [_job(doc) for doc in await self._jobs.find(query).limit(limit).to_list(None)]
+
+    async def mark_purged(self, job_id: str) -> None:
+        """Record that the job's files (object store, work directory) were removed."""
+        async with translated_errors("mark job purged"):
+            await self._jobs.update_one({"_id": job_id}, {"$set": {"purged_at": _now()}})
