@@ -27,9 +27,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, IndexModel
+from pymongo.errors import BulkWriteError
 
 from schemas.events import BucketFile, BucketReady, PayloadArrived
-from wm.adapters.mongo import Database, Document, IndexSpec, translated_errors
+from wm.adapters.mongo import DUPLICATE_KEY, Database, Document, IndexSpec, translated_errors
 from wm.domain.discovery import Placement, bucket_ready, closes_at, file_id
 from wm.errors import Duplicate
 
@@ -50,6 +51,14 @@ INDEXES = (
     IndexSpec(CLOSURES, (IndexModel([("published_at", ASCENDING)]),)),
     IndexSpec(MEMBERSHIPS, (IndexModel([("bucket_id", ASCENDING), ("winner", ASCENDING)]),)),
 )
+
+
+@dataclass(frozen=True)
+class Closing:
+    """What an attempt to close a bucket came to: its event, a later due time, or nothing to do."""
+
+    event: BucketReady | None = None
+    not_before: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,20 @@ class BucketStore:
             existing = await self._memberships.find_one({"_id": f"{fid}|{bucket_id}"})
             return existing is not None and existing["winner"] == winner
 
+    async def _contest_all(self, fids: list[str], bucket_id: str) -> None:
+        """The closer's side of the contest for every file heading here, in one write."""
+        if not fids:
+            return
+        memberships = [
+            {"_id": f"{fid}|{bucket_id}", "bucket_id": bucket_id, "file_id": fid, "winner": "closer"}
+            for fid in fids
+        ]
+        try:
+            await self._memberships.insert_many(memberships, ordered=False)
+        except BulkWriteError as exc:  # files that won their contest first are the ones not inserted
+            if any(error.get("code") != DUPLICATE_KEY for error in exc.details.get("writeErrors", [])):
+                raise
+
     async def _open_generation(self, placement: Placement, correlation_id: str) -> Document:
         latest = await self._buckets.find_one({"key": placement.bucket_key}, sort=[("generation", -1)])
         if latest is None:
@@ -164,12 +187,6 @@ class BucketStore:
     async def _bucket(self, bucket_id: str) -> Document | None:
         return await self._buckets.find_one({"_id": bucket_id})
 
-    async def closes_at(self, bucket_id: str) -> datetime | None:
-        """When an open bucket is due; None once it is closed or unknown."""
-        async with translated_errors("read bucket"):
-            bucket = await self._bucket(bucket_id)
-        return bucket["closes_at"] if bucket is not None and bucket["state"] == "open" else None
-
     async def due(self, now: datetime, limit: int = 100) -> list[str]:
         """Open buckets whose quiet period is over."""
         async with translated_errors("find due buckets"):
@@ -178,30 +195,32 @@ class BucketStore:
             )
             return [str(doc["_id"]) for doc in await cursor.to_list(None)]
 
-    async def close(self, bucket_id: str, now: datetime) -> BucketReady | None:
-        """Close a due bucket if this caller wins the closure; returns the event to publish (or None)."""
+    async def close(self, bucket_id: str, now: datetime) -> Closing:
+        """Close a due bucket if this caller wins the closure: the event to publish, or why not."""
         async with translated_errors("close bucket"):
             bucket = await self._bucket(bucket_id)
-            if bucket is None or bucket["state"] != "open" or bucket["closes_at"] > now:
-                return None
+            if bucket is None or bucket["state"] != "open":
+                return Closing()
+            if bucket["closes_at"] > now:
+                return Closing(not_before=bucket["closes_at"])  # a later file moved it
             try:
                 await self._closures.insert_one({"_id": bucket_id, "claimed_at": now, "closer": os.getpid()})
             except Exception as exc:
                 if _is_duplicate(exc):
-                    return None
+                    return Closing()
                 raise
-            return await self._seal(bucket, now)
+            return Closing(event=await self._seal(bucket, now))
 
     async def _seal(self, bucket: Document, now: datetime) -> BucketReady | None:
         bucket_id = bucket["_id"]
         await self._buckets.update_one({"_id": bucket_id}, {"$set": {"state": "closed", "closed_at": now}})
-        heading_here = await self._files.find({"bucket_id": bucket_id}, {"_id": 1}).to_list(None)
-        for document in heading_here:
-            await self._contest(document["_id"], bucket_id, winner="closer")
+        heading_here = await self._files.find({"bucket_id": bucket_id}).to_list(None)
+        await self._contest_all([document["_id"] for document in heading_here], bucket_id)
         won = await self._memberships.find(
             {"bucket_id": bucket_id, "winner": "closer"}, {"file_id": 1}
         ).to_list(None)
-        files = await self._files.find({"_id": {"$in": [doc["file_id"] for doc in won]}}).to_list(None)
+        won_ids = {doc["file_id"] for doc in won}
+        files = [document for document in heading_here if document["_id"] in won_ids]
         event = None
         if files:
             placement = _placement(bucket)

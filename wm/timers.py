@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from pymongo import IndexModel
@@ -25,6 +27,7 @@ from wm.ports import EventPublisher
 log = structlog.get_logger("wm.timers")
 
 RETRIES = "bucket_closure_retries"
+CONCURRENT_CLOSURES = 16
 INDEXES = (IndexSpec(RETRIES, (IndexModel("bucket_id"),)),)
 
 
@@ -46,6 +49,7 @@ class BucketTimers:
         self._lease = timedelta(seconds=publish_lease_s)
         self._armed: dict[str, datetime] = {}
         self._wake = asyncio.Event()
+        self._closing = asyncio.Semaphore(CONCURRENT_CLOSURES)
 
     def arm(self, bucket_id: str, due: datetime) -> None:
         """Close ``bucket_id`` at ``due`` unless more files move it later."""
@@ -55,57 +59,70 @@ class BucketTimers:
             self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fire armed timers on time and sweep the database, until ``stop`` is set."""
-        next_sweep = 0.0
-        loop = asyncio.get_running_loop()
-        while not stop.is_set():
-            if loop.time() >= next_sweep:
-                await self._guarded(self._sweep())
-                next_sweep = loop.time() + self._sweep_interval
-            await self._guarded(self._fire_due())
-            await self._sleep_until_next(stop, next_sweep - loop.time())
+        """Fire armed timers on time and sweep the database, until ``stop`` is set.
 
-    async def _sleep_until_next(self, stop: asyncio.Event, until_sweep: float) -> None:
-        now = datetime.now(UTC)
+        Two loops, so a slow sweep never delays a timer that is due.
+        """
+        await asyncio.gather(self._fire_timers(stop), self._sweep_periodically(stop))
+
+    async def _fire_timers(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._guarded(self._fire_due())
+            await self._sleep_until_next(stop)
+
+    async def _sweep_periodically(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._guarded(self._sweep())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._sweep_interval)
+
+    async def _sleep_until_next(self, stop: asyncio.Event) -> None:
         soonest = min(self._armed.values(), default=None)
-        delay = until_sweep if soonest is None else min(until_sweep, (soonest - now).total_seconds())
+        delay = 3600.0 if soonest is None else (soonest - datetime.now(UTC)).total_seconds()
         self._wake.clear()
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
         await asyncio.wait(waiters, timeout=max(delay, 0.0), return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
             waiter.cancel()
 
-    async def _guarded(self, work: asyncio.Future[None] | object) -> None:
+    async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
         try:
-            await work  # type: ignore[misc]
+            await work
         except TransientError as exc:
             log.warning("bucket_timer_deferred", error=str(exc))
+        except Exception as exc:  # a bug: say so loudly, but never stop closing the other buckets
+            log.exception("bucket_timer_failed", error=repr(exc))
 
     async def _fire_due(self) -> None:
         now = datetime.now(UTC)
-        for bucket_id, due in list(self._armed.items()):
-            if due > now:
-                continue
+        due = [bucket_id for bucket_id, at in self._armed.items() if at <= now]
+        for bucket_id in due:
             del self._armed[bucket_id]
-            closes_at = await self._store.closes_at(bucket_id)
-            if closes_at is not None and closes_at > now:
-                self.arm(bucket_id, closes_at)  # another replica's file moved it
-                continue
-            await self._close(bucket_id, now)
+        await self._close_all(due, now)
 
     async def _sweep(self) -> None:
         now = datetime.now(UTC)
-        for bucket_id in await self._store.due(now - timedelta(seconds=self._sweep_interval)):
-            await self._close(bucket_id, now)
+        await self._close_all(await self._store.due(now - timedelta(seconds=self._sweep_interval)), now)
         for bucket_id, event in await self._store.unpublished(self._lease, now):
             if await self._claim_retry(bucket_id, now):
                 log.warning("bucket_ready_republished", bucket_id=bucket_id)
                 await self._publish(bucket_id, event)
 
+    async def _close_all(self, bucket_ids: list[str], now: datetime) -> None:
+        """Close due buckets concurrently (bounded): one slow closure must not hold back the others."""
+
+        async def close(bucket_id: str) -> None:
+            async with self._closing:
+                await self._guarded(self._close(bucket_id, now))
+
+        await asyncio.gather(*(close(bucket_id) for bucket_id in bucket_ids))
+
     async def _close(self, bucket_id: str, now: datetime) -> None:
-        event = await self._store.close(bucket_id, now)
-        if event is not None:
-            await self._publish(bucket_id, event)
+        closing = await self._store.close(bucket_id, now)
+        if closing.not_before is not None:
+            self.arm(bucket_id, closing.not_before)  # a file (maybe on another replica) moved it
+        if closing.event is not None:
+            await self._publish(bucket_id, closing.event)
 
     async def _publish(self, bucket_id: str, event: BucketReady | None) -> None:
         if event is not None:

@@ -32,7 +32,7 @@ from wm.errors import Duplicate, TransientError
 Document = dict[str, Any]
 
 # Error codes that mean "the server is there but not ready/available", worth a retry.
-_DUPLICATE_KEY = 11000
+DUPLICATE_KEY = 11000
 _RETRYABLE_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436})
 
 
@@ -200,11 +200,14 @@ class ProcessedMessages:
                 await self._collection.insert_many(documents, ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
-            if not errors or any(error.get("code") != _DUPLICATE_KEY for error in errors):
+            if not errors or any(error.get("code") != DUPLICATE_KEY for error in errors):
                 raise TransientError(f"record processed messages: {exc}") from exc
 
-    async def forget_before(self, cutoff: datetime) -> int:
-        """Remove keys older than ``cutoff`` (no TTL indexes on FerretDB); returns how many."""
+    async def forget_before(self, cutoff: datetime, dry_run: bool = False) -> int:
+        """Remove keys older than ``cutoff`` (no TTL indexes on FerretDB); how many (``dry_run``: counts)."""
+        criteria = {"processed_at": {"$lt": cutoff}}
         async with translated_errors("purge processed messages"):
-            result = await self._collection.delete_many({"processed_at": {"$lt": cutoff}})
+            if dry_run:
+                return await self._collection.count_documents(criteria)
+            result = await self._collection.delete_many(criteria)
         return result.deleted_count
