@@ -35,18 +35,9 @@ import structlog
 from schemas.applications import SinkDefinition
 from schemas.events import ExportOutcome, ExportRequested, FileExportResult
 from wm import exports
-from wm.domain.exports import (
-    ExportTask,
-    all_failed,
-    completed_event,
-    completed_message_id,
-    export_outcome,
-    requested_event,
-    summary,
-    task_for,
-)
+from wm.domain.exports import ExportTask, all_failed, final_result, requested_event, task_for
 from wm.errors import Duplicate, NotFound, PermanentError
-from wm.exports import ExportTasks
+from wm.exports import ExportTasks, announce_completion
 from wm.ports import EventPublisher
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer, Services
@@ -128,16 +119,11 @@ async def _run_sink(
         sink = deps.open_sink(await deps.sinks.get(task.sink.name))
     except (NotFound, PermanentError) as exc:
         return "failed", all_failed(task.files, str(exc)), str(exc)
-    results = await sink.export(task.files)
-    return export_outcome(results), results, summary(results)
+    return final_result(task.files, await sink.export(task.files))
 
 
 async def _announce(task: ExportTask, deps: ExporterDeps) -> None:
-    """Publish the final task's ``export.completed`` unless that was done (and confirmed) already."""
-    if task.completion_published:
-        return
-    await deps.bus.publish(completed_event(task), message_id=completed_message_id(task.export_task_id))
-    await deps.tasks.mark_published(task.export_task_id)
+    await announce_completion(deps.tasks, deps.bus, task)
 
 
 async def sweep_expired_leases(deps: ExporterDeps, stop: asyncio.Event) -> None:

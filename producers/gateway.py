@@ -9,14 +9,15 @@ C-ECHO and every storage SOP class in any transfer syntax, caps concurrent assoc
 
 For each C-STORE, in pynetdicom's association thread: the received bytes are taken without decoding them
 (preamble, file meta and data set as sent: a valid Part-10 file), the identifiers are read from the header,
-then the event loop uploads the file to ``payloads/{payload_id}/{study}/{series}/{sop}.dcm`` and publishes
-``mwm.payload.arrived`` (source ``dimse``, correlation id = payload id = one UUID per association). The
-handler answers success only after both are confirmed. At most ``queue_size`` stores are in flight at once
-(back-pressure: the sender waits for its response). Failures answer a DICOM failure status and never
-success: an unparsable file -> `STATUS.CANNOT_UNDERSTAND`, nothing stored or published; the object store or
-the broker unavailable (or slower than ``STORE_TIMEOUT_S``) -> `STATUS.OUT_OF_RESOURCES`, and the sender may
-retry. A store whose upload succeeded but whose publish failed leaves an orphan object under its payload;
-a retry overwrites it (same key) and re-publishes with the same message id.
+then the event loop uploads the file to ``payloads/{payload_id}/{study}/{series}/{sop}.dcm``
+(`wm.dicom.object_key`) and publishes ``mwm.payload.arrived`` (source ``dimse``, correlation id = payload
+id = one UUID per association). The handler answers success only after both are confirmed. At most
+``queue_size`` stores are in flight at once (back-pressure: the sender waits for its response). Failures
+answer a DICOM failure status and never success: an unparsable file -> `STATUS.CANNOT_UNDERSTAND`, nothing
+stored or published; the object store or the broker unavailable (or slower than ``STORE_TIMEOUT_S``) ->
+`STATUS.OUT_OF_RESOURCES`, and the sender may retry. A store whose upload succeeded but whose publish
+failed leaves an orphan object under its payload; a retry overwrites it (same key) and re-publishes with
+the same message id.
 
 SIGTERM: stop accepting associations, let open ones finish within ``drain_timeout_s``, abort the rest, exit.
 One log line per association: calling and called AE, peer, payload id, files, failures, duration.
@@ -48,7 +49,7 @@ from producers.publisher import PayloadPublisher
 from schemas.events import DicomIdentifiers, FileRef
 from wm.adapters.objectstore import ObjectStore
 from wm.config import GatewaySettings, Settings
-from wm.dicom import InvalidDicom, read_identifiers
+from wm.dicom import InvalidDicom, object_key, read_identifiers
 from wm.errors import MwmError
 from wm.registry import Registry
 from wm.runtime import Services, health_app, open_services, serve_http, stop_on_signals
@@ -81,12 +82,6 @@ class STATUS(IntEnum):
     """Error: the data set cannot be parsed or lacks an identifier; retrying cannot help."""
     PROCESSING_FAILURE = 0x0110
     """Failure: an unexpected error in the gateway (a bug); logged with its traceback."""
-
-
-def object_key(payload_id: str, ids: DicomIdentifiers) -> str:
-    """Where a received file is stored: ``payloads/{payload_id}/{study}/{series}/{sop}.dcm``."""
-    study, series = ids.study_instance_uid, ids.series_instance_uid
-    return f"payloads/{payload_id}/{study}/{series}/{ids.sop_instance_uid}.dcm"
 
 
 @dataclass

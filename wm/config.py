@@ -50,11 +50,15 @@ class ObjectStoreSettings(BaseModel):
 
 
 class RetrySettings(BaseModel):
-    """Bounded retries with exponential backoff for transient failures inside a handler."""
+    """Bounded retries with exponential backoff for transient failures (a handler, the local runner).
 
-    attempts: int = Field(5, ge=1, description="handler attempts before the message is dead-lettered")
+    The default budget outlasts a restart of RabbitMQ, the database or the object store (6 to 33 s
+    measured here), so a restart delays work instead of failing it.
+    """
+
+    attempts: int = Field(10, ge=1, description="attempts before giving up (dead letter, terminal event)")
     initial_delay_s: float = Field(0.2, ge=0, description="first backoff delay")
-    max_delay_s: float = Field(5.0, ge=0, description="largest backoff delay")
+    max_delay_s: float = Field(10.0, ge=0, description="largest backoff delay (defaults: ~43 s in all)")
 
 
 class ObservabilitySettings(BaseModel):

@@ -5,6 +5,9 @@ DICOM Part-10 file (128-byte preamble, ``DICM``, file meta) and reads only the f
 (``dcmread(..., stop_before_pixels=True, specific_tags=...)``): a 1 GB multi-frame file costs the same as a
 CT slice. A file that cannot be parsed, or lacks a required attribute, raises `InvalidDicom` (a
 `PermanentError`) whose message names what is missing or why the header cannot be read.
+
+`object_key` is the object-store key of a received file, the contract between ingest (gateway, Payloads
+API), engines and export: ``payloads/{payload_id}/{study}/{series}/{sop}.dcm``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from pydicom.dataset import Dataset
 from schemas.events import DicomIdentifiers
 from wm.errors import PermanentError
 
-__all__ = ["IDENTIFIER_KEYWORDS", "REQUIRED_KEYWORDS", "InvalidDicom", "read_identifiers"]
+__all__ = [
+    "IDENTIFIER_KEYWORDS",
+    "PAYLOADS",
+    "REQUIRED_KEYWORDS",
+    "InvalidDicom",
+    "object_key",
+    "payload_prefix",
+    "read_identifiers",
+]
 
 REQUIRED_KEYWORDS: dict[str, str] = {
     "StudyInstanceUID": "study_instance_uid",
@@ -41,6 +52,21 @@ IDENTIFIER_KEYWORDS: tuple[str, ...] = (*REQUIRED_KEYWORDS, *OPTIONAL_KEYWORDS)
 """Every attribute `read_identifiers` reads (and nothing else)."""
 
 Source = str | os.PathLike[str] | IO[bytes]
+
+
+PAYLOADS = "payloads/"
+"""The object-store prefix of every received file."""
+
+
+def payload_prefix(payload_id: str) -> str:
+    """The object-store prefix under which every file of one payload is stored."""
+    return f"{PAYLOADS}{payload_id}/"
+
+
+def object_key(payload_id: str, ids: DicomIdentifiers) -> str:
+    """Where a received file is stored: ``payloads/{payload_id}/{study}/{series}/{sop}.dcm``."""
+    study, series = ids.study_instance_uid, ids.series_instance_uid
+    return f"{payload_prefix(payload_id)}{study}/{series}/{ids.sop_instance_uid}.dcm"
 
 
 class InvalidDicom(PermanentError):

@@ -7,11 +7,15 @@ as it is.
 
 Claims and leases. Conditional updates are not atomic across clients on FerretDB, so mutual exclusion is a
 unique insert: the n-th lease of a task is the document ``{_id: "<task id>#lease<n>"}`` in
-``export_leases``. A claimer tries lease ``n`` (the task's ``lease_number`` hint); if that document exists
-and is still live, someone holds the task; if it expired (or was released) the claimer tries ``n + 1``.
+``export_leases``. A claimer looks at the task's latest lease (``lease_number - 1``, a hint): if it is
+still live, someone holds the task; if it expired (or was released) the claimer tries to insert the next.
 Exactly one claimer wins each number, so two claimers never hold the same task, and a holder that dies
 gives the task back when its lease expires. The task document mirrors the live lease
 (``lease_owner``, ``lease_expires_at``) for queries; the lease documents are the truth.
+
+Pull clients (the Export API) quote their lease back: ``owner`` and lease ``number``. Only the holder of
+the task's current, live lease may extend it, report progress, release it or make the task final
+(``Conflict`` otherwise); a final update repeated by the client that made it returns the final task.
 """
 
 from __future__ import annotations
@@ -23,8 +27,18 @@ from pymongo import ASCENDING, IndexModel
 
 from schemas.events import ExportOutcome, FileExportResult
 from wm.adapters.mongo import Database, Document, IndexSpec, translated_errors
-from wm.domain.exports import FINAL_STATES, OPEN_STATES, ExportState, ExportTask
-from wm.errors import Duplicate, NotFound
+from wm.domain.exports import (
+    FINAL_STATES,
+    OPEN_STATES,
+    ExportState,
+    ExportTask,
+    completed_event,
+    completed_message_id,
+    final_result,
+    merge_results,
+)
+from wm.errors import Conflict, Duplicate, NotFound
+from wm.ports import EventPublisher
 from wm.registry.models import Page, PageRequest
 
 EXPORT_TASKS = "export_tasks"
@@ -101,11 +115,17 @@ class ExportTasks:
         return _task(document)
 
     async def record_result(
-        self, task_id: str, outcome: ExportOutcome, results: list[FileExportResult], message: str = ""
+        self,
+        task_id: str,
+        outcome: ExportOutcome,
+        results: list[FileExportResult],
+        message: str = "",
+        owner: str | None = None,
     ) -> ExportTask:
         """Make the task final with ``outcome`` and its per-file ``results``; returns the task as stored.
 
         Idempotent: for a task that is final already nothing changes, and its existing outcome comes back.
+        With ``owner``, only while ``owner`` holds the task (else it comes back unchanged, still open).
         """
         now = _now()
         update = {
@@ -118,8 +138,11 @@ class ExportTasks:
             "lease_expires_at": None,
             "completion_published": False,
         }
+        criteria: dict[str, Any] = {"_id": task_id, "state": {"$in": _OPEN}}
+        if owner is not None:
+            criteria["lease_owner"] = owner
         async with translated_errors("record export result"):
-            await self._tasks.update_one({"_id": task_id, "state": {"$in": _OPEN}}, {"$set": update})
+            await self._tasks.update_one(criteria, {"$set": update})
         return await self.get(task_id)
 
     async def mark_published(self, task_id: str) -> None:
@@ -165,13 +188,16 @@ class ExportTasks:
 
     async def _lease(self, task: ExportTask, owner: str, lease_s: float, now: datetime) -> ExportTask | None:
         expires_at = now + timedelta(seconds=lease_s)
-        number = task.lease_number
+        # Start at the task's latest lease, which may still be live: a claimer that read the task after
+        # another one's claim was mirrored must not take the next number while that lease lives.
+        number = max(task.lease_number - 1, 0)
         for _ in range(_LEASE_PROBES):
-            taken = await self._insert_lease(task.export_task_id, number, owner, now, expires_at)
-            if taken:
-                return await self._mirror_lease(task.export_task_id, number, owner, expires_at)
             holder = await self._lease_document(task.export_task_id, number)
-            if holder is not None and holder["expires_at"] > now:
+            if holder is None:
+                if await self._insert_lease(task.export_task_id, number, owner, now, expires_at):
+                    return await self._mirror_lease(task.export_task_id, number, owner, expires_at)
+                continue  # another claimer took this number just now: look at its lease
+            if holder["expires_at"] > now:
                 if holder["owner"] != owner:
                     return None
                 await self._extend(holder["_id"], expires_at)
@@ -271,14 +297,98 @@ class ExportTasks:
             expired.append(await self.get(document["_id"]))
         return [task for task in expired if task.state == ExportState.pending]
 
-    async def forget_before(self, cutoff: datetime) -> int:
-        """Remove final tasks completed before ``cutoff`` and their leases (retention); returns how many."""
+    async def forget_before(self, cutoff: datetime, dry_run: bool = False) -> int:
+        """Remove final tasks completed before ``cutoff`` and their leases (retention); returns how many.
+
+        With ``dry_run``, only counts them.
+        """
         final = [state.value for state in FINAL_STATES]
         criteria = {"state": {"$in": final}, "completed_at": {"$lt": cutoff}}
         async with translated_errors("purge export tasks"):
             ids = [d["_id"] for d in await self._tasks.find(criteria, {"_id": 1}).to_list()]
-            if not ids:
-                return 0
+            if not ids or dry_run:
+                return len(ids)
             await self._leases.delete_many({"task_id": {"$in": ids}})
             result = await self._tasks.delete_many({"_id": {"$in": ids}})
         return result.deleted_count
+
+    async def holding(self, task_id: str, owner: str, number: int, final_ok: bool = False) -> ExportTask:
+        """The task, when ``owner`` holds its current lease ``number`` and that lease is live.
+
+        With ``final_ok``, a final task whose last lease was ``owner``'s comes back too; else ``Conflict``.
+        """
+        task = await self.get(task_id)
+        lease = await self._lease_document(task_id, number)
+        current = number == task.lease_number - 1 and lease is not None and lease["owner"] == owner
+        if task.is_final:
+            live = final_ok
+        else:
+            live = lease is not None and lease["expires_at"] > _now() and task.lease_owner == owner
+        if not (current and live):
+            state = f"final ({task.state})" if task.is_final else f"held by {task.lease_owner or 'nobody'}"
+            raise Conflict(f"export task {task_id!r} is not held by {owner!r} under lease {number}: {state}")
+        return task
+
+    async def extend(self, task_id: str, owner: str, number: int, lease_s: float) -> ExportTask:
+        """Extend the holder's live lease to ``lease_s`` seconds from now."""
+        await self.holding(task_id, owner, number)
+        expires_at = _now() + timedelta(seconds=lease_s)
+        await self._extend(lease_id(task_id, number), expires_at)
+        async with translated_errors("record export lease"):
+            await self._tasks.update_one(
+                {"_id": task_id, "state": ExportState.in_progress.value, "lease_owner": owner},
+                {"$set": {"lease_expires_at": expires_at, "updated_at": _now()}},
+            )
+        return await self.holding(task_id, owner, number)
+
+    async def report(
+        self, task_id: str, owner: str, number: int, results: list[FileExportResult], message: str = ""
+    ) -> ExportTask:
+        """Progress from the holder: its per-file results so far, merged into the task's."""
+        task = await self.holding(task_id, owner, number)
+        merged = merge_results(task.files, task.file_results, results)
+        update = {"file_results": [r.model_dump() for r in merged], "message": message, "updated_at": _now()}
+        held = {"_id": task_id, "state": ExportState.in_progress.value, "lease_owner": owner}
+        async with translated_errors("record export progress"):
+            await self._tasks.update_one(held, {"$set": update})
+        return await self.get(task_id)
+
+    async def finish(
+        self,
+        task_id: str,
+        owner: str,
+        number: int,
+        results: list[FileExportResult],
+        outcome: ExportOutcome | None = None,
+        message: str = "",
+    ) -> ExportTask:
+        """The holder's final update: every file's result (earlier reports included) and the outcome.
+
+        The outcome is computed from the results unless given. Repeated by the same holder, it returns the
+        final task unchanged.
+        """
+        task = await self.holding(task_id, owner, number, final_ok=True)
+        if task.is_final:
+            return task
+        outcome, complete, text = final_result(task.files, [*task.file_results, *results], outcome)
+        final = await self.record_result(task_id, outcome, complete, message or text, owner=owner)
+        if not final.is_final:
+            raise Conflict(f"export task {task_id!r}: the lease of {owner!r} ended before the final update")
+        return final
+
+    async def release_lease(self, task_id: str, owner: str, number: int) -> None:
+        """The holder gives its live lease up: the task is pending (claimable) again."""
+        await self.holding(task_id, owner, number)
+        await self.release(task_id, owner)
+
+
+async def announce_completion(tasks: ExportTasks, bus: EventPublisher, task: ExportTask) -> None:
+    """Publish a final task's ``export.completed`` unless that was done (and confirmed) already.
+
+    The outbox's second half: the final state is written first, then published, then marked published;
+    a crash in between leaves the flag unset, and the next call re-publishes under the same message id.
+    """
+    if task.completion_published:
+        return
+    await bus.publish(completed_event(task), message_id=completed_message_id(task.export_task_id))
+    await tasks.mark_published(task.export_task_id)

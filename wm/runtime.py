@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
@@ -44,6 +45,7 @@ from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
 from wm.config import Settings
 from wm.errors import Duplicate, InvalidMessage, PermanentError, TransientError
+from wm.retry import backoff_delays
 
 log = structlog.get_logger("wm.runtime")
 
@@ -215,31 +217,34 @@ class ConsumerRunner(Generic[Deps]):
             return _Outcome("dead_lettered", f"unexpected {type(exc).__name__}: {exc}", "bug")
 
     async def _handle_with_retries(self, event: Event, message_id: str, redelivered: bool) -> _Outcome:
-        retry = self.settings.retry
-        handler = self.consumer.handlers[type(event)]
-        delay = retry.initial_delay_s
-        for attempt in range(1, retry.attempts + 1):
+        delays = backoff_delays(self.settings.retry)
+        for attempt in itertools.count(1):
             try:
-                # The look-up is a shortcut for redeliveries, kept off the hot path: a first delivery of a
-                # re-published message (same message_id) reaches the handler, whose effects are idempotent.
-                if redelivered and await self.services.processed.seen(self.consumer.name, message_id):
-                    return _Outcome("duplicate")
-                await handler(event, self.deps)
-                await self.services.processed.record(self.consumer.name, message_id)
-                return _Outcome("succeeded")
-            except Duplicate:
-                await self.services.processed.record(self.consumer.name, message_id)
-                return _Outcome("duplicate")
+                return await self._attempt(event, message_id, redelivered)
             except TransientError as exc:
                 metrics.FAILED.labels(self.consumer.name, "transient").inc()
-                if attempt == retry.attempts:
+                delay = next(delays, None)
+                if delay is None:
                     reason = f"transient failure persisted after {attempt} attempts: {exc}"
                     await self._give_up(event, reason)
                     return _Outcome("dead_lettered", reason, "retries_exhausted")
                 log.warning("handler_retrying", attempt=attempt, delay_s=delay, error=str(exc))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, retry.max_delay_s)
-        raise AssertionError("unreachable: the retry loop always returns")
+        raise AssertionError("unreachable: itertools.count never ends")
+
+    async def _attempt(self, event: Event, message_id: str, redelivered: bool) -> _Outcome:
+        name = self.consumer.name
+        try:
+            # The look-up is a shortcut for redeliveries, kept off the hot path: a first delivery of a
+            # re-published message (same message_id) reaches the handler, whose effects are idempotent.
+            if redelivered and await self.services.processed.seen(name, message_id):
+                return _Outcome("duplicate")
+            await self.consumer.handlers[type(event)](event, self.deps)
+            outcome = _Outcome("succeeded")
+        except Duplicate:
+            outcome = _Outcome("duplicate")
+        await self.services.processed.record(name, message_id)
+        return outcome
 
     async def _give_up(self, event: Event, reason: str) -> None:
         if self.consumer.on_give_up is None:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from schemas.applications import ApplicationDefinition
+from tests.support.api import assert_problem
 from wm.adapters.mongo import Database
 from wm.api.app import create_app
 from wm.api.server import running
@@ -67,15 +68,6 @@ def app_definition(name: str, **changes: Any) -> dict[str, Any]:
 
 def sink_definition(name: str, port: int = 11112) -> dict[str, Any]:
     return {"name": name, "args": {"ae_title": "PACS", "host": LOCALHOST, "port": port}}
-
-
-def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status and body["type"].startswith("urn:mwm:problem:")
-    assert body["title"] and body["detail"]
-    return body
 
 
 async def test_register_list_show_revise_and_delete(api: Api) -> None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from schemas.applications import ApplicationDefinition
+from tests.support.api import api_settings
+from tests.support.cli import Cli
 from tests.support.services import REPO, settings_env, wait_for
 from wm.api.app import create_app
 from wm.api.server import running
@@ -32,39 +32,6 @@ sinks: [pacs]
 
 async def no_engine_problems(application: ApplicationDefinition) -> list[str]:
     return []
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@dataclass
-class Cli:
-    env: dict[str, str]
-
-    async def __call__(self, *args: str) -> Result:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "wm",
-            *args,
-            env=self.env,
-            cwd=REPO,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-        assert process.returncode is not None
-        return Result(process.returncode, out.decode(), err.decode())
-
-
-def api_settings(settings: Settings, port: int) -> Settings:
-    admin = f"bootstrap-{uuid.uuid4().hex}"
-    api = {"port": port, "url": f"http://{LOCALHOST}:{port}", "token": admin, "bootstrap_admin_key": admin}
-    return settings.model_copy(update={"api": settings.api.model_copy(update=api)})
 
 
 @pytest.fixture

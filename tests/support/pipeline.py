@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
 from wm.config import Settings
-from wm.dicom import read_identifiers
+from wm.dicom import object_key, read_identifiers
 from wm.registry import Registry, engine_validator
 from wm.runtime import Consumer, run_consumers
 
@@ -57,6 +58,7 @@ class EventTap:
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.message_ids: list[str | None] = []
+        self.received_at: list[float] = []  # time.time() at each arrival, for latency measurements
 
     def of(self, kind: type[Event]) -> list[Any]:
         """The events of one type, in arrival order."""
@@ -87,10 +89,12 @@ async def tap(settings: Settings, *routing_keys: str) -> AsyncIterator[EventTap]
             await queue.bind(exchange, key)
 
         async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            received = time.time()
             async with message.process():
                 kind = EVENTS_BY_TYPE_NAME[message.type or ""]
                 collected.events.append(kind.model_validate(json.loads(message.body)))
                 collected.message_ids.append(message.message_id)
+                collected.received_at.append(received)
 
         await queue.consume(collect)
         yield collected
@@ -129,11 +133,7 @@ async def arrive(
     async with ObjectStore(settings.object_store) as objects, Bus(settings.bus) as bus:
         for path in files:
             dicom: DicomIdentifiers = read_identifiers(path)
-            key = (
-                f"payloads/{payload_id}/{dicom.study_instance_uid}/{dicom.series_instance_uid}/"
-                f"{dicom.sop_instance_uid}.dcm"
-            )
-            ref = await objects.put_file(key, path)
+            ref = await objects.put_file(object_key(payload_id, dicom), path)
             event = PayloadArrived(
                 correlation_id=payload_id,
                 payload_id=payload_id,

@@ -91,10 +91,25 @@ async def wait_for(
 
 
 def services_command(*args: str) -> None:
-    """Run ``scripts/services`` (fault injection: stop/start a service)."""
+    """Run ``scripts/services`` (fault injection: stop/start a service).
+
+    It gets this process's environment, so ``MWM_SERVICES_PORT_OFFSET`` (and the ``MWM_*`` URLs) select
+    the same stack the test talks to.
+    """
     subprocess.run(
-        ["bash", str(REPO / "scripts" / "services"), *args], check=True, capture_output=True, timeout=180
+        ["bash", str(REPO / "scripts" / "services"), *args],
+        check=True,
+        capture_output=True,
+        timeout=180,
+        env=dict(os.environ),
     )
+
+
+def rabbitmq_nodename() -> str:
+    """The node ``scripts/services`` runs for this environment's stack (``RABBITMQ_NODENAME`` wins)."""
+    offset = int(os.environ.get("MWM_SERVICES_PORT_OFFSET") or 0)
+    default = f"rabbit-o{offset}@localhost" if offset else "rabbit@localhost"
+    return os.environ.get("RABBITMQ_NODENAME", default)
 
 
 async def cleanup(settings: Settings) -> None:
@@ -122,7 +137,7 @@ async def _queues_with_prefix(settings: Settings) -> list[str]:
         "name",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "RABBITMQ_NODENAME": os.environ.get("RABBITMQ_NODENAME", "rabbit@localhost")},
+        env={**os.environ, "RABBITMQ_NODENAME": rabbitmq_nodename()},
     )
     stdout, _ = await listing.communicate()
     prefix = settings.bus.queue_prefix + "."

@@ -1,4 +1,5 @@
-"""The FastAPI application: `create_app` builds it; its lifespan opens the database and migrates it.
+"""The FastAPI application: `create_app` builds it; its lifespan opens the database (and migrates it), the
+object store and the broker connection.
 
 Nothing connects at import. Every route but ``/health`` needs an API key (see `wm.auth`).
 """
@@ -12,8 +13,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from wm import exports
 from wm.adapters.mongo import Database
-from wm.api import routes_aetitles, routes_apps, routes_sinks
+from wm.adapters.objectstore import ObjectStore
+from wm.adapters.rabbitmq import Bus
+from wm.api import routes_aetitles, routes_apps, routes_exports, routes_jobs, routes_payloads, routes_sinks
 from wm.api.problems import install_problem_handlers
 from wm.auth import ApiKeys
 from wm.config import Settings
@@ -25,27 +29,36 @@ def create_app(settings: Settings, validator: EngineValidator | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with Database(settings.mongo) as database:
+        async with (
+            Database(settings.mongo, exports.INDEXES) as database,
+            ObjectStore(settings.object_store) as objects,
+            Bus(settings.bus) as bus,
+        ):
             await migrate(database)
             keys = ApiKeys(database)
             if settings.api.bootstrap_admin_key:
                 await keys.ensure_bootstrap(settings.api.bootstrap_admin_key)
             app.state.database = database
             app.state.api_keys = keys
+            app.state.objects = objects
+            app.state.bus = bus
             app.state.registry = Registry(database, validator or engine_validator(settings))
+            app.state.settings = settings
+            app.state.export_tasks = exports.ExportTasks(database)
             yield
 
     app = FastAPI(
         title="MWM",
-        summary="Workload manager for medical-imaging AI: applications, sinks and AE titles.",
+        summary="Workload manager for medical-imaging AI: applications, sinks, AE titles and exports.",
         version="0.1.0",
         lifespan=lifespan,
         separate_input_output_schemas=False,
     )
     install_problem_handlers(app)
     app.add_api_route("/health", health, methods=["GET"], tags=["health"])
-    for module in (routes_apps, routes_sinks, routes_aetitles):
+    for module in (routes_apps, routes_sinks, routes_aetitles, routes_jobs, routes_payloads):
         app.include_router(module.router)
+    app.include_router(routes_exports.router)
     return app
 
 

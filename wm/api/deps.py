@@ -1,4 +1,4 @@
-"""Request dependencies: the registry, the caller's API key and scope, pagination."""
+"""Request dependencies: the registry, object store and bus, the caller's API key and scope, pagination."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from wm.adapters.objectstore import ObjectStore
+from wm.adapters.rabbitmq import Bus
 from wm.auth import ApiKeys, Principal, Scope
+from wm.config import Settings
+from wm.exports import ExportTasks
 from wm.registry import MAX_PAGE_SIZE, PageRequest, Registry
 
 _bearer = HTTPBearer(auto_error=False, description="an MWM API key: `mwm_<key id>_<secret>`")
@@ -17,6 +21,30 @@ _bearer = HTTPBearer(auto_error=False, description="an MWM API key: `mwm_<key id
 def registry(request: Request) -> Registry:
     """The registry opened by the app's lifespan."""
     found: Registry = request.app.state.registry
+    return found
+
+
+def objects(request: Request) -> ObjectStore:
+    """The object store opened by the app's lifespan."""
+    found: ObjectStore = request.app.state.objects
+    return found
+
+
+def bus(request: Request) -> Bus:
+    """The broker connection opened by the app's lifespan."""
+    found: Bus = request.app.state.bus
+    return found
+
+
+def settings(request: Request) -> Settings:
+    """The settings the app was created with."""
+    found: Settings = request.app.state.settings
+    return found
+
+
+def export_tasks(request: Request) -> ExportTasks:
+    """The export task store opened by the app's lifespan."""
+    found: ExportTasks = request.app.state.export_tasks
     return found
 
 
@@ -62,7 +90,12 @@ def _unauthorized(detail: str) -> HTTPException:
 
 
 RegistryDep = Annotated[Registry, Depends(registry)]
+SettingsDep = Annotated[Settings, Depends(settings)]
+ExportTasksDep = Annotated[ExportTasks, Depends(export_tasks)]
 PageDep = Annotated[PageRequest, Depends(page_request)]
+ObjectsDep = Annotated[ObjectStore, Depends(objects)]
+BusDep = Annotated[Bus, Depends(bus)]
 ADMIN = [Depends(require("admin"))]
 READ = [Depends(require("read"))]
 GATEWAY_READ = [Depends(require("read", "gateway"))]
+GATEWAY = [Depends(require("gateway"))]

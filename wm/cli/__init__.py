@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from wm.cli import api, bus, gateway, registry
+from wm.cli import api, bus, cleanup, export_client, gateway, jobs, registry
 
 app = typer.Typer(
     name="mwm",
@@ -21,7 +21,10 @@ app.add_typer(api.keys_app, name="keys")
 app.add_typer(registry.apps_app, name="apps")
 app.add_typer(registry.sinks_app, name="sinks")
 app.add_typer(registry.aet_app, name="aet")
+app.add_typer(jobs.jobs_app, name="jobs")
 app.command("gateway")(gateway.gateway)
+app.command("export-client")(export_client.export_client)
+app.command("cleanup")(cleanup.cleanup)
 
 
 def main() -> None:

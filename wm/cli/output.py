@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -15,6 +15,10 @@ class OutputFormat(StrEnum):
 
     table = "table"
     json = "json"
+
+
+Output = Annotated[OutputFormat, typer.Option("--output", "-o", help="table or json")]
+"""The ``--output`` option of a command that prints a result."""
 
 
 def emit(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], output: OutputFormat) -> None:

@@ -1,24 +1,21 @@
 """``mwm apps``, ``mwm sinks`` and ``mwm aet``: the registry through the REST API.
 
-Each command sends one or a few HTTP requests to ``MWM_API__URL`` with the bearer key ``MWM_API__TOKEN``
-(``--api-url`` and ``--token`` override them). Errors print the problem's detail and every validation
-error with its field, and exit 1; usage errors exit 2.
+Each command sends one or a few HTTP requests to the API through `wm.cli.http` (``MWM_API__URL``,
+``MWM_API__TOKEN``, or ``--api-url`` and ``--token``). Errors print the problem's detail and every
+validation error with its field, and exit 1; usage errors exit 2.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
-from urllib.parse import quote
+from typing import Annotated, Any
 
-import httpx
 import typer
 import yaml
 
-from wm.cli.output import OutputFormat, emit
-from wm.config import Settings
+from wm.cli.http import ApiUrl, Token, all_items, call, segment
+from wm.cli.output import Output, OutputFormat, emit
 
 apps_app = typer.Typer(
     help="Applications: validate, register, update, list, show, delete.", no_args_is_help=True
@@ -26,64 +23,7 @@ apps_app = typer.Typer(
 sinks_app = typer.Typer(help="Export sinks: create, list, delete.", no_args_is_help=True)
 aet_app = typer.Typer(help="AE title mappings: map, unmap, list.", no_args_is_help=True)
 
-ApiUrl = Annotated[str | None, typer.Option("--api-url", help="API base URL [default: MWM_API__URL]")]
-Token = Annotated[str | None, typer.Option("--token", help="API key [default: MWM_API__TOKEN]")]
-Output = Annotated[OutputFormat, typer.Option("--output", "-o", help="table or json")]
 DefinitionFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML or JSON definition")]
-
-PAGE_SIZE = 200
-TIMEOUT_S = 30.0
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``message`` to stderr and exit 1."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
-def call(api_url: str | None, token: str | None, method: str, path: str, **kwargs: Any) -> Any:
-    """One API request; the JSON answer (None for 204), or exit 1 with the problem printed."""
-    settings = Settings()
-    base = (api_url or settings.api.url).rstrip("/")
-    headers = {"Authorization": f"Bearer {token or settings.api.token}"}
-    try:
-        response = asyncio.run(_send(method, base + path, headers, kwargs))
-    except httpx.TransportError as exc:
-        fail(f"cannot reach the MWM API at {base}: {exc or type(exc).__name__}")
-    if response.is_error:
-        _print_problem(response)
-    return None if response.status_code == 204 else response.json()
-
-
-async def _send(method: str, url: str, headers: dict[str, str], kwargs: dict[str, Any]) -> httpx.Response:
-    async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
-        return await client.request(method, url, headers=headers, **kwargs)
-
-
-def _print_problem(response: httpx.Response) -> NoReturn:
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
-    title = body.get("title", response.reason_phrase)
-    typer.echo(f"error: {title} ({response.status_code}): {body.get('detail', response.text)}", err=True)
-    for error in body.get("errors") or []:
-        typer.echo(f"  {error.get('field')}: {error.get('message')}", err=True)
-    raise typer.Exit(1)
-
-
-def all_items(api_url: str | None, token: str | None, path: str) -> list[dict[str, Any]]:
-    """Every item of a paged listing."""
-    items: list[dict[str, Any]] = []
-    page = 1
-    while True:
-        answer = call(api_url, token, "GET", path, params={"page": page, "page_size": PAGE_SIZE})
-        items += answer["items"]
-        if len(items) >= answer["total"] or not answer["items"]:
-            return items
-        page += 1
 
 
 def load_definition(path: Path) -> dict[str, Any]:
@@ -96,10 +36,6 @@ def load_definition(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{path} must hold one object (a mapping)")
     return data
-
-
-def _segment(value: str) -> str:
-    return quote(value, safe="")
 
 
 def _app_row(item: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +76,7 @@ def apps_update(file: DefinitionFile, api_url: ApiUrl = None, token: Token = Non
     name = definition.get("name")
     if not isinstance(name, str) or not name:
         raise typer.BadParameter(f"{file} has no name")
-    revision = call(api_url, token, "PUT", f"/apps/{_segment(name)}", json=definition)
+    revision = call(api_url, token, "PUT", f"/apps/{segment(name)}", json=definition)
     typer.echo(f"{revision['name']} is now at revision {revision['revision']}")
 
 
@@ -161,7 +97,7 @@ def apps_show(
     output: Output = OutputFormat.table,
 ) -> None:
     """One application: its latest active revision, or ``--revision N`` (deleted ones too)."""
-    path = f"/apps/{_segment(name)}" + (f"/revisions/{revision}" if revision else "")
+    path = f"/apps/{segment(name)}" + (f"/revisions/{revision}" if revision else "")
     item = call(api_url, token, "GET", path)
     if output is OutputFormat.json:
         typer.echo(json.dumps(item, indent=2))
@@ -174,7 +110,7 @@ def apps_show(
 @apps_app.command("delete")
 def apps_delete(name: str, api_url: ApiUrl = None, token: Token = None) -> None:
     """Soft-delete an application: it triggers nothing more; its history stays readable."""
-    call(api_url, token, "DELETE", f"/apps/{_segment(name)}")
+    call(api_url, token, "DELETE", f"/apps/{segment(name)}")
     typer.echo(f"deleted application {name}")
 
 
@@ -214,7 +150,7 @@ def sinks_list(api_url: ApiUrl = None, token: Token = None, output: Output = Out
 @sinks_app.command("delete")
 def sinks_delete(name: str, api_url: ApiUrl = None, token: Token = None) -> None:
     """Delete a sink no active application exports to."""
-    call(api_url, token, "DELETE", f"/sinks/{_segment(name)}")
+    call(api_url, token, "DELETE", f"/sinks/{segment(name)}")
     typer.echo(f"deleted sink {name}")
 
 
@@ -235,7 +171,7 @@ def aet_map(
 ) -> None:
     """Make an AE title trigger an application (and allow callers)."""
     body = {"allowed_callers": [_caller(value) for value in allow or []]}
-    path = f"/aetitles/{_segment(ae_title)}/applications/{_segment(application)}"
+    path = f"/aetitles/{segment(ae_title)}/applications/{segment(application)}"
     call(api_url, token, "POST", path, json=body)
     typer.echo(f"{ae_title} now triggers {application}")
 
@@ -243,7 +179,7 @@ def aet_map(
 @aet_app.command("unmap")
 def aet_unmap(ae_title: str, application: str, api_url: ApiUrl = None, token: Token = None) -> None:
     """Stop an AE title triggering an application."""
-    call(api_url, token, "DELETE", f"/aetitles/{_segment(ae_title)}/applications/{_segment(application)}")
+    call(api_url, token, "DELETE", f"/aetitles/{segment(ae_title)}/applications/{segment(application)}")
     typer.echo(f"{ae_title} no longer triggers {application}")
 
 

@@ -51,6 +51,16 @@ _OUTCOMES: dict[ExportState, ExportOutcome] = {
 NO_RESULT = "no result: the sink did not report on this file"
 
 
+class Lease(BaseModel):
+    """A claim on a task: its holder, its number (the token a pull client quotes back) and its end."""
+
+    model_config = ConfigDict(frozen=True)
+
+    owner: str
+    number: int
+    expires_at: datetime
+
+
 class ExportTask(BaseModel):
     """One job's files for one sink, and what became of them.
 
@@ -83,6 +93,15 @@ class ExportTask(BaseModel):
     def is_final(self) -> bool:
         """Whether the task reached succeeded, partial or failed."""
         return self.state in FINAL_STATES
+
+    @property
+    def held_lease(self) -> Lease | None:
+        """The lease the task is held under, as mirrored on the task; None when nobody holds it."""
+        if self.state is not ExportState.in_progress or self.lease_owner is None:
+            return None
+        if self.lease_expires_at is None:
+            return None
+        return Lease(owner=self.lease_owner, number=self.lease_number - 1, expires_at=self.lease_expires_at)
 
 
 def task_for(event: ExportRequested, now: datetime) -> ExportTask:
@@ -184,9 +203,31 @@ def complete_results(files: Sequence[FileRef], results: Iterable[FileExportResul
     ]
 
 
+def merge_results(files: Sequence[FileRef], *reports: Iterable[FileExportResult]) -> list[FileExportResult]:
+    """The results reported so far over several reports, one per reported file, in the files' order.
+
+    A later report on a key replaces an earlier one; reports on keys not in ``files`` are dropped.
+    """
+    by_key = {result.key: result for report in reports for result in report}
+    return [by_key[file.key] for file in files if file.key in by_key]
+
+
+def final_result(
+    files: Sequence[FileRef], reported: Iterable[FileExportResult], outcome: ExportOutcome | None = None
+) -> tuple[ExportOutcome, list[FileExportResult], str]:
+    """A task's final ``(outcome, results, summary)``: a result per file; outcome computed unless given."""
+    results = complete_results(files, reported)
+    return outcome or export_outcome(results), results, summary(results)
+
+
 def all_failed(files: Sequence[FileRef], error: str) -> list[FileExportResult]:
     """A ``failed`` result with ``error`` for every file (the export could not be attempted at all)."""
     return [FileExportResult(key=file.key, status="failed", error=error) for file in files]
+
+
+def lane_count(items: int, lanes: int, min_per_lane: int) -> int:
+    """How many of at most ``lanes`` lanes ``items`` fill with at least ``min_per_lane`` each (at least 1)."""
+    return max(1, min(lanes, items // max(min_per_lane, 1)))
 
 
 def split_evenly(items: Sequence[T], lanes: int, min_per_lane: int) -> list[list[T]]:
@@ -194,7 +235,7 @@ def split_evenly(items: Sequence[T], lanes: int, min_per_lane: int) -> list[list
 
     Contiguous runs keep a series' instances in order on one association. Never returns an empty run.
     """
-    count = max(1, min(lanes, len(items) // max(min_per_lane, 1)))
+    count = lane_count(len(items), lanes, min_per_lane)
     size, extra = divmod(len(items), count)
     runs, start = [], 0
     for index in range(count):

@@ -8,6 +8,8 @@ the phase in ``JOB_DIR/status.json`` at each step. The MAP's output goes to ``JO
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -18,6 +20,7 @@ from schemas.applications import ApplicationDefinition
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.engines.local import SPEC_FILE, container_runtime, write_status
+from wm.retry import retrying
 
 CONTAINER_INPUT = "/var/monai/input"
 CONTAINER_OUTPUT = "/var/monai/output"
@@ -70,21 +73,28 @@ async def run(job_dir: Path) -> tuple[str, str]:
     spec = json.loads((job_dir / SPEC_FILE).read_text())
     application = ApplicationDefinition.model_validate(spec["application"])
     timeout = (datetime.fromisoformat(spec["deadline"]) - datetime.now().astimezone()).total_seconds()
-    async with ObjectStore(Settings().object_store) as objects:
+    settings = Settings()
+    retry = settings.retry  # an object-store outage (a restart) must not fail the job
+    async with contextlib.AsyncExitStack() as stack:
+        objects = await retrying(
+            lambda: stack.enter_async_context(ObjectStore(settings.object_store)),
+            retry,
+            "open the object store",
+        )
         write_status(job_dir, "running", "staging inputs")
-        for ref in await objects.list(spec["input_prefix"]):
-            await objects.download_file(
-                ref.key, job_dir / "input" / ref.key.removeprefix(spec["input_prefix"])
-            )
+        prefix = spec["input_prefix"]
+        for ref in await retrying(functools.partial(objects.list, prefix), retry, f"list {prefix}"):
+            target = job_dir / "input" / ref.key.removeprefix(prefix)
+            await retrying(functools.partial(objects.download_file, ref.key, target), retry, f"get {ref.key}")
         (job_dir / "output").mkdir(exist_ok=True)
         write_status(job_dir, "running", "application running")
         code = await _run_map(application, job_dir, max(timeout, 1.0))
         if code != 0:
             return "failed", f"application exited with {code}: {_tail(job_dir / 'app.log')}"
         for path in sorted(p for p in (job_dir / "output").rglob("*") if p.is_file()):
-            relative = path.relative_to(job_dir / "output").as_posix()
+            key = spec["output_prefix"] + path.relative_to(job_dir / "output").as_posix()
             content_type = "application/dicom" if path.suffix == ".dcm" else "application/octet-stream"
-            await objects.put_file(spec["output_prefix"] + relative, path, content_type)
+            await retrying(functools.partial(objects.put_file, key, path, content_type), retry, f"put {key}")
     return "succeeded", ""
 
 

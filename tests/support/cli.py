@@ -1,0 +1,52 @@
+"""The real ``mwm`` command as a subprocess, pointed at an API served by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+
+from tests.support.services import REPO
+
+TIMEOUT_S = 60.0
+
+
+@dataclass
+class Result:
+    """How a command ended and what it printed."""
+
+    code: int
+    out: str
+    err: str
+
+
+@dataclass
+class Cli:
+    """Runs ``python -m wm ARGS`` in ``env`` (see `tests.support.services.settings_env`)."""
+
+    env: dict[str, str]
+
+    async def spawn(self, *args: str) -> asyncio.subprocess.Process:
+        """Start the command; its stdout and stderr are pipes."""
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "wm",
+            *args,
+            env=self.env,
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+
+    async def __call__(self, *args: str) -> Result:
+        """Run the command to its end."""
+        process = await self.spawn(*args)
+        return await finished(process)
+
+
+async def finished(process: asyncio.subprocess.Process, timeout: float = TIMEOUT_S) -> Result:
+    """Wait for a spawned command to end and collect the rest of its output."""
+    out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
+    assert process.returncode is not None
+    return Result(process.returncode, out.decode(), err.decode())

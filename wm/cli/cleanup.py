@@ -1,0 +1,47 @@
+"""``mwm cleanup``: remove what is older than the retention (``MWM_EXPORT__RETENTION_DAYS``); see
+`wm.retention`. Run it by hand or periodically (a Kubernetes CronJob: docs/deployment.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+
+from wm import exports, jobs
+from wm.adapters.mongo import PROCESSED_MESSAGES_INDEXES, Database, ProcessedMessages
+from wm.adapters.objectstore import ObjectStore
+from wm.config import Settings
+from wm.engines.local import LocalEngine
+from wm.errors import MwmError
+from wm.retention import Removed, Stores, clean_up, cutoff_for
+
+
+def cleanup(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print what would be removed; remove nothing")
+    ] = False,
+) -> None:
+    """Remove export tasks, job files and processed-message keys older than the retention."""
+    settings = Settings()
+    try:
+        removed = asyncio.run(_clean_up(settings, dry_run))
+    except MwmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    prefix = "would remove " if dry_run else "removed "
+    for line in removed.lines():
+        typer.echo(line if line.startswith("cutoff") else prefix + line)
+
+
+async def _clean_up(settings: Settings, dry_run: bool) -> Removed:
+    indexes = (*exports.INDEXES, *jobs.INDEXES, PROCESSED_MESSAGES_INDEXES)
+    async with Database(settings.mongo, indexes) as database, ObjectStore(settings.object_store) as objects:
+        stores = Stores(
+            exports.ExportTasks(database),
+            jobs.JobStore(database),
+            objects,
+            ProcessedMessages(database),
+            LocalEngine(settings),
+        )
+        return await clean_up(stores, cutoff_for(settings.export.retention_days), dry_run)

@@ -1,0 +1,35 @@
+"""Bounded retries with exponential backoff, for transient failures (``wm.errors.TransientError``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import structlog
+
+from wm.config import RetrySettings
+from wm.errors import TransientError
+
+log = structlog.get_logger("wm.retry")
+
+T = TypeVar("T")
+
+
+def backoff_delays(settings: RetrySettings) -> Iterator[float]:
+    """The waits between ``settings.attempts`` attempts: doubling from the first delay up to the largest."""
+    delay = settings.initial_delay_s
+    for _ in range(settings.attempts - 1):
+        yield delay
+        delay = min(delay * 2, settings.max_delay_s)
+
+
+async def retrying(operation: Callable[[], Awaitable[T]], settings: RetrySettings, what: str) -> T:
+    """``operation()``, retried on ``TransientError`` with backoff; the last attempt's error propagates."""
+    for delay in backoff_delays(settings):
+        try:
+            return await operation()
+        except TransientError as exc:
+            log.warning("retrying", what=what, delay_s=delay, error=str(exc))
+            await asyncio.sleep(delay)
+    return await operation()
