@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +11,7 @@ import aio_pika
 
 from tests.support import probe
 from tests.support.events import payload_arrived
-from tests.support.services import consumer_processes, services_command, wait_for
+from tests.support.services import consumer_log, consumer_processes, services_command, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import Bus, dead_letter_queue_name, describe_dead_letter
 from wm.config import Settings
@@ -212,7 +210,7 @@ async def test_two_replicas_share_the_work_and_sigterm_drains_what_is_in_flight(
             await wait_for(some_work_started_on_both, 30, "both replicas to take work")
             leaving = replicas[0]
             leaving.send_signal(signal.SIGTERM)
-            assert leaving.wait(timeout=30) == 0, _stderr(leaving)
+            assert leaving.wait(timeout=30) == 0, consumer_log(settings, leaving)
 
             async def all_handled() -> bool:
                 return await count(database, probe.EFFECTS) == len(events)
@@ -226,8 +224,3 @@ async def test_two_replicas_share_the_work_and_sigterm_drains_what_is_in_flight(
     finished_on_leaver = {e["_id"] for e in effects if e["pid"] == leaving.pid}
     assert started_on_leaver == finished_on_leaver, "SIGTERM abandoned a message it had started"
     assert len(attempts) == len(events), "a drained message was handled twice"
-
-
-def _stderr(process: subprocess.Popen[bytes]) -> str:
-    assert process.stderr is not None
-    return process.stderr.read().decode(errors="replace")[-3000:] if os.name == "posix" else ""

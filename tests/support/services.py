@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -112,6 +113,11 @@ def rabbitmq_nodename() -> str:
     return os.environ.get("RABBITMQ_NODENAME", default)
 
 
+def consumer_log(settings: Settings, process: subprocess.Popen[bytes]) -> str:
+    """The end of what a replica started by ``consumer_processes`` logged."""
+    return (Path(settings.work_dir) / "logs" / f"{process.pid}.log").read_text(errors="replace")[-3000:]
+
+
 async def cleanup(settings: Settings) -> None:
     """Remove this test's queues, exchanges, database and bucket."""
     connection = await aio_pika.connect(settings.bus.url)
@@ -148,18 +154,25 @@ async def _queues_with_prefix(settings: Settings) -> list[str]:
 def consumer_processes(
     settings: Settings, name: str, count: int = 1, extra_env: Mapping[str, str] | None = None
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``count`` replicas of ``mwm consume NAME`` as child processes; stopped (SIGKILL) on exit."""
-    env = {**settings_env(settings), **(extra_env or {})}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "wm", "consume", name],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for _ in range(count)
-    ]
+    """``count`` replicas of ``mwm consume NAME`` as child processes; stopped (SIGKILL) on exit.
+
+    Each replica logs (unbuffered, so a SIGKILL loses nothing) to ``consumer_log(settings, process)``.
+    """
+    env = {**settings_env(settings), **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
+    logs = Path(settings.work_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for _ in range(count):
+        with tempfile.NamedTemporaryFile(dir=logs, suffix=".log", delete=False) as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "wm", "consume", name],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        Path(log.name).rename(logs / f"{process.pid}.log")
+        processes.append(process)
     try:
         yield processes
     finally:
