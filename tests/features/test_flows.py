@@ -50,6 +50,39 @@ def mwm_exporting(stack: Stack, app: str, ae_title: str, receiver: str) -> None:
     start_mwm(stack)
 
 
+@given(
+    parsers.parse(
+        'MWM is running with the example application "{app}" on the AE title "{ae_title}" '
+        'for the pull sink "{sink}"'
+    )
+)
+def mwm_for_pull_sink(stack: Stack, app: str, ae_title: str, sink: str) -> None:
+    definition = stack.work / f"{sink}.yaml"
+    definition.write_text(yaml.safe_dump({"name": sink, "type": "external"}))
+    stack.cli("sinks", "create", sink, "--file", str(definition))
+    register_application(stack, app, ae_title, sinks=[sink])
+    start_mwm(stack)
+
+
+@given(parsers.parse('the export client of "{sink}" is sending to "{receiver}"'))
+def export_client_running(stack: Stack, sink: str, receiver: str) -> None:
+    port = stack.receiver(receiver)
+    stack.start(
+        "export-client",
+        "export-client",
+        "--sink",
+        sink,
+        "--ae-title",
+        receiver,
+        "--host",
+        LOCALHOST,
+        "--port",
+        str(port),
+        "--poll-interval",
+        "0.5",
+    )
+
+
 # When
 
 
