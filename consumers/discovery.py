@@ -74,7 +74,7 @@ def build(services: Services) -> DiscoveryDeps:
         sweep_interval_s=settings.sweep_interval_s,
         publish_lease_s=settings.publish_lease_s,
     )
-    return DiscoveryDeps(RegistryCatalog(services.database), store, bucket_timers)
+    return DiscoveryDeps(RegistryCatalog(services.database, settings.catalog_ttl_s), store, bucket_timers)
 
 
 CONSUMER = Consumer[DiscoveryDeps](

@@ -25,13 +25,13 @@ import structlog
 from schemas.events import BucketReady
 from wm import jobs
 from wm.adapters.objectstore import ObjectStore
+from wm.catalog import CachedRevisions
 from wm.domain.jobs import JobState, JobTransition, job_id_for
 from wm.engines import JobSpec, LoadedEngines
 from wm.errors import Conflict
 from wm.jobs import Job, JobStore, finished_event, launched_event
 from wm.ports import ApplicationRevisions, EngineDirectory, EventPublisher
 from wm.registry import INDEXES as REGISTRY_INDEXES
-from wm.registry import Registry
 from wm.runtime import Consumer, Services
 
 log = structlog.get_logger("consumers.scheduler")
@@ -128,7 +128,7 @@ async def give_up(event: BucketReady, deps: SchedulerDeps, reason: str) -> None:
 def build(services: Services) -> SchedulerDeps:
     """Wire the ports to the process's shared connections."""
     return SchedulerDeps(
-        Registry(services.database),
+        CachedRevisions(services.database),
         JobStore(services.database),
         services.objects,
         LoadedEngines(services.settings),

@@ -76,6 +76,9 @@ class DiscoverySettings(BaseModel):
 
     sweep_interval_s: float = Field(1.0, gt=0, description="how often each replica sweeps for due buckets")
     publish_lease_s: float = Field(10.0, gt=0, description="re-publish a closed bucket unconfirmed this long")
+    catalog_ttl_s: float = Field(
+        1.0, ge=0, description="cache of AE title -> applications; changes apply within this (0 = no cache)"
+    )
 
 
 class MonitorSettings(BaseModel):

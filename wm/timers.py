@@ -50,6 +50,7 @@ class BucketTimers:
         self._armed: dict[str, datetime] = {}
         self._wake = asyncio.Event()
         self._closing = asyncio.Semaphore(CONCURRENT_CLOSURES)
+        self._closures: set[asyncio.Task[None]] = set()
 
     def arm(self, bucket_id: str, due: datetime) -> None:
         """Close ``bucket_id`` at ``due`` unless more files move it later."""
@@ -61,13 +62,15 @@ class BucketTimers:
     async def run(self, stop: asyncio.Event) -> None:
         """Fire armed timers on time and sweep the database, until ``stop`` is set.
 
-        Two loops, so a slow sweep never delays a timer that is due.
+        Two loops, so a slow sweep never delays a timer that is due; a due timer's closure runs as a task of
+        its own, so a slow closure never delays the next timer either.
         """
         await asyncio.gather(self._fire_timers(stop), self._sweep_periodically(stop))
+        await asyncio.gather(*self._closures)
 
     async def _fire_timers(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self._guarded(self._fire_due())
+            self._fire_due()
             await self._sleep_until_next(stop)
 
     async def _sweep_periodically(self, stop: asyncio.Event) -> None:
@@ -93,12 +96,14 @@ class BucketTimers:
         except Exception as exc:  # a bug: say so loudly, but never stop closing the other buckets
             log.exception("bucket_timer_failed", error=repr(exc))
 
-    async def _fire_due(self) -> None:
+    def _fire_due(self) -> None:
         now = datetime.now(UTC)
         due = [bucket_id for bucket_id, at in self._armed.items() if at <= now]
         for bucket_id in due:
             del self._armed[bucket_id]
-        await self._close_all(due, now)
+            closure = asyncio.create_task(self._close_bounded(bucket_id, now))
+            self._closures.add(closure)
+            closure.add_done_callback(self._closures.discard)
 
     async def _sweep(self) -> None:
         now = datetime.now(UTC)
@@ -109,13 +114,12 @@ class BucketTimers:
                 await self._publish(bucket_id, event)
 
     async def _close_all(self, bucket_ids: list[str], now: datetime) -> None:
-        """Close due buckets concurrently (bounded): one slow closure must not hold back the others."""
+        """Close due buckets concurrently: one slow closure must not hold back the others."""
+        await asyncio.gather(*(self._close_bounded(bucket_id, now) for bucket_id in bucket_ids))
 
-        async def close(bucket_id: str) -> None:
-            async with self._closing:
-                await self._guarded(self._close(bucket_id, now))
-
-        await asyncio.gather(*(close(bucket_id) for bucket_id in bucket_ids))
+    async def _close_bounded(self, bucket_id: str, now: datetime) -> None:
+        async with self._closing:
+            await self._guarded(self._close(bucket_id, now))
 
     async def _close(self, bucket_id: str, now: datetime) -> None:
         closing = await self._store.close(bucket_id, now)
