@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import cleanup, reachable, service_endpoints, unique_settings
+from tests.support.services import cleanup, require_services, unique_settings
 from wm.config import Settings
 
 
@@ -20,12 +20,6 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 async def live_settings(settings: Settings) -> AsyncIterator[Settings]:
     """``settings`` on the real services: fails (never skips) when one is unreachable; cleans up."""
-    down = [
-        f"{name} at {host}:{port}"
-        for name, (host, port) in service_endpoints(settings).items()
-        if not reachable(host, port)
-    ]
-    if down:
-        pytest.fail("not reachable: " + ", ".join(down) + " (start them with `bash scripts/services up`)")
+    require_services(settings)
     yield settings
     await cleanup(settings)

@@ -174,9 +174,31 @@ async def queue_depths(settings: Settings) -> dict[str, int]:
     return depths
 
 
-def received_per_study(files: Sequence[Path]) -> Counter[str]:
-    """Files at the DICOM sink per StudyInstanceUID."""
-    return Counter(str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID) for path in files)
+@dataclass(frozen=True)
+class AtSink:
+    """What reached the DICOM sink: distinct instances per study, and how many arrived again.
+
+    Export to a DICOM peer is at least once per file: an exporter killed after a C-STORE succeeded but
+    before it recorded the result sends that file again when the task is retried. A receiver keeps
+    instances by SOP Instance UID, so the second copy is the same instance: counted in ``resent``, not
+    as a duplicated study. A duplicated study is one with more distinct instances than its one job made.
+    """
+
+    instances: Counter[str]
+    resent: int
+
+
+def received_at_sink(files: Sequence[Path]) -> AtSink:
+    """Distinct SOP instances per StudyInstanceUID at the sink, and the count of repeated deliveries."""
+    seen: set[tuple[str, str]] = set()
+    instances: Counter[str] = Counter()
+    for path in files:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        key = (str(header.StudyInstanceUID), str(header.SOPInstanceUID))
+        if key not in seen:
+            seen.add(key)
+            instances[key[0]] += 1
+    return AtSink(instances, len(files) - len(seen))
 
 
 @dataclass
@@ -239,12 +261,12 @@ class Seen:
     outputs_per_job: int
 
 
-def account(studies: Sequence[str], state: Snapshot, tap: DurableTap, at_sink: Counter[str]) -> Accounting:
+def account(studies: Sequence[str], state: Snapshot, tap: DurableTap, at_sink: AtSink) -> Accounting:
     """Exactly one job and one export per study, or an explicit failure; nothing lost, nothing twice."""
     seen = Seen(
         Counter(e.job_id for e in tap.of(JobFinished)),
         Counter(e.job_id for e in tap.of(ExportCompleted)),
-        at_sink,
+        at_sink.instances,
         OUTPUTS_PER_JOB,
     )
     jobs_of = state.jobs_of_study()
@@ -264,7 +286,8 @@ def account(studies: Sequence[str], state: Snapshot, tap: DurableTap, at_sink: C
             "failed": sum(j["state"] in FINAL_JOB[1:] for j in jobs),
             "exports": sum(t["state"] == "succeeded" for t in state.exports),
             "exports failed": sum(t["state"] in FINAL_EXPORT[1:] for t in state.exports),
-            "files at sink": sum(at_sink.values()),
+            "instances at sink": sum(at_sink.instances.values()),
+            "re-sent": at_sink.resent,
             "duplicates": verdicts["duplicated"],
             "lost": verdicts["lost"],
         },
@@ -294,7 +317,7 @@ def _study_problems(
     received = seen.at_sink[study]
     if received != expected_files:
         kind = "duplicated" if received > expected_files else "lost"
-        problems.append((kind, f"{received} files at the sink, expected {expected_files}"))
+        problems.append((kind, f"{received} instances at the sink, expected {expected_files}"))
     return problems
 
 

@@ -41,7 +41,7 @@ from tests.faults.harness import (
     account,
     durable_tap,
     queue_depths,
-    received_per_study,
+    received_at_sink,
     snapshot,
 )
 from tests.support.pipeline import arrive, mip_application, register
@@ -200,7 +200,7 @@ async def test_every_study_ends_once_through_kills_and_service_restarts(
             await _run_with_faults(run, studies)
             state = await snapshot(settings)
             depths = await queue_depths(settings)
-        at_sink = received_per_study(scp.received_files())
+        at_sink = received_at_sink(scp.received_files())
     result = account(uids, state, tap, at_sink)
     left = {name: count for name, count in depths.items() if count}
     report = "\n".join(

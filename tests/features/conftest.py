@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.support.api import api_settings
-from tests.support.services import REPO, cleanup, reachable, service_endpoints, settings_env
+from tests.support.services import REPO, cleanup, require_services, settings_env
 from wm.config import Settings
 from wm.testing.peers import LOCALHOST, StoreSCP, free_port, wait_for_port
 
@@ -102,13 +102,7 @@ def eventually(check: Callable[[], bool], timeout: float, what: str, interval: f
 @pytest.fixture
 def stack(settings: Settings, tmp_path: Path) -> Iterator[Stack]:
     """A fresh MWM (own exchange, database, bucket) with its API running; the rest is up to the steps."""
-    down = [
-        f"{name} at {host}:{port}"
-        for name, (host, port) in service_endpoints(settings).items()
-        if not reachable(host, port)
-    ]
-    if down:
-        pytest.fail("not reachable: " + ", ".join(down) + " (start them with `bash scripts/services up`)")
+    require_services(settings)
     settings = api_settings(settings, free_port())
     gateway_port = free_port()
     env = {**settings_env(settings), "MWM_GATEWAY__PORT": str(gateway_port)}

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import aio_pika
+import pytest
 from pydantic import BaseModel
 
 from wm.adapters.mongo import Database
@@ -78,6 +79,17 @@ def service_endpoints(settings: Settings) -> Mapping[str, tuple[str, int]]:
         "MongoDB-wire server": (mongo.hostname or "127.0.0.1", mongo.port or 27017),
         "S3 server": (s3_host, int(s3_port or 443)),
     }
+
+
+def require_services(settings: Settings) -> None:
+    """Fail the test (never skip it) when RabbitMQ, the MongoDB-wire server or S3 is unreachable."""
+    down = [
+        f"{name} at {host}:{port}"
+        for name, (host, port) in service_endpoints(settings).items()
+        if not reachable(host, port)
+    ]
+    if down:
+        pytest.fail("not reachable: " + ", ".join(down) + " (start them with `bash scripts/services up`)")
 
 
 async def wait_for(
