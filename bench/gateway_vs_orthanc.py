@@ -37,7 +37,6 @@ import uuid
 from pathlib import Path
 
 import aio_pika
-from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,6 +45,7 @@ from producers.publisher import PayloadPublisher  # noqa: E402
 from schemas.applications import CallingPeer  # noqa: E402
 from schemas.events import PayloadArrived  # noqa: E402
 from tests.support.process import peak_rss_mb  # noqa: E402
+from tests.support.services import settings_env  # noqa: E402
 from wm.adapters.mongo import Database  # noqa: E402
 from wm.adapters.objectstore import ObjectStore  # noqa: E402
 from wm.adapters.rabbitmq import Bus  # noqa: E402
@@ -77,23 +77,12 @@ def bench_settings() -> Settings:
     )
 
 
-def child_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes ``python -m wm gateway`` build exactly ``settings``."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MWM_")}
-    for section, value in settings:
-        if isinstance(value, BaseModel):
-            for name, field_value in value:
-                env[f"MWM_{section.upper()}__{name.upper()}"] = str(field_value)
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
 async def time_gateway(settings: Settings, study_dir: Path, count: int) -> tuple[float, float]:
     """Seconds until storescu finished and ``count`` files were announced; the gateway's peak RSS in MB."""
     async with Database(settings.mongo) as database:
         await Registry(database).ae_titles.map(AET, "bench", [CallingPeer(ae_title=CALLING)])
     gateway = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "wm", "gateway", env=child_env(settings), cwd=REPO, stdin=subprocess.DEVNULL
+        sys.executable, "-m", "wm", "gateway", env=settings_env(settings), cwd=REPO, stdin=subprocess.DEVNULL
     )
     try:
         await asyncio.to_thread(wait_for_port, LOCALHOST, settings.gateway.port, timeout=60)

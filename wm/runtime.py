@@ -45,11 +45,12 @@ from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
 from wm.config import Settings
 from wm.errors import Duplicate, InvalidMessage, PermanentError, TransientError
-from wm.retry import backoff_delays
+from wm.retry import backoff_delays, retrying
 
 log = structlog.get_logger("wm.runtime")
 
 Deps = TypeVar("Deps")
+T = TypeVar("T")
 Handler = Callable[[Any, Deps], Awaitable[None]]
 GiveUpHook = Callable[[Any, Deps, str], Awaitable[None]]
 BackgroundTask = Callable[[Deps, asyncio.Event], Coroutine[Any, Any, None]]
@@ -85,12 +86,23 @@ class Consumer(Generic[Deps]):
 
 @contextlib.asynccontextmanager
 async def open_services(settings: Settings, indexes: tuple[IndexSpec, ...] = ()) -> AsyncIterator[Services]:
-    """Connect to the broker, the database and the object store; close them all on exit."""
-    async with (
-        Bus(settings.bus) as bus,
-        Database(settings.mongo, (PROCESSED_MESSAGES_INDEXES, *indexes)) as database,
-        ObjectStore(settings.object_store) as objects,
-    ):
+    """Connect to the broker, the database and the object store; close them all on exit.
+
+    A service that is down or slow at start-up (a restart, a pod scheduled first) is retried with the
+    configured backoff before the process gives up, rather than crashing at once.
+    """
+    async with contextlib.AsyncExitStack() as opened:
+
+        async def connect(service: contextlib.AbstractAsyncContextManager[T], what: str) -> T:
+            return await retrying(
+                lambda: opened.enter_async_context(service), settings.retry, f"connect to {what}"
+            )
+
+        bus = await connect(Bus(settings.bus), "RabbitMQ")
+        database = await connect(
+            Database(settings.mongo, (PROCESSED_MESSAGES_INDEXES, *indexes)), "the database"
+        )
+        objects = await connect(ObjectStore(settings.object_store), "the object store")
         yield Services(settings, bus, database, objects, ProcessedMessages(database))
 
 

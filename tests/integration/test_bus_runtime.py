@@ -224,3 +224,26 @@ async def test_two_replicas_share_the_work_and_sigterm_drains_what_is_in_flight(
     finished_on_leaver = {e["_id"] for e in effects if e["pid"] == leaving.pid}
     assert started_on_leaver == finished_on_leaver, "SIGTERM abandoned a message it had started"
     assert len(attempts) == len(events), "a drained message was handled twice"
+
+
+async def test_a_consumer_started_while_the_database_is_down_waits_for_it(live_settings: Settings) -> None:
+    settings = live_settings.model_copy(
+        update={"retry": live_settings.retry.model_copy(update={"attempts": 12, "max_delay_s": 1.0})}
+    )
+    await declare_probe_queue(settings)
+    services_command("stop", "mongo")
+    try:
+        with consumer_processes(settings, PROBE, count=1) as [replica]:
+            await asyncio.sleep(3.0)
+            assert replica.poll() is None, f"the consumer gave up: {consumer_log(settings, replica)}"
+            services_command("start", "mongo")
+            event = payload_arrived()
+            async with Bus(settings.bus) as bus, Database(settings.mongo) as database:
+                await bus.publish(event)
+
+                async def handled() -> bool:
+                    return await count(database, probe.EFFECTS, {"_id": event.payload_id}) == 1
+
+                await wait_for(handled, 60, "the consumer to come up and handle a message")
+    finally:
+        services_command("start", "mongo")

@@ -40,7 +40,7 @@ def unique_settings(work_dir: Path, **overrides: Any) -> Settings:
                 "queue_prefix": f"t-{run}",
             }
         ),
-        "mongo": base.mongo.model_copy(update={"database": f"mwm_t_{run}", "timeout_ms": 800}),
+        "mongo": base.mongo.model_copy(update={"database": f"mwm_t_{run}", "timeout_ms": 2000}),
         "object_store": base.object_store.model_copy(update={"bucket": f"mwm-t-{run}"}),
         "retry": base.retry.model_copy(update={"attempts": 4, "initial_delay_s": 0.05, "max_delay_s": 0.5}),
         "observability": base.observability.model_copy(update={"http_port": 0, "drain_timeout_s": 15.0}),
