@@ -44,8 +44,9 @@ sys.path.insert(0, str(REPO))
 from producers.publisher import PayloadPublisher  # noqa: E402
 from schemas.applications import CallingPeer  # noqa: E402
 from schemas.events import PayloadArrived  # noqa: E402
+from tests.support.pipeline import bound_queue  # noqa: E402
 from tests.support.process import peak_rss_mb  # noqa: E402
-from tests.support.services import settings_env  # noqa: E402
+from tests.support.services import cleanup, settings_env  # noqa: E402
 from wm.adapters.mongo import Database  # noqa: E402
 from wm.adapters.objectstore import ObjectStore  # noqa: E402
 from wm.adapters.rabbitmq import Bus  # noqa: E402
@@ -99,14 +100,7 @@ async def time_gateway(settings: Settings, study_dir: Path, count: int) -> tuple
 
 
 async def _send_and_count(settings: Settings, study_dir: Path, count: int) -> float:
-    connection = await aio_pika.connect(settings.bus.url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            settings.bus.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue(f"mwm-bench-{uuid.uuid4().hex[:8]}", exclusive=True)
-        await queue.bind(exchange, routing_key=PayloadArrived.event_type)
+    async with bound_queue(settings, PayloadArrived.event_type) as queue:
         announced = 0
         all_announced = asyncio.Event()
 
@@ -163,20 +157,6 @@ async def time_floor(settings: Settings, files: list[Path]) -> float:
         elapsed = time.perf_counter() - started
         await queue.delete(if_unused=False, if_empty=False)
     return elapsed
-
-
-async def cleanup(settings: Settings) -> None:
-    """Remove the run's exchanges, database and bucket."""
-    connection = await aio_pika.connect(settings.bus.url)
-    async with connection:
-        channel = await connection.channel()
-        for name in (settings.bus.exchange, settings.bus.dead_letter_exchange):
-            await channel.exchange_delete(name)
-    async with Database(settings.mongo) as database:
-        await database.db.client.drop_database(settings.mongo.database)
-    async with ObjectStore(settings.object_store) as objects:
-        await objects.remove_prefix("")
-        await asyncio.to_thread(objects._client.remove_bucket, objects.bucket)
 
 
 async def one_round(study_dir: Path, files: list[Path]) -> tuple[float, float, float, float]:

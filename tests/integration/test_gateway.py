@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
-import aio_pika
 import pydicom
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -24,6 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from producers.gateway import Gateway, serving
 from schemas.applications import CallingPeer
 from schemas.events import PayloadArrived
+from tests.support.pipeline import bound_queue
 from tests.support.services import services_command, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
@@ -56,20 +55,6 @@ async def map_ae_title(
     """Map ``AET`` to an application, allowing ``callers`` (empty: anyone)."""
     async with Database(settings.mongo) as database:
         await Registry(database).ae_titles.map(AET, "ct-liver", callers)
-
-
-@asynccontextmanager
-async def announcements(settings: Settings) -> AsyncIterator[AbstractQueue]:
-    """A queue of this test's own, bound to ``mwm.payload.arrived`` on the test's exchange."""
-    connection = await aio_pika.connect(settings.bus.url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            settings.bus.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue(f"{settings.bus.queue_prefix}.gateway-test", exclusive=True)
-        await queue.bind(exchange, routing_key=PayloadArrived.event_type)
-        yield queue
 
 
 async def drain(queue: AbstractQueue) -> list[AbstractIncomingMessage]:
@@ -114,7 +99,7 @@ async def test_a_study_is_stored_byte_for_byte_and_announced_once_per_file(
     settings: Settings, study: GeneratedStudy, tmp_path: Path
 ) -> None:
     await map_ae_title(settings)
-    async with announcements(settings) as queue, serving(settings) as (gateway, _):
+    async with bound_queue(settings, PayloadArrived.event_type) as queue, serving(settings) as (gateway, _):
         result = await send(gateway, study.files[0].parent.parent)
         assert result.returncode == 0, result.stderr
         messages = await collect(queue, len(study.files))
@@ -166,7 +151,7 @@ async def test_an_association_that_is_not_allowed_is_rejected_and_nothing_is_sto
     settings: Settings, study: GeneratedStudy, called: str, callers: list[CallingPeer], diagnostic: str
 ) -> None:
     await map_ae_title(settings, callers)
-    async with announcements(settings) as queue, serving(settings) as (gateway, _):
+    async with bound_queue(settings, PayloadArrived.event_type) as queue, serving(settings) as (gateway, _):
         result = await send(gateway, study.files[:2], called=called, extra_args=["-v"])
         await asyncio.sleep(0.2)
         assert await drain(queue) == []
@@ -177,7 +162,7 @@ async def test_an_association_that_is_not_allowed_is_rejected_and_nothing_is_sto
 
 async def test_an_empty_allow_list_accepts_any_caller(settings: Settings, study: GeneratedStudy) -> None:
     await map_ae_title(settings, callers=())
-    async with announcements(settings) as queue, serving(settings) as (gateway, _):
+    async with bound_queue(settings, PayloadArrived.event_type) as queue, serving(settings) as (gateway, _):
         result = await send(gateway, study.files[:1], calling="ANY-SENDER")
         assert result.returncode == 0, result.stderr
         assert len(await collect(queue, 1)) == 1
@@ -191,7 +176,7 @@ async def test_a_file_the_gateway_cannot_understand_fails_and_nothing_is_stored_
     del dataset.StudyInstanceUID
     dataset.save_as(unusable, enforce_file_format=True)
     await map_ae_title(settings)
-    async with announcements(settings) as queue, serving(settings) as (gateway, _):
+    async with bound_queue(settings, PayloadArrived.event_type) as queue, serving(settings) as (gateway, _):
         result = await send(gateway, [unusable], extra_args=["-v"])
         await asyncio.sleep(0.2)
         assert await drain(queue) == []
@@ -203,7 +188,7 @@ async def test_the_object_store_down_gives_a_failure_status_never_success(
     settings: Settings, study: GeneratedStudy
 ) -> None:
     await map_ae_title(settings)
-    async with announcements(settings) as queue, serving(settings) as (gateway, _):
+    async with bound_queue(settings, PayloadArrived.event_type) as queue, serving(settings) as (gateway, _):
         services_command("stop", "s3")
         try:
             result = await send(gateway, study.files[:1], extra_args=["-v"])

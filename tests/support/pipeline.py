@@ -75,9 +75,8 @@ class EventTap:
 
 
 @asynccontextmanager
-async def tap(settings: Settings, *routing_keys: str) -> AsyncIterator[EventTap]:
-    """An exclusive queue bound to ``routing_keys`` on the event exchange."""
-    collected = EventTap()
+async def bound_queue(settings: Settings, *routing_keys: str) -> AsyncIterator[aio_pika.abc.AbstractQueue]:
+    """An exclusive queue of the caller's own, bound to ``routing_keys`` on the event exchange."""
     connection = await aio_pika.connect(settings.bus.url)
     async with connection:
         channel = await connection.channel()
@@ -87,6 +86,14 @@ async def tap(settings: Settings, *routing_keys: str) -> AsyncIterator[EventTap]
         queue = await channel.declare_queue(exclusive=True)
         for key in routing_keys:
             await queue.bind(exchange, key)
+        yield queue
+
+
+@asynccontextmanager
+async def tap(settings: Settings, *routing_keys: str) -> AsyncIterator[EventTap]:
+    """Every event published on ``routing_keys`` while the block runs, decoded (``EventTap``)."""
+    collected = EventTap()
+    async with bound_queue(settings, *routing_keys) as queue:
 
         async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             received = time.time()
