@@ -11,6 +11,10 @@ FAILED = Counter("mwm_handler_failures_total", "Handler attempts that raised", [
 DEAD_LETTERED = Counter(
     "mwm_messages_dead_lettered_total", "Deliveries sent to the DLQ", ["consumer", "cause"]
 )
+PROCESSED_KEYS_UNWRITTEN = Counter(
+    "mwm_processed_keys_unwritten_total",
+    "Processed-message keys whose write failed (a redelivery of those messages re-runs the handler)",
+)
 HANDLER_SECONDS = Histogram(
     "mwm_handler_duration_seconds",
     "Time from delivery to settlement",

@@ -103,7 +103,9 @@ async def open_services(settings: Settings, indexes: tuple[IndexSpec, ...] = ())
             Database(settings.mongo, (PROCESSED_MESSAGES_INDEXES, *indexes)), "the database"
         )
         objects = await connect(ObjectStore(settings.object_store), "the object store")
-        yield Services(settings, bus, database, objects, ProcessedMessages(database))
+        processed = ProcessedMessages(database)
+        opened.push_async_callback(processed.flush)  # before the database closes
+        yield Services(settings, bus, database, objects, processed)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ async def seed(settings: Settings, database: Database, objects: ObjectStore, scr
     processed = ProcessedMessages(database)
     for message_id in ("m-old", "m-new"):
         await processed.record("exporter", message_id)
+    await processed.flush()
     await database.collection(PROCESSED_MESSAGES).update_one(
         {"_id": "exporter:m-old"}, {"$set": {"processed_at": OLD}}
     )

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
+import structlog
 from pymongo import ASCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -26,10 +27,12 @@ from pymongo.errors import (
     PyMongoError,
 )
 
+from wm import metrics
 from wm.config import MongoSettings
 from wm.errors import Duplicate, TransientError
 
 Document = dict[str, Any]
+log = structlog.get_logger(__name__)
 
 # Error codes that mean "the server is there but not ready/available", worth a retry.
 DUPLICATE_KEY = 11000
@@ -143,16 +146,20 @@ PROCESSED_MESSAGES_INDEXES = IndexSpec(PROCESSED_MESSAGES, (IndexModel([("proces
 class ProcessedMessages:
     """Keys of messages a consumer has fully handled, under the unique ``_id`` index.
 
-    The handler's own effects are idempotent (natural keys); this record lets a redelivery of an already
-    handled message be acknowledged without running the handler again.
+    A key is a shortcut, not the guarantee: every handler's effects are idempotent (natural keys), and the
+    key lets a redelivery of an already handled message be acknowledged without running the handler again.
+    So keys are written behind the acknowledgement: ``record`` queues the key and returns, and keys queued
+    meanwhile share one ``insert_many``. A key that is never written (its process died, the write failed)
+    costs at most one re-run of an idempotent handler, and only for a delivery whose ack was lost as well.
 
-    Records are group-committed: deliveries handled concurrently share one ``insert_many``, and each caller
-    returns only once its own key is written (so the runtime still acknowledges after the write).
+    When ``max_pending`` keys are already waiting, ``record`` waits for its own write (back-pressure on the
+    consumer); ``flush`` writes everything queued and is called before the process closes the database.
     """
 
-    def __init__(self, database: Database, batch_size: int = 256) -> None:
+    def __init__(self, database: Database, batch_size: int = 256, max_pending: int = 1024) -> None:
         self._collection = database.collection(PROCESSED_MESSAGES)
         self._batch_size = batch_size
+        self._max_pending = max_pending
         self._pending: list[tuple[Document, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -167,14 +174,19 @@ class ProcessedMessages:
         return found is not None
 
     async def record(self, consumer: str, message_id: str) -> None:
-        """Record the message as handled (returns once written); recording it twice is harmless."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(
-            ({"_id": self._key(consumer, message_id), "processed_at": datetime.now(UTC)}, future)
-        )
+        """Queue the key for writing (recording it twice is harmless); waits only under back-pressure."""
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        key = {"_id": self._key(consumer, message_id), "processed_at": datetime.now(UTC)}
+        self._pending.append((key, written))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await future
+        if len(self._pending) > self._max_pending:
+            await written
+
+    async def flush(self) -> None:
+        """Write every queued key (returns when the writes are done, whether or not they succeeded)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let deliveries finishing in the same loop turn join this batch
@@ -182,17 +194,12 @@ class ProcessedMessages:
             batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
             try:
                 await self._insert([document for document, _ in batch])
-            except Exception as exc:
-                outcome: BaseException | None = exc
-            else:
-                outcome = None
-            for _, future in batch:
-                if future.done():
-                    continue
-                if outcome is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(outcome)
+            except Exception as exc:  # a failed write must not leave back-pressured deliveries waiting
+                metrics.PROCESSED_KEYS_UNWRITTEN.inc(len(batch))
+                log.warning("processed_keys_unwritten", keys=len(batch), error=repr(exc))
+            for _, written in batch:
+                if not written.done():
+                    written.set_result(None)
 
     async def _insert(self, documents: list[Document]) -> None:
         try:
