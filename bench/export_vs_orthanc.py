@@ -44,10 +44,12 @@ async def upload(objects: ObjectStore, files: list[Path], prefix: str) -> list[F
     return list(await asyncio.gather(*(objects.put_file(f"{prefix}/{p.name}", p) for p in files)))
 
 
-async def time_mwm(sink: DicomSink, refs: list[FileRef]) -> float:
-    started = time.perf_counter()
+async def time_mwm(sink: DicomSink, refs: list[FileRef], cpu: list[float]) -> float:
+    """Seconds to export ``refs``; appends the process CPU seconds it took (every thread) to ``cpu``."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     results = await sink.export(refs)
     elapsed = time.perf_counter() - started
+    cpu.append(time.process_time() - cpu_started)
     failed = [r for r in results if r.status != "succeeded"]
     if failed:
         raise RuntimeError(f"mwm export failed for {len(failed)} files, first: {failed[0]}")
@@ -94,12 +96,15 @@ async def alternate(
 ) -> tuple[list[float], list[float]]:
     """``rounds`` exports by each, alternating, into an emptied receiving directory."""
     [study_id] = orthanc.studies()
-    mwm_times, orthanc_times = [], []
+    mwm_times: list[float] = []
+    orthanc_times: list[float] = []
+    mwm_cpu: list[float] = []
     for _ in range(rounds):
         clear(received)
-        mwm_times.append(await time_mwm(sink, refs))
+        mwm_times.append(await time_mwm(sink, refs, mwm_cpu))
         clear(received)
         orthanc_times.append(await asyncio.to_thread(time_orthanc, orthanc, study_id, len(refs)))
+    print(f"mwm process CPU (s): {[round(t, 2) for t in mwm_cpu]}", file=sys.stderr)
     return mwm_times, orthanc_times
 
 

@@ -1,0 +1,59 @@
+"""The DICOM sink's guard against pynetdicom's reactor taking a C-STORE response meant for the sender."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+
+from wm.sinks.dicom import _keep_responses
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def store_response() -> C_STORE:
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = 1
+    response.AffectedSOPClassUID = CT_IMAGE_STORAGE
+    response.AffectedSOPInstanceUID = "1.2.3.4"
+    response.Status = 0x0000
+    return response
+
+
+def store_request() -> C_STORE:
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CT_IMAGE_STORAGE
+    request.AffectedSOPInstanceUID = "1.2.3.4"
+    request.Priority = 2
+    request.DataSet = BytesIO(b"\x00")
+    return request
+
+
+def guarded_association() -> tuple[Association, list[C_STORE]]:
+    """A requestor association (never connected) whose reactor hands requests to a recorder."""
+    assoc = Association(AE(), "requestor")
+    served: list[C_STORE] = []
+    setattr(assoc, "_serve_request", lambda msg, context_id: served.append(msg))  # noqa: B010
+    _keep_responses(assoc)
+    return assoc, served
+
+
+def test_a_response_the_reactor_takes_goes_back_to_the_waiting_sender() -> None:
+    assoc, served = guarded_association()
+    response = store_response()
+    assert response.is_valid_response
+    assoc._serve_request(response, 3)
+    assert served == []
+    assert assoc.dimse.get_msg(block=False) == (3, response)
+
+
+def test_a_request_from_the_peer_is_still_served() -> None:
+    assoc, served = guarded_association()
+    request = store_request()
+    assert request.is_valid_request
+    assoc._serve_request(request, 1)
+    assert served == [request]
+    assert assoc.dimse.get_msg(block=False) == (None, None)
