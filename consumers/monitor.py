@@ -140,7 +140,7 @@ async def check(job: Job, deps: MonitorDeps) -> None:
         await finish(job, "succeeded" if status.phase == "succeeded" else "failed", status.message, deps)
         return
     if status.phase == "running" and job.state is JobState.launched:
-        await deps.jobs.apply(job.job_id, JobTransition.start)
+        await deps.jobs.apply(job.job_id, JobTransition.start, current=job)
     await deps.jobs.check_again_at(job.job_id, now + timedelta(seconds=deps.settings.poll_interval_s))
 
 
@@ -149,7 +149,8 @@ async def finish(job: Job, outcome: JobOutcome, message: str, deps: MonitorDeps)
     if not await deps.jobs.claim_finish(job.job_id):
         return
     outputs = await deps.objects.list(job.output_prefix) if outcome == "succeeded" else []
-    job = await deps.jobs.apply(job.job_id, _OUTCOME_TRANSITION[outcome], message=message, outputs=outputs)
+    transition = _OUTCOME_TRANSITION[outcome]
+    job = await deps.jobs.apply(job.job_id, transition, current=job, message=message, outputs=outputs)
     log.info(
         "job_finished", job_id=job.job_id, outcome=outcome, outputs=len(outputs), message=message or None
     )

@@ -66,38 +66,31 @@ async def handle(event: BucketReady, deps: SchedulerDeps) -> None:
         await deps.applications.revision(event.application_id, event.application_revision)
     ).definition
     job_id = job_id_for(event.bucket_id)
-    job = await deps.jobs.create(
-        Job(
-            job_id=job_id,
-            bucket_id=event.bucket_id,
-            correlation_id=event.correlation_id,
-            application_id=event.application_id,
-            application_revision=event.application_revision,
-            engine=application.engine.name,
-            input_prefix=input_prefix(job_id),
-            output_prefix=output_prefix(job_id),
-            deadline=datetime.now(UTC) + timedelta(seconds=application.map.timeout_s),
-        )
+    new_job = Job(
+        job_id=job_id,
+        bucket_id=event.bucket_id,
+        correlation_id=event.correlation_id,
+        application_id=event.application_id,
+        application_revision=event.application_revision,
+        engine=application.engine.name,
+        input_prefix=input_prefix(job_id),
+        output_prefix=output_prefix(job_id),
+        deadline=datetime.now(UTC) + timedelta(seconds=application.map.timeout_s),
     )
+    # Staging runs beside the job insert: the copies are idempotent (same files, same keys), and a job that
+    # exists already (a duplicate bucket.ready) had exactly these files staged.
+    staging = asyncio.ensure_future(stage(event, new_job.input_prefix, deps.objects))
+    try:
+        job = await deps.jobs.create(new_job)
+    finally:
+        await staging
     if job.state is JobState.created:
-        # Server-side copies, all in flight at once (the object store's thread pool bounds them).
-        await asyncio.gather(
-            *(
-                deps.objects.copy(
-                    member.file.key,
-                    f"{job.input_prefix}{member.dicom.series_instance_uid}/"
-                    f"{member.dicom.sop_instance_uid}.dcm",
-                )
-                for member in event.files
-            )
-        )
-        engine = deps.engines.engine(job.engine)
-        engine_job_id = await engine.launch(
+        engine_job_id = await deps.engines.engine(job.engine).launch(
             JobSpec(
                 job.job_id, job.correlation_id, application, job.input_prefix, job.output_prefix, job.deadline
             )
         )
-        job = await deps.jobs.apply(job_id, JobTransition.launch, engine_job_id=engine_job_id)
+        job = await deps.jobs.apply(job_id, JobTransition.launch, current=job, engine_job_id=engine_job_id)
         log.info(
             "job_launched",
             job_id=job_id,
@@ -107,6 +100,19 @@ async def handle(event: BucketReady, deps: SchedulerDeps) -> None:
         )
     if job.state is JobState.launched:
         await deps.publisher.publish(launched_event(job), message_id=f"{job_id}.launched")
+
+
+async def stage(event: BucketReady, prefix: str, objects: ObjectStore) -> None:
+    """Copy the bucket's files server-side under the job's input prefix, all in flight at once."""
+    await asyncio.gather(
+        *(
+            objects.copy(
+                member.file.key,
+                f"{prefix}{member.dicom.series_instance_uid}/{member.dicom.sop_instance_uid}.dcm",
+            )
+            for member in event.files
+        )
+    )
 
 
 async def give_up(event: BucketReady, deps: SchedulerDeps, reason: str) -> None:

@@ -4,23 +4,35 @@ Exactly-once rests on inserts under unique ``_id`` indexes (no transactions, no 
 on FerretDB):
 
 - ``buckets``: one document per bucket generation, ``_id`` = bucket id; creating a generation twice is a
-  duplicate insert, so every replica agrees on it.
+  duplicate insert, so every replica agrees on it. ``closes_at``: the end of its quiet period, moved later
+  by each file (``$max``).
 - ``bucket_files``: ``_id`` = file id (bucket key + object key): a redelivered event adds nothing.
-  ``bucket_id`` says which generation the file is heading for.
-- ``bucket_closures``: ``_id`` = bucket id. The one closer whose insert wins closes the bucket, and the
-  closure document keeps the outgoing ``bucket.ready`` (an outbox) until it is published.
+  ``bucket_id`` says which generation the file is heading for; ``arrived_at`` when it arrived.
+- ``bucket_closures``: ``_id`` = bucket id. The one closer whose insert wins closes the bucket.
 - ``bucket_memberships``: ``_id`` = file id + bucket id. A file that joins a bucket while it closes is
   contested: the closer and the late file each try to insert the same membership; exactly one wins. If the
-  closer wins the file is in the bucket; otherwise the file moves to the next generation.
+  closer wins the file is in the bucket; otherwise the file moves to the next generation. The closer's
+  memberships and, last in the same ordered insert, the seal (``_id`` = ``seal|<bucket id>``, holding the
+  outgoing ``bucket.ready``) are one write: a seal exists only once every member is secured, and the
+  event is published only after its seal is stored (an outbox).
 
 Why no file is lost or counted twice: a file first records its bucket (write W1), then looks for that
 bucket's closure (read R1); the closer first inserts the closure (W2), then reads the bucket's files (R2).
 Either R2 sees the file (the closer contests it) or R2 came before W1, hence W2 before R1 and the file
 sees the closure (the file contests it). If both see each other, the unique insert decides.
+
+Cost: FerretDB (v1, SQLite) looks a document up by ``_id`` equality cheaply but scans (and decodes) the
+whole collection for any other query, so the hot paths use ``_id`` look-ups and inserts only, except the
+closer's one read of the files heading for its bucket. A file costs an insert, a ``$max`` on its bucket (in
+parallel) and a look-up of the bucket's closure; each replica remembers the generation it last saw open per
+bucket key (a hint, never trusted: a file that joins a generation that closed meanwhile sees its closure and
+moves on). A closure costs a bucket look-up, the closure insert, the files read and the seal, then the
+publish; the bucket is marked closed after the publish.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +50,7 @@ BUCKETS = "buckets"
 FILES = "bucket_files"
 CLOSURES = "bucket_closures"
 MEMBERSHIPS = "bucket_memberships"
+OPEN_HINTS = 10_000  # bucket keys remembered per replica; past this the hints start over
 
 INDEXES = (
     IndexSpec(
@@ -59,6 +72,7 @@ class Closing:
 
     event: BucketReady | None = None
     not_before: datetime | None = None
+    closed: bool = False  # this caller closed the bucket: publish ``event`` (if any), then ``mark_published``
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def seal_id(bucket_id: str) -> str:
+    """The ``_id`` of a bucket's seal in ``bucket_memberships``."""
+    return f"seal|{bucket_id}"
+
+
 class BucketStore:
     """Bucket operations for the discovery consumer."""
 
@@ -81,44 +100,77 @@ class BucketStore:
         self._files = database.collection(FILES)
         self._closures = database.collection(CLOSURES)
         self._memberships = database.collection(MEMBERSHIPS)
+        self._open: dict[str, Document] = {}  # bucket key -> the generation last seen open here
 
     async def add_file(self, placement: Placement, event: PayloadArrived) -> Joined:
         """Add a file to the open generation of its bucket (idempotent for a redelivered event)."""
         fid = file_id(placement, event)
+        arrived_at = _now()
         async with translated_errors("add file to bucket"):
-            bucket = await self._open_generation(placement, event.correlation_id)
-            document = {
-                "_id": fid,
-                "bucket_id": bucket["_id"],
-                "arrived_at": _now(),
-                "file": event.file.model_dump(mode="json"),
-                "dicom": event.dicom.model_dump(mode="json"),
-            }
-            try:
-                await self._files.insert_one(document)
-            except Exception as exc:
-                if not _is_duplicate(exc):
-                    raise
-                existing = await self._files.find_one({"_id": fid})
+            bucket = self._open.get(placement.bucket_key) or await self._open_generation(
+                placement, event.correlation_id
+            )
+            due = closes_at(arrived_at, placement.quiet_period_s)
+            inserted, _ = await asyncio.gather(
+                self._insert_file(fid, bucket["_id"], arrived_at, event), self._extend(bucket["_id"], due)
+            )
+            if not inserted:
+                existing = await self._files.find_one({"_id": fid})  # a redelivery: it heads somewhere
                 assert existing is not None
                 bucket = await self._bucket(existing["bucket_id"]) or bucket
-            bucket = await self._settle_membership(placement, fid, bucket, event.correlation_id)
-            due = closes_at(_now(), placement.quiet_period_s)
-            await self._buckets.update_one(
-                {"_id": bucket["_id"]}, {"$max": {"closes_at": due, "last_file_at": _now()}}
-            )
-        return Joined(str(bucket["_id"]), max(due, bucket["closes_at"]))
+            heading, still_open = await self._settle_membership(placement, fid, bucket, event.correlation_id)
+            if heading["_id"] != bucket["_id"]:
+                await self._extend(heading["_id"], due)
+        self._remember(placement.bucket_key, heading if still_open else None)
+        return Joined(str(heading["_id"]), max(due, heading["closes_at"]))
+
+    async def _extend(self, bucket_id: str, due: datetime) -> None:
+        await self._buckets.update_one({"_id": bucket_id}, {"$max": {"closes_at": due}})
+
+    async def _insert_file(
+        self, fid: str, bucket_id: str, arrived_at: datetime, event: PayloadArrived
+    ) -> bool:
+        """Record the file as heading for ``bucket_id`` (W1); False when it was recorded before."""
+        document = {
+            "_id": fid,
+            "bucket_id": bucket_id,
+            "arrived_at": arrived_at,
+            "file": event.file.model_dump(mode="json"),
+            "dicom": event.dicom.model_dump(mode="json"),
+        }
+        try:
+            await self._files.insert_one(document)
+        except Exception as exc:
+            if not _is_duplicate(exc):
+                raise
+            return False
+        return True
+
+    def _remember(self, key: str, bucket: Document | None) -> None:
+        if bucket is None:
+            self._open.pop(key, None)
+            return
+        if len(self._open) >= OPEN_HINTS:
+            self._open.clear()
+        self._open[key] = bucket
+
+    def _forget(self, bucket: Document) -> None:
+        if self._open.get(bucket["key"], {}).get("_id") == bucket["_id"]:
+            del self._open[bucket["key"]]
 
     async def _settle_membership(
         self, placement: Placement, fid: str, bucket: Document, correlation_id: str
-    ) -> Document:
-        """If the file's bucket started closing, contest the file; move it on while it loses."""
+    ) -> tuple[Document, bool]:
+        """If the file's bucket started closing, contest the file; move it on while it loses.
+
+        Returns the bucket the file heads for, and whether that bucket is still open (not closing).
+        """
         while await self._closures.find_one({"_id": bucket["_id"]}, {"_id": 1}) is not None:
             if not await self._contest(fid, bucket["_id"], winner="file"):
-                return bucket  # the closer took the file into the closing bucket
+                return bucket, False  # the closer took the file into the closing bucket
             bucket = await self._generation(placement, bucket["generation"] + 1, correlation_id)
             await self._files.update_one({"_id": fid}, {"$set": {"bucket_id": bucket["_id"]}})
-        return bucket
+        return bucket, True
 
     async def _contest(self, fid: str, bucket_id: str, winner: str) -> bool:
         """Insert the membership decision for (file, bucket); True when this side won."""
@@ -133,27 +185,14 @@ class BucketStore:
             existing = await self._memberships.find_one({"_id": f"{fid}|{bucket_id}"})
             return existing is not None and existing["winner"] == winner
 
-    async def _contest_all(self, fids: list[str], bucket_id: str) -> None:
-        """The closer's side of the contest for every file heading here, in one write."""
-        if not fids:
-            return
-        memberships = [
-            {"_id": f"{fid}|{bucket_id}", "bucket_id": bucket_id, "file_id": fid, "winner": "closer"}
-            for fid in fids
-        ]
-        try:
-            await self._memberships.insert_many(memberships, ordered=False)
-        except BulkWriteError as exc:  # files that won their contest first are the ones not inserted
-            if any(error.get("code") != DUPLICATE_KEY for error in exc.details.get("writeErrors", [])):
-                raise
-
     async def _open_generation(self, placement: Placement, correlation_id: str) -> Document:
-        latest = await self._buckets.find_one({"key": placement.bucket_key}, sort=[("generation", -1)])
-        if latest is None:
-            return await self._generation(placement, 1, correlation_id)
-        if latest["state"] == "open":
-            return latest
-        return await self._generation(placement, latest["generation"] + 1, correlation_id)
+        """The first generation not closed yet (created if none is), by ``_id`` look-ups."""
+        generation = 1
+        while (bucket := await self._bucket(placement.bucket_id(generation))) is not None:
+            if bucket["state"] == "open":
+                return bucket
+            generation += 1
+        return await self._generation(placement, generation, correlation_id)
 
     async def _generation(self, placement: Placement, generation: int, correlation_id: str) -> Document:
         """Bucket generation ``generation``, created if missing (concurrent creators agree)."""
@@ -171,7 +210,6 @@ class BucketStore:
             "quiet_period_s": placement.quiet_period_s,
             "correlation_id": correlation_id,
             "opened_at": now,
-            "last_file_at": now,
             "closes_at": closes_at(now, placement.quiet_period_s),
         }
         try:
@@ -190,9 +228,8 @@ class BucketStore:
     async def due(self, now: datetime, limit: int = 100) -> list[str]:
         """Open buckets whose quiet period is over."""
         async with translated_errors("find due buckets"):
-            cursor = self._buckets.find({"state": "open", "closes_at": {"$lte": now}}, {"_id": 1}).limit(
-                limit
-            )
+            query = {"state": "open", "closes_at": {"$lte": now}}
+            cursor = self._buckets.find(query, {"_id": 1}).limit(limit)
             return [str(doc["_id"]) for doc in await cursor.to_list(None)]
 
     async def close(self, bucket_id: str, now: datetime) -> Closing:
@@ -200,43 +237,82 @@ class BucketStore:
         async with translated_errors("close bucket"):
             bucket = await self._bucket(bucket_id)
             if bucket is None or bucket["state"] != "open":
+                if bucket is not None:
+                    self._forget(bucket)
                 return Closing()
             if bucket["closes_at"] > now:
-                return Closing(not_before=bucket["closes_at"])  # a later file moved it
+                # a later file (maybe on another replica) moved it
+                return Closing(not_before=bucket["closes_at"])
+            self._forget(bucket)
             try:
                 await self._closures.insert_one({"_id": bucket_id, "claimed_at": now, "closer": os.getpid()})
             except Exception as exc:
                 if _is_duplicate(exc):
                     return Closing()
                 raise
-            return Closing(event=await self._seal(bucket, now))
+            return Closing(event=await self._seal(bucket, now), closed=True)
 
     async def _seal(self, bucket: Document, now: datetime) -> BucketReady | None:
+        """Secure every file heading here and store the event in one ordered write (the seal)."""
         bucket_id = bucket["_id"]
-        await self._buckets.update_one({"_id": bucket_id}, {"$set": {"state": "closed", "closed_at": now}})
         heading_here = await self._files.find({"bucket_id": bucket_id}).to_list(None)
-        await self._contest_all([document["_id"] for document in heading_here], bucket_id)
-        won = await self._memberships.find(
-            {"bucket_id": bucket_id, "winner": "closer"}, {"file_id": 1}
-        ).to_list(None)
-        won_ids = {doc["file_id"] for doc in won}
-        files = [document for document in heading_here if document["_id"] in won_ids]
-        event = None
-        if files:
-            placement = _placement(bucket)
-            members = [BucketFile.model_validate({"file": f["file"], "dicom": f["dicom"]}) for f in files]
-            event = bucket_ready(
-                bucket_id, placement, bucket["correlation_id"], members, bucket["opened_at"], now
-            )
-        await self._closures.update_one(
-            {"_id": bucket_id}, {"$set": {"event": event.model_dump(mode="json") if event else None}}
+        event = _event(bucket, heading_here, now)
+        memberships = [
+            {
+                "_id": f"{doc['_id']}|{bucket_id}",
+                "bucket_id": bucket_id,
+                "file_id": doc["_id"],
+                "winner": "closer",
+            }
+            for doc in heading_here
+        ]
+        seal = {"_id": seal_id(bucket_id), "bucket_id": bucket_id, "event": _dump(event)}
+        try:
+            await self._memberships.insert_many([*memberships, seal], ordered=True)
+            return event
+        except BulkWriteError as exc:  # a file won its contest first, or a seal exists: the slow path
+            _raise_unless_duplicates(exc)
+            failed = exc.details["writeErrors"][0]["index"]
+        return await self._seal_contested(bucket, heading_here, memberships[failed:], now)
+
+    async def _seal_contested(
+        self, bucket: Document, heading_here: list[Document], rest: list[Document], now: datetime
+    ) -> BucketReady | None:
+        bucket_id = bucket["_id"]
+        if rest:
+            try:
+                await self._memberships.insert_many(rest, ordered=False)
+            except BulkWriteError as exc:
+                _raise_unless_duplicates(exc)
+        ids = [f"{doc['_id']}|{bucket_id}" for doc in heading_here]
+        won = await self._memberships.find({"_id": {"$in": ids}, "winner": "closer"}, {"file_id": 1}).to_list(
+            None
         )
+        won_ids = {doc["file_id"] for doc in won}
+        event = _event(bucket, [doc for doc in heading_here if doc["_id"] in won_ids], now)
+        try:
+            await self._memberships.insert_one(
+                {"_id": seal_id(bucket_id), "bucket_id": bucket_id, "event": _dump(event)}
+            )
+        except Exception as exc:
+            if not _is_duplicate(exc):
+                raise
+            return await self._sealed(bucket_id)  # sealed first elsewhere: that seal is the truth
         return event
 
+    async def _sealed(self, bucket_id: str) -> BucketReady | None:
+        seal = await self._memberships.find_one({"_id": seal_id(bucket_id)})
+        assert seal is not None
+        return BucketReady.model_validate(seal["event"]) if seal["event"] else None
+
     async def mark_published(self, bucket_id: str) -> None:
-        """Record that the bucket's ``bucket.ready`` was confirmed by the broker."""
+        """Record that the bucket's ``bucket.ready`` was confirmed by the broker (and the bucket closed)."""
         async with translated_errors("mark bucket published"):
-            await self._closures.update_one({"_id": bucket_id}, {"$set": {"published_at": _now()}})
+            now = _now()
+            await asyncio.gather(
+                self._closures.update_one({"_id": bucket_id}, {"$set": {"published_at": now}}),
+                self._buckets.update_one({"_id": bucket_id}, {"$set": {"state": "closed", "closed_at": now}}),
+            )
 
     async def unpublished(self, older_than: timedelta, now: datetime) -> list[tuple[str, BucketReady | None]]:
         """Closures whose event was not confirmed in time (the closer died): to finish or re-publish."""
@@ -245,13 +321,33 @@ class BucketStore:
             stale = await self._closures.find(query).to_list(100)
             results: list[tuple[str, BucketReady | None]] = []
             for closure in stale:
-                if "event" in closure:
-                    event = BucketReady.model_validate(closure["event"]) if closure["event"] else None
+                bucket_id = str(closure["_id"])
+                if await self._memberships.find_one({"_id": seal_id(bucket_id)}, {"_id": 1}):
+                    event = await self._sealed(bucket_id)
                 else:  # died before sealing: seal now (contests and memberships are idempotent)
-                    bucket = await self._bucket(closure["_id"])
+                    bucket = await self._bucket(bucket_id)
                     event = await self._seal(bucket, closure["claimed_at"]) if bucket else None
-                results.append((str(closure["_id"]), event))
+                results.append((bucket_id, event))
             return results
+
+
+def _event(bucket: Document, files: list[Document], now: datetime) -> BucketReady | None:
+    """The bucket's ``bucket.ready`` with these member files (None when no file is left in it)."""
+    if not files:
+        return None
+    members = [BucketFile.model_validate({"file": f["file"], "dicom": f["dicom"]}) for f in files]
+    return bucket_ready(
+        bucket["_id"], _placement(bucket), bucket["correlation_id"], members, bucket["opened_at"], now
+    )
+
+
+def _dump(event: BucketReady | None) -> dict[str, Any] | None:
+    return event.model_dump(mode="json") if event else None
+
+
+def _raise_unless_duplicates(exc: BulkWriteError) -> None:
+    if any(error.get("code") != DUPLICATE_KEY for error in exc.details.get("writeErrors", [])):
+        raise exc
 
 
 def _placement(bucket: Document) -> Placement:

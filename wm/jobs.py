@@ -134,9 +134,16 @@ class JobStore:
             raise NotFound(f"job {job_id} does not exist")
         return _job(document)
 
-    async def apply(self, job_id: str, transition: JobTransition, **fields: Any) -> Job:
-        """Move the job through ``transition`` (a repeat is a no-op; an illegal one raises)."""
-        job = await self.get(job_id)
+    async def apply(
+        self, job_id: str, transition: JobTransition, *, current: Job | None = None, **fields: Any
+    ) -> Job:
+        """Move the job through ``transition`` (a repeat is a no-op; an illegal one raises).
+
+        ``current``: the job as the caller last read it, which saves reading it again. The write only applies
+        while the job is still in that state; if it moved on meanwhile, the job is read and the transition
+        decided again from its real state.
+        """
+        job = current or await self.get(job_id)
         state = next_state(job.state, transition)
         changes: dict[str, Any] = {"state": state.value, "updated_at": _now(), **fields}
         if state in TERMINAL and job.finished_at is None:
@@ -144,7 +151,9 @@ class JobStore:
         if "outputs" in changes:
             changes["outputs"] = [ref.model_dump() for ref in changes["outputs"]]
         async with translated_errors("update job"):
-            await self._jobs.update_one({"_id": job_id}, {"$set": changes})
+            result = await self._jobs.update_one({"_id": job_id, "state": job.state.value}, {"$set": changes})
+        if result.matched_count == 0:
+            return await self.apply(job_id, transition, **fields)  # it changed under us: decide again
         return job.model_copy(update={"state": state, **fields})
 
     async def due_for_check(self, now: datetime, limit: int = 200) -> list[Job]:

@@ -125,7 +125,7 @@ class BucketTimers:
         closing = await self._store.close(bucket_id, now)
         if closing.not_before is not None:
             self.arm(bucket_id, closing.not_before)  # a file (maybe on another replica) moved it
-        if closing.event is not None:
+        if closing.closed:
             await self._publish(bucket_id, closing.event)
 
     async def _publish(self, bucket_id: str, event: BucketReady | None) -> None:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from datetime import timedelta
 from pathlib import Path
 
 from consumers import discovery
 from schemas.events import BucketReady
+from tests.support.events import payload_arrived
 from tests.support.pipeline import arrive, consumers_running, mip_application, register, tap
 from tests.support.services import consumer_processes
+from wm import buckets
+from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import Bus
+from wm.buckets import BucketStore, Closing
 from wm.config import Settings
+from wm.domain.discovery import Placement, file_id
 from wm.testing.dicom import write_ct_study
 
 QUIET = 1.0
@@ -119,3 +125,53 @@ async def test_a_file_no_application_wants_is_acknowledged_not_requeued(
         await arrive(settings, study.files, called_ae="NOBODY")
         await asyncio.sleep(QUIET * 2.5)
     assert events.of(BucketReady) == []
+
+
+PLACEMENT = Placement("mip", 1, "0020,000D", "1.2.3.4", 0.2)
+
+
+async def test_a_replica_whose_open_generation_hint_is_stale_puts_the_next_file_in_the_next_generation(
+    live_settings: Settings,
+) -> None:
+    async with Database(live_settings.mongo, buckets.INDEXES) as database:
+        first, second = BucketStore(database), BucketStore(database)
+        early = await first.add_file(PLACEMENT, payload_arrived(study_uid="1.2.3.4"))
+        closing = await second.close(early.bucket_id, early.closes_at + timedelta(seconds=1))
+        assert closing.closed and closing.event is not None
+        late = await first.add_file(PLACEMENT, payload_arrived(study_uid="1.2.3.4"))
+    assert late.bucket_id == PLACEMENT.bucket_id(2), "the hint said g1 was open; its closure says otherwise"
+    assert len(closing.event.files) == 1
+
+
+async def test_a_closer_that_died_after_sealing_is_succeeded_by_a_republish_of_the_same_event(
+    live_settings: Settings,
+) -> None:
+    async with Database(live_settings.mongo, buckets.INDEXES) as database:
+        store = BucketStore(database)
+        joined = [await store.add_file(PLACEMENT, payload_arrived(study_uid="1.2.3.4")) for _ in range(3)]
+        now = max(j.closes_at for j in joined) + timedelta(seconds=1)
+        closing = await store.close(joined[0].bucket_id, now)
+        assert await store.close(joined[0].bucket_id, now) == Closing(), "closed once"
+        [(bucket_id, republished)] = await BucketStore(database).unpublished(timedelta(0), now)
+    assert bucket_id == joined[0].bucket_id
+    assert closing.event is not None and republished == closing.event
+
+
+async def test_a_file_that_won_its_contest_before_the_seal_is_left_out_of_the_bucket(
+    live_settings: Settings,
+) -> None:
+    async with Database(live_settings.mongo, buckets.INDEXES) as database:
+        store = BucketStore(database)
+        kept = payload_arrived(study_uid="1.2.3.4")
+        moved = payload_arrived(study_uid="1.2.3.4")
+        joined = [await store.add_file(PLACEMENT, event) for event in (kept, moved)]
+        # the late file saw the closure first and won the contest (a replica between its W1 and its move)
+        memberships = database.collection(buckets.MEMBERSHIPS)
+        fid = file_id(PLACEMENT, moved)
+        bucket_id = joined[0].bucket_id
+        await memberships.insert_one(
+            {"_id": f"{fid}|{bucket_id}", "bucket_id": bucket_id, "file_id": fid, "winner": "file"}
+        )
+        closing = await store.close(bucket_id, max(j.closes_at for j in joined) + timedelta(seconds=1))
+    assert closing.event is not None
+    assert [f.file.key for f in closing.event.files] == [kept.file.key]

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from consumers import discovery, monitor, scheduler
 from schemas.events import BucketReady, ExportRequested, JobFinished, JobLaunched
 from tests.support.pipeline import arrive, consumers_running, mip_application, register, tap
 from tests.support.services import consumer_processes
+from wm import jobs
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
 from wm.config import Settings
-from wm.jobs import JOBS
+from wm.domain.jobs import JobState, JobTransition
+from wm.jobs import JOBS, Job, JobStore
 from wm.registry import Registry
 from wm.testing.dicom import write_ct_study
 
@@ -129,3 +132,28 @@ async def test_a_job_is_followed_to_its_end_after_its_monitor_is_killed(
         with consumer_processes(settings, "monitor", count=1):
             [finished] = await events.wait_for(JobFinished, 1, 60)
     assert finished.status == "succeeded", finished.message
+
+
+async def test_a_transition_from_a_stale_read_of_the_job_is_decided_again_from_its_real_state(
+    live_settings: Settings,
+) -> None:
+    async with Database(live_settings.mongo, jobs.INDEXES) as database:
+        store = JobStore(database)
+        created = await store.create(
+            Job(
+                job_id="j1",
+                bucket_id="b1",
+                correlation_id="c1",
+                application_id="mip",
+                application_revision=1,
+                engine="local",
+                input_prefix="jobs/j1/input/",
+                output_prefix="jobs/j1/output/",
+                deadline=datetime.now(UTC) + timedelta(minutes=5),
+            )
+        )
+        launched = await store.apply("j1", JobTransition.launch, current=created, engine_job_id="j1")
+        await store.apply("j1", JobTransition.start, current=launched)
+        finished = await store.apply("j1", JobTransition.succeed, current=launched, message="done")
+        assert finished.state is JobState.succeeded, "the read said launched; the job was running"
+        assert (await store.get("j1")).state is JobState.succeeded
