@@ -14,12 +14,15 @@ Needs the real local services (``bash scripts/services up``), dcmtk and Orthanc.
 * the gateway's floor: the same files read from disk and, one after the other, uploaded and announced
   exactly as the gateway does after receiving each (identifiers read, ``put_stream``, confirmed publish),
   with no DICOM at all. storescu waits for each C-STORE response and the gateway answers only after the
-  file is stored and announced, so the gateway can never be faster than this serial work.
+  file is stored and announced, so the gateway can never be faster than this serial work;
+* the gateway's DICOM side alone: the gateway's pynetdicom AE in its own process, answering success once
+  it holds each file's Part-10 bytes (``encoded_dataset``), storing nothing. The gateway takes about this
+  plus the floor: the difference is the hand-offs between pynetdicom's threads and the event loop.
 
-All three run ``--rounds`` times, one after the other (the machines are shared and noisy); the medians
+All four run ``--rounds`` times, one after the other (the machines are shared and noisy); the medians
 are reported, each round and the load average go to stderr. Prints the gateway's and Orthanc's times, their
-ratio (target <= 1.0), the floor and the gateway's peak resident memory (VmHWM, highest of the rounds,
-target under 300 MB), as Markdown table rows.
+ratio (target <= 1.0), the floor, the DICOM side alone and the gateway's peak resident memory (VmHWM,
+highest of the rounds, target under 300 MB), as Markdown table rows.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ import uuid
 from pathlib import Path
 
 import aio_pika
+from pynetdicom import evt
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from producers.gateway import STATUS, application_entity, disable_nagle  # noqa: E402
 from producers.publisher import PayloadPublisher  # noqa: E402
 from schemas.applications import CallingPeer  # noqa: E402
 from schemas.events import PayloadArrived  # noqa: E402
@@ -159,10 +164,48 @@ async def time_floor(settings: Settings, files: list[Path]) -> float:
     return elapsed
 
 
-async def one_round(study_dir: Path, files: list[Path]) -> tuple[float, float, float, float]:
+def serve_dicom_only(port: int) -> None:
+    """Until SIGTERM: the gateway's AE on ``port``, answering each C-STORE once it holds the file's bytes."""
+
+    def on_store(event: evt.Event) -> int:
+        event.encoded_dataset()
+        return int(STATUS.SUCCESS)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # for sigwait, in every thread
+    settings = Settings().gateway.model_copy(update={"host": LOCALHOST, "port": port})
+    server = application_entity(settings).start_server(
+        (LOCALHOST, port),
+        block=False,
+        evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle), (evt.EVT_C_STORE, on_store)],
+    )
+    assert server is not None, "start_server(block=False) returns the server"
+    signal.sigwait({signal.SIGTERM})
+    server.shutdown()
+
+
+async def time_dicom_only(study_dir: Path) -> float:
+    """Seconds until storescu finished sending to `serve_dicom_only` in its own process."""
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--serve-dicom-only", str(port), cwd=REPO, stdin=subprocess.DEVNULL
+    )
+    try:
+        await asyncio.to_thread(wait_for_port, LOCALHOST, port, timeout=60)
+        started = time.perf_counter()
+        sent = await asyncio.to_thread(_storescu, port, AET, study_dir)
+        elapsed = time.perf_counter() - started
+    finally:
+        server.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(server.wait(), 60)
+    if sent.returncode != 0:
+        raise RuntimeError(f"storescu to the DICOM-only SCP failed:\n{sent.stderr[-2000:]}")
+    return elapsed
+
+
+async def one_round(study_dir: Path, files: list[Path]) -> tuple[float, float, float, float, float]:
     """One round of each measurement, each with its own exchange, database and bucket.
 
-    Returns (gateway seconds, gateway peak RSS in MB, Orthanc seconds, floor seconds).
+    Returns (gateway seconds, gateway peak RSS in MB, Orthanc seconds, floor seconds, DICOM-only seconds).
     """
     settings = bench_settings()
     try:
@@ -175,7 +218,8 @@ async def one_round(study_dir: Path, files: list[Path]) -> tuple[float, float, f
         floor_s = await time_floor(settings, files)
     finally:
         await cleanup(settings)
-    return gateway_s, peak_mb, orthanc_s, floor_s
+    dicom_only_s = await time_dicom_only(study_dir)
+    return gateway_s, peak_mb, orthanc_s, floor_s, dicom_only_s
 
 
 async def main() -> int:
@@ -186,8 +230,12 @@ async def main() -> int:
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--columns", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each measurement (medians)")
+    parser.add_argument("--serve-dicom-only", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    rounds: list[tuple[float, float, float, float]] = []
+    if args.serve_dicom_only:
+        serve_dicom_only(args.serve_dicom_only)
+        return 0
+    rounds: list[tuple[float, float, float, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="mwm-bench-") as tmp:
         study = write_ct_study(
             Path(tmp), series=1, slices_per_series=args.slices, rows=args.rows, columns=args.columns
@@ -195,15 +243,16 @@ async def main() -> int:
         size_mb = sum(path.stat().st_size for path in study.files) / 1e6
         for number in range(1, args.rounds + 1):
             rounds.append(await one_round(Path(tmp), list(study.files)))
-            gateway_s, peak_mb, orthanc_s, floor_s = rounds[-1]
+            gateway_s, peak_mb, orthanc_s, floor_s, dicom_only_s = rounds[-1]
             print(
                 f"round {number}: gateway {gateway_s:.2f} s, Orthanc {orthanc_s:.2f} s, "
-                f"floor {floor_s:.2f} s, peak RSS {peak_mb:.0f} MB, "
+                f"floor {floor_s:.2f} s, DICOM only {dicom_only_s:.2f} s, peak RSS {peak_mb:.0f} MB, "
                 f"load average {os.getloadavg()[0]:.1f}",
                 file=sys.stderr,
                 flush=True,
             )
-    gateway_s, orthanc_s, floor_s = (statistics.median(r[i] for r in rounds) for i in (0, 2, 3))
+    medians = [statistics.median(r[i] for r in rounds) for i in (0, 2, 3, 4)]
+    gateway_s, orthanc_s, floor_s, dicom_only_s = medians
     peak_mb = max(r[1] for r in rounds)
     what = f"{len(study.files)}-slice CT, {size_mb:.0f} MB, median of {len(rounds)}"
     print("| measure | gateway | Orthanc | ratio | target |")
@@ -215,6 +264,11 @@ async def main() -> int:
     print(
         f"| gateway floor: serial upload + confirmed publish, no DICOM ({what}) | floor {floor_s:.2f} s "
         f"| Orthanc {orthanc_s:.2f} s | ratio {floor_s / orthanc_s:.2f} | gateway >= floor |"
+    )
+    print(
+        f"| gateway DICOM side alone: its AE answering once it holds each file, no store ({what}) "
+        f"| DICOM only {dicom_only_s:.2f} s | Orthanc {orthanc_s:.2f} s "
+        f"| ratio {dicom_only_s / orthanc_s:.2f} | gateway ~ floor + DICOM only |"
     )
     print(f"| gateway peak RSS (VmHWM) | {peak_mb:.0f} MB | | | target < 300 MB |")
     return 0

@@ -19,6 +19,10 @@ stored or published; the object store or the broker unavailable (or slower than 
 failed leaves an orphan object under its payload; a retry overwrites it (same key) and re-publishes with
 the same message id.
 
+Speed: a sender that waits for each response (dcmtk storescu) gets one file per upload + publish round
+trip plus pynetdicom's own receive and response work (``bench/gateway_vs_orthanc.py`` measures both parts
+separately); the object store's PUT latency dominates.
+
 SIGTERM: stop accepting associations, let open ones finish within ``drain_timeout_s``, abort the rest, exit.
 One log line per association: calling and called AE, peer, payload id, files, failures, duration.
 """
@@ -117,7 +121,7 @@ class Gateway:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
-        self.ae = _application_entity(settings)
+        self.ae = application_entity(settings)
         self._server: Any = None
 
     @property
@@ -136,7 +140,7 @@ class Gateway:
             block=False,
             ssl_context=_ssl_context(self.settings),
             evt_handlers=[
-                (evt.EVT_CONN_OPEN, self._on_conn_open),
+                (evt.EVT_CONN_OPEN, disable_nagle),
                 (evt.EVT_REQUESTED, self._on_requested),
                 (evt.EVT_C_STORE, self._on_store),
                 (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -160,12 +164,6 @@ class Gateway:
         log.info("gateway_stopped", aborted_associations=len(left))
 
     # -- pynetdicom handlers (association threads) --------------------------------------------------------
-
-    def _on_conn_open(self, event: evt.Event) -> None:
-        """Disable Nagle: without it every C-STORE response waits on a 40 ms delayed ACK."""
-        connection = event.assoc.dul.socket
-        if connection is not None and connection.socket is not None:
-            connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_requested(self, event: evt.Event) -> None:
         """Accept or reject the association by its called and calling AE titles."""
@@ -284,7 +282,14 @@ def _join_all(threads: list[threading.Thread], timeout_s: float) -> None:
         thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def _application_entity(settings: GatewaySettings) -> AE:
+def disable_nagle(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: set TCP_NODELAY, or every C-STORE response waits on a 40 ms delayed ACK."""
+    connection = event.assoc.dul.socket
+    if connection is not None and connection.socket is not None:
+        connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def application_entity(settings: GatewaySettings) -> AE:
     """An AE accepting C-ECHO and every storage SOP class, in every transfer syntax (stored as sent)."""
     ae = AE()
     ae.maximum_associations = settings.max_associations
