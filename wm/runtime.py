@@ -93,16 +93,17 @@ async def open_services(settings: Settings, indexes: tuple[IndexSpec, ...] = ())
     """
     async with contextlib.AsyncExitStack() as opened:
 
-        async def connect(service: contextlib.AbstractAsyncContextManager[T], what: str) -> T:
+        async def connect(service: Callable[[], contextlib.AbstractAsyncContextManager[T]], what: str) -> T:
+            # A fresh adapter per attempt: a failed __aenter__ has closed the one before (its pools too).
             return await retrying(
-                lambda: opened.enter_async_context(service), settings.retry, f"connect to {what}"
+                lambda: opened.enter_async_context(service()), settings.retry, f"connect to {what}"
             )
 
-        bus = await connect(Bus(settings.bus), "RabbitMQ")
+        bus = await connect(lambda: Bus(settings.bus), "RabbitMQ")
         database = await connect(
-            Database(settings.mongo, (PROCESSED_MESSAGES_INDEXES, *indexes)), "the database"
+            lambda: Database(settings.mongo, (PROCESSED_MESSAGES_INDEXES, *indexes)), "the database"
         )
-        objects = await connect(ObjectStore(settings.object_store), "the object store")
+        objects = await connect(lambda: ObjectStore(settings.object_store), "the object store")
         processed = ProcessedMessages(database)
         opened.push_async_callback(processed.flush)  # before the database closes
         yield Services(settings, bus, database, objects, processed)
@@ -150,6 +151,10 @@ class ConsumerRunner(Generic[Deps]):
 
     def __post_init__(self) -> None:
         self.deps = self.consumer.build_deps(self.services)
+        name = self.consumer.name
+        self._consumed = metrics.CONSUMED.labels(name)
+        self._succeeded = metrics.SUCCEEDED.labels(name)
+        self._handler_seconds = metrics.HANDLER_SECONDS.labels(name)
 
     @property
     def settings(self) -> Settings:
@@ -193,26 +198,26 @@ class ConsumerRunner(Generic[Deps]):
         task.add_done_callback(self._inflight.discard)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
-        name = self.consumer.name
         started = time.perf_counter()
-        metrics.CONSUMED.labels(name).inc()
-        with structlog.contextvars.bound_contextvars(
-            consumer=name,
+        self._consumed.inc()
+        # Each delivery runs in a task of its own, whose context is a copy: what is bound here stays with it.
+        structlog.contextvars.bind_contextvars(
+            consumer=self.consumer.name,
             message_id=message.message_id,
             correlation_id=message.correlation_id,
             event_type=message.type,
             delivery_count=(message.headers or {}).get("x-delivery-count", 0),
-        ):
-            outcome = await self._outcome(message)
-            await self._settle(message, outcome)
-            elapsed = time.perf_counter() - started
-            metrics.HANDLER_SECONDS.labels(name).observe(elapsed)
-            log.info(
-                "delivery_handled",
-                outcome=outcome.kind,
-                reason=outcome.reason or None,
-                duration_ms=round(elapsed * 1000, 2),
-            )
+        )
+        outcome = await self._outcome(message)
+        await self._settle(message, outcome)
+        elapsed = time.perf_counter() - started
+        self._handler_seconds.observe(elapsed)
+        log.info(
+            "delivery_handled",
+            outcome=outcome.kind,
+            reason=outcome.reason or None,
+            duration_ms=round(elapsed * 1000, 2),
+        )
 
     async def _outcome(self, message: AbstractIncomingMessage) -> _Outcome:
         try:
@@ -278,7 +283,7 @@ class ConsumerRunner(Generic[Deps]):
             elif outcome.kind == "duplicate":
                 metrics.DUPLICATES.labels(name).inc()
             else:
-                metrics.SUCCEEDED.labels(name).inc()
+                self._succeeded.inc()
             await message.ack()
         except TransientError as exc:
             # The copy to the DLQ was not confirmed: leave the delivery to the broker, which redelivers it
@@ -293,12 +298,13 @@ class ConsumerRunner(Generic[Deps]):
 
 def _event_context(event: Event) -> dict[str, str]:
     """Log context an operator searches by: the study, and the ids the event is about."""
+    fields = vars(event)  # not getattr: a missing attribute costs pydantic an exception
     context: dict[str, str] = {}
-    dicom = getattr(event, "dicom", None)
+    dicom = fields.get("dicom")
     if dicom is not None:
         context["study_uid"] = dicom.study_instance_uid
     for key in ("bucket_id", "job_id", "export_task_id", "application_id"):
-        value = getattr(event, key, None)
+        value = fields.get(key)
         if value:
             context[key] = str(value)
     return context

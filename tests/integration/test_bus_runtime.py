@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aio_pika
+import pytest
 
 from tests.support import probe
 from tests.support.events import payload_arrived
@@ -226,17 +227,20 @@ async def test_two_replicas_share_the_work_and_sigterm_drains_what_is_in_flight(
     assert len(attempts) == len(events), "a drained message was handled twice"
 
 
-async def test_a_consumer_started_while_the_database_is_down_waits_for_it(live_settings: Settings) -> None:
+@pytest.mark.parametrize("service", ["mongo", "s3"])
+async def test_a_consumer_started_while_a_service_is_down_waits_for_it(
+    live_settings: Settings, service: str
+) -> None:
     settings = live_settings.model_copy(
         update={"retry": live_settings.retry.model_copy(update={"attempts": 12, "max_delay_s": 1.0})}
     )
     await declare_probe_queue(settings)
-    services_command("stop", "mongo")
+    services_command("stop", service)
     try:
         with consumer_processes(settings, PROBE, count=1) as [replica]:
             await asyncio.sleep(3.0)
             assert replica.poll() is None, f"the consumer gave up: {consumer_log(settings, replica)}"
-            services_command("start", "mongo")
+            services_command("start", service)
             event = payload_arrived()
             async with Bus(settings.bus) as bus, Database(settings.mongo) as database:
                 await bus.publish(event)
@@ -246,4 +250,4 @@ async def test_a_consumer_started_while_the_database_is_down_waits_for_it(live_s
 
                 await wait_for(handled, 60, "the consumer to come up and handle a message")
     finally:
-        services_command("start", "mongo")
+        services_command("start", service)
