@@ -128,7 +128,7 @@ class ObjectStore:
         )
         return FileRef(bucket=self.bucket, key=key, size=await self.size(key), content_type=content_type)
 
-    async def copy(self, source_key: str, target_key: str) -> FileRef:
+    async def copy(self, source_key: str, target_key: str) -> None:
         """Copy an object inside the bucket (server-side: no bytes pass through MWM)."""
         await self._call(
             f"copy {source_key}",
@@ -137,7 +137,6 @@ class ObjectStore:
             target_key,
             CopySource(self.bucket, source_key),
         )
-        return FileRef(bucket=self.bucket, key=target_key, size=await self.size(target_key))
 
     async def size(self, key: str) -> int:
         """The object's size; ``NotFound`` when it does not exist."""
