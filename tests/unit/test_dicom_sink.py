@@ -13,23 +13,14 @@ from wm.sinks.dicom import _keep_responses
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def store_response() -> C_STORE:
-    response = C_STORE()
-    response.MessageIDBeingRespondedTo = 1
-    response.AffectedSOPClassUID = CT_IMAGE_STORAGE
-    response.AffectedSOPInstanceUID = "1.2.3.4"
-    response.Status = 0x0000
-    return response
-
-
-def store_request() -> C_STORE:
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = CT_IMAGE_STORAGE
-    request.AffectedSOPInstanceUID = "1.2.3.4"
-    request.Priority = 2
-    request.DataSet = BytesIO(b"\x00")
-    return request
+def c_store(**fields: object) -> C_STORE:
+    """A CT image storage C-STORE primitive with ``fields`` set: a request or a response."""
+    message = C_STORE()
+    message.AffectedSOPClassUID = CT_IMAGE_STORAGE
+    message.AffectedSOPInstanceUID = "1.2.3.4"
+    for name, value in fields.items():
+        setattr(message, name, value)
+    return message
 
 
 def guarded_association() -> tuple[Association, list[C_STORE]]:
@@ -43,7 +34,7 @@ def guarded_association() -> tuple[Association, list[C_STORE]]:
 
 def test_a_response_the_reactor_takes_goes_back_to_the_waiting_sender() -> None:
     assoc, served = guarded_association()
-    response = store_response()
+    response = c_store(MessageIDBeingRespondedTo=1, Status=0x0000)
     assert response.is_valid_response
     assoc._serve_request(response, 3)
     assert served == []
@@ -52,7 +43,7 @@ def test_a_response_the_reactor_takes_goes_back_to_the_waiting_sender() -> None:
 
 def test_a_request_from_the_peer_is_still_served() -> None:
     assoc, served = guarded_association()
-    request = store_request()
+    request = c_store(MessageID=1, Priority=2, DataSet=BytesIO(b"\x00"))
     assert request.is_valid_request
     assoc._serve_request(request, 1)
     assert served == [request]
