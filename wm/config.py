@@ -64,7 +64,9 @@ class RetrySettings(BaseModel):
 class ObservabilitySettings(BaseModel):
     """Logs, metrics and the health endpoint of each process."""
 
-    log_format: Literal["console", "json"] = Field("console", description="`json` in production")
+    log_format: Literal["auto", "console", "json"] = Field(
+        "auto", description="`auto`: readable on a terminal, one JSON object per line otherwise"
+    )
     log_level: str = Field("INFO", description="log level")
     http_host: str = Field("127.0.0.1", description="bind address of /healthz, /readyz and /metrics")
     http_port: int = Field(9100, ge=0, le=65535, description="port of /healthz, /readyz, /metrics; 0 = off")
