@@ -193,14 +193,19 @@ class ConsumerRunner(Generic[Deps]):
                 await self._channel.close()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._process(message))
+        # aio-pika already runs each delivery in a task of its own, whose context is a copy: what is bound
+        # here stays with it, and the task is what a drain waits for.
+        task = asyncio.current_task()
+        assert task is not None
         self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        try:
+            await self._process(message)
+        finally:
+            self._inflight.discard(task)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         self._consumed.inc()
-        # Each delivery runs in a task of its own, whose context is a copy: what is bound here stays with it.
         structlog.contextvars.bind_contextvars(
             consumer=self.consumer.name,
             message_id=message.message_id,
