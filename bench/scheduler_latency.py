@@ -40,7 +40,14 @@ from bus_hop import bench_settings, wait_for_services  # noqa: E402
 
 from consumers import monitor, scheduler  # noqa: E402
 from schemas.events import BucketFile, BucketReady, JobFinished, JobLaunched  # noqa: E402
-from tests.support.pipeline import EventTap, consumers_running, mip_application, register, tap  # noqa: E402
+from tests.support.pipeline import (  # noqa: E402
+    EventTap,
+    consumers_running,
+    mip_application,
+    register,
+    tap,
+    wait_until_consuming,
+)
 from tests.support.services import cleanup  # noqa: E402
 from wm.adapters.objectstore import ObjectStore  # noqa: E402
 from wm.adapters.rabbitmq import Bus  # noqa: E402
@@ -98,6 +105,7 @@ async def measure(settings: Settings, ready: list[BucketReady]) -> tuple[list[fl
         consumers_running(settings, [scheduler.CONSUMER, monitor.CONSUMER]),
         Bus(settings.bus) as bus,
     ):
+        await wait_until_consuming(settings, [scheduler.CONSUMER, monitor.CONSUMER])
         for event in ready:
             job_id = job_id_for(event.bucket_id)
             published = time.time()

@@ -18,7 +18,7 @@ from schemas.events import EVENTS_BY_TYPE_NAME, DicomIdentifiers, Event, Payload
 from tests.support.services import REPO, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
-from wm.adapters.rabbitmq import Bus
+from wm.adapters.rabbitmq import Bus, queue_name
 from wm.config import Settings
 from wm.dicom import object_key, read_identifiers
 from wm.registry import Registry, engine_validator
@@ -124,6 +124,24 @@ async def consumers_running(settings: Settings, consumers: Sequence[Consumer[Any
     finally:
         stop.set()
         await task
+
+
+async def wait_until_consuming(
+    settings: Settings, consumers: Sequence[Consumer[Any]], timeout: float = 60
+) -> None:
+    """Wait until every consumer's queue has a consumer, so what is published next meets a running one."""
+    connection = await aio_pika.connect(settings.bus.url)
+    async with connection:
+        channel = await connection.channel()
+
+        async def all_consuming() -> bool:
+            for consumer in consumers:
+                queue = await channel.declare_queue(queue_name(settings.bus, consumer.name), passive=True)
+                if not queue.declaration_result.consumer_count:
+                    return False
+            return True
+
+        await wait_for(all_consuming, timeout, f"consumers {[consumer.name for consumer in consumers]}")
 
 
 async def arrive(
