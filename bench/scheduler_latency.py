@@ -7,7 +7,8 @@ with this run's own exchange, queues, database and bucket, and an application on
 whose command is ``true`` (so the application's own work is nil). For each of N buckets it uploads one
 small generated CT file to the object store as the gateway would, builds the ``BucketReady`` the discovery
 consumer would (``wm.domain.discovery.bucket_ready``) and publishes it, one job at a time (the next
-bucket.ready after the previous job.finished, so runners of earlier jobs do not compete for the CPU):
+bucket.ready after the previous job.finished, so runners of earlier jobs do not compete for the CPU), once
+the scheduler and the monitor are consuming (the first bucket would otherwise wait for their start-up):
 
 - launch latency: from just before the publish to the arrival of that job's ``job.launched`` on a tap
   queue. It covers the scheduler's delivery, the job insert, staging (a server-side copy per file), the
