@@ -23,7 +23,13 @@ Speed: a sender that waits for each response (dcmtk storescu) gets one file per 
 trip plus pynetdicom's own receive and response work (``bench/gateway_vs_orthanc.py`` measures both parts
 separately); the object store's PUT latency dominates.
 
-SIGTERM: stop accepting associations, let open ones finish within ``drain_timeout_s``, abort the rest, exit.
+A connection must send its A-ASSOCIATE-RQ within ``acse_timeout_s`` (the ARTIM timer, PS3.8 9.1.5), or the
+gateway closes it. pynetdicom keeps the thread of a connection without a request (a port scanner, a TCP
+probe, even one that has left) that long, and counts it against ``max_associations``.
+
+SIGTERM: stop accepting connections; close at once those whose peer has not sent its A-ASSOCIATE-RQ (a TCP
+probe, a port scanner: they would never carry a study); let the associations that have one finish within
+``drain_timeout_s``, abort the rest, exit.
 One log line per association: calling and called AE, peer, payload id, files, failures, duration.
 """
 
@@ -46,6 +52,7 @@ from typing import Any
 import structlog
 from prometheus_client import Counter, Histogram
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from producers.gateway_admission import REJECT, AeTitleDirectory, CachedDirectory, Rejection, admit
@@ -150,18 +157,34 @@ class Gateway:
         log.info("gateway_listening", host=host, port=port, tls=_ssl_context(self.settings) is not None)
 
     async def stop(self, drain_timeout_s: float) -> None:
-        """Stop accepting, wait up to ``drain_timeout_s`` for open associations, abort what is left."""
+        """Stop accepting; close connections that sent no association request; drain and abort the others.
+
+        The associations whose peer has sent its A-ASSOCIATE-RQ get up to ``drain_timeout_s`` to finish, then
+        are aborted. The others are closed at once and not waited for: their pynetdicom thread may outlive
+        `stop` by up to ``acse_timeout_s`` (pynetdicom offers no way to wake it), holding no socket.
+        """
         server = self._server
         if server is None:
             return
         await asyncio.to_thread(server.shutdown)
-        await asyncio.to_thread(_join_all, server.active_associations, drain_timeout_s)
-        left = server.active_associations
-        for assoc in left:
-            assoc.abort()
-        await asyncio.to_thread(self.ae.shutdown)
+        # No await between sorting and closing: an association's admission runs on this loop, so none can
+        # become established meanwhile. A request read while we look is refused by the close, before any
+        # A-ASSOCIATE-AC; its sender sees a failed association (as if it came after the shutdown) and retries.
+        draining, silent = [], []
+        for assoc in server.active_associations:
+            if has_requested(assoc):
+                draining.append(assoc)
+            else:
+                close_connection(assoc)
+                silent.append(assoc)
+        await asyncio.to_thread(_join_all, draining, drain_timeout_s)
+        left = [assoc for assoc in draining if assoc.is_alive()]
+        # Not `AE.shutdown()`: it aborts every association thread, and an A-ABORT for a connection still
+        # awaiting its request is an invalid event for pynetdicom's state machine (Sta2 + Evt15), which
+        # raises in the DUL thread.
+        await asyncio.to_thread(_abort_all, left)
         self._server = None
-        log.info("gateway_stopped", aborted_associations=len(left))
+        log.info("gateway_stopped", aborted_associations=len(left), closed_silent_connections=len(silent))
 
     # -- pynetdicom handlers (association threads) --------------------------------------------------------
 
@@ -282,6 +305,34 @@ def _join_all(threads: list[threading.Thread], timeout_s: float) -> None:
         thread.join(max(0.0, deadline - time.monotonic()))
 
 
+def _abort_all(associations: list[Association]) -> None:
+    for assoc in associations:
+        assoc.abort()
+
+
+def has_requested(assoc: Association) -> bool:
+    """Whether the peer of an accepted connection has sent its A-ASSOCIATE-RQ.
+
+    Sta3 is the DUL holding the request for the association thread (PS3.8 9.2); once that thread takes it,
+    ``requestor.primitive`` is set. Before the request the DUL is in Sta1 (starting, or the peer left) or
+    Sta2 (waiting, ARTIM running); Sta13 without a request is a request the DUL itself refused.
+    """
+    return assoc.dul.state_machine.current_state == "Sta3" or assoc.requestor.primitive is not None
+
+
+def close_connection(assoc: Association) -> None:
+    """Shut down the connection under ``assoc``; its DUL thread then sees the peer gone and ends it.
+
+    A shutdown rather than a close: the DUL thread polls and reads the socket, and a descriptor closed under
+    another thread can be reused by a new one; the DUL closes it when it sees the end of the stream.
+    """
+    connection = assoc.dul.socket
+    sock = connection.socket if connection is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed, by the peer or by the DUL
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def disable_nagle(event: evt.Event) -> None:
     """EVT_CONN_OPEN: set TCP_NODELAY, or every C-STORE response waits on a 40 ms delayed ACK."""
     connection = event.assoc.dul.socket
@@ -293,6 +344,7 @@ def application_entity(settings: GatewaySettings) -> AE:
     """An AE accepting C-ECHO and every storage SOP class, in every transfer syntax (stored as sent)."""
     ae = AE()
     ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.acse_timeout_s
     ae.maximum_pdu_size = MAX_PDU_SIZE
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -21,7 +23,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from producers.gateway import Gateway, serving
 from schemas.applications import CallingPeer
-from schemas.events import PayloadArrived
+from schemas.events import FileRef, PayloadArrived
 from tests.support.pipeline import bound_queue
 from tests.support.services import services_command, wait_for
 from wm.adapters.mongo import Database
@@ -229,3 +231,75 @@ async def test_accepted_sockets_have_tcp_nodelay(settings: Settings) -> None:
             assert server_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         finally:
             await asyncio.to_thread(assoc.release)
+
+
+def closed_by_peer(connection: socket.socket, within_s: float) -> bool:
+    """Whether the gateway closes ``connection`` within ``within_s`` seconds (we never write to it)."""
+    connection.settimeout(within_s)
+    try:
+        return connection.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def with_acse_timeout(settings: Settings, acse_timeout_s: float) -> Settings:
+    gateway = settings.gateway.model_copy(update={"acse_timeout_s": acse_timeout_s})
+    return settings.model_copy(update={"gateway": gateway})
+
+
+async def test_a_connection_that_sends_no_association_request_is_closed_after_the_acse_timeout(
+    settings: Settings,
+) -> None:
+    async with serving(with_acse_timeout(settings, 1.0)) as (gateway, _):
+        with socket.create_connection(gateway.address, timeout=5) as silent:
+            started = time.monotonic()
+            closed = await asyncio.to_thread(closed_by_peer, silent, 10)
+            waited_s = time.monotonic() - started
+    assert closed, "the gateway kept a silent connection open"
+    assert 0.5 < waited_s < 5, waited_s
+
+
+DRAIN_TIMEOUT_S = 20.0
+
+
+async def test_stop_closes_connections_without_an_association_request_at_once_and_drains_a_study(
+    settings: Settings, study: GeneratedStudy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The gateway's own timeout would close the silent connection only long after the drain timeout.
+    settings = with_acse_timeout(settings, 3 * DRAIN_TIMEOUT_S)
+    await map_ae_title(settings)
+    async with (
+        bound_queue(settings, PayloadArrived.event_type) as queue,
+        serving(settings) as (gateway, services),
+    ):
+        holding, release = asyncio.Event(), asyncio.Event()
+        put_stream = services.objects.put_stream
+
+        async def held_put_stream(*args: Any, **kwargs: Any) -> FileRef:
+            holding.set()
+            await release.wait()
+            return await put_stream(*args, **kwargs)
+
+        # Holds the study's first file until stop has begun, so stop meets an established association.
+        monkeypatch.setattr(services.objects, "put_stream", held_put_stream)
+        socket.create_connection(gateway.address, timeout=5).close()  # a TCP probe: connects, leaves
+        with socket.create_connection(gateway.address, timeout=5) as silent:  # connects, never speaks
+            sending = asyncio.create_task(send(gateway, study.files))
+            async with asyncio.timeout(20):
+                await holding.wait()
+            started = time.monotonic()
+            stopping = asyncio.create_task(gateway.stop(DRAIN_TIMEOUT_S))
+            closed = await asyncio.to_thread(closed_by_peer, silent, DRAIN_TIMEOUT_S + 5)
+            release.set()
+            await stopping
+            stopped_s = time.monotonic() - started
+        assert stopped_s < 5, f"stop took {stopped_s:.1f}s: it waited for connections that asked for nothing"
+        assert closed, "stop left the silent connection open"
+        result = await sending
+        assert result.returncode == 0, result.stderr
+        events = [PayloadArrived.model_validate_json(m.body) for m in await collect(queue, len(study.files))]
+    assert sorted(event.dicom.sop_instance_uid for event in events) == sorted(
+        str(pydicom.dcmread(path).SOPInstanceUID) for path in study.files
+    )
