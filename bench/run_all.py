@@ -52,8 +52,27 @@ def benchmark_scripts(only: list[str]) -> list[Path]:
     return scripts
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs since boot."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+def wait_until_quiet(idle_fraction: float = 0.8, timeout_s: float = 60.0) -> None:
+    """Wait until the CPUs were mostly idle for a whole second (services finishing the previous run's work:
+    dropped queues, a database writing behind), so a benchmark does not inherit its predecessor's load."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        idle_before, total_before = _cpu_times()
+        time.sleep(1.0)
+        idle_after, total_after = _cpu_times()
+        if (idle_after - idle_before) >= idle_fraction * max(1, total_after - total_before):
+            return
+
+
 def run_script(script: Path, timeout_s: float) -> Outcome:
     """Run one benchmark; its result rows are the stdout lines starting with ``| ``."""
+    wait_until_quiet()
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": python_path}
     started = time.monotonic()
