@@ -50,6 +50,8 @@ from wm.retry import backoff_delays, retrying
 
 log = structlog.get_logger("wm.runtime")
 
+CANCEL_TIMEOUT_S = 5.0  # how long stopping waits for the broker to confirm a consumer cancel or channel close
+
 Deps = TypeVar("Deps")
 T = TypeVar("T")
 Handler = Callable[[Any, Deps], Awaitable[None]]
@@ -179,8 +181,10 @@ class ConsumerRunner(Generic[Deps]):
         """Stop taking deliveries; let in-flight ones and background tasks finish within the drain timeout."""
         self._stopping.set()
         if self._queue is not None and self._tag is not None:
+            # Bounded: with the connection down (a broker restart during the SIGTERM), a robust channel
+            # waits for a reconnection before it cancels; the broker drops the consumer with the connection.
             with contextlib.suppress(Exception):
-                await self._queue.cancel(self._tag)
+                await asyncio.wait_for(self._queue.cancel(self._tag), CANCEL_TIMEOUT_S)
         pending = set(self._inflight) | set(self._background)
         if pending:
             done, not_done = await asyncio.wait(pending, timeout=drain_timeout_s)
@@ -191,18 +195,15 @@ class ConsumerRunner(Generic[Deps]):
             )
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(Exception):
-                await self._channel.close()
+                await asyncio.wait_for(self._channel.close(), CANCEL_TIMEOUT_S)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # aio-pika already runs each delivery in a task of its own, whose context is a copy: what is bound
-        # here stays with it, and the task is what a drain waits for.
-        task = asyncio.current_task()
-        assert task is not None
+        # A task of our own, not aio-pika's: closing the channel (a broker restart) cancels the tasks aiormq
+        # runs deliveries in, and a handler must still finish its effects when only its ack is lost. Its
+        # context is a copy, so what _process binds stays with this delivery.
+        task = asyncio.create_task(self._process(message))
         self._inflight.add(task)
-        try:
-            await self._process(message)
-        finally:
-            self._inflight.discard(task)
+        task.add_done_callback(self._inflight.discard)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()

@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 import aio_pika
 import pytest
 
+from schemas.events import PayloadArrived
 from tests.support import probe
 from tests.support.events import payload_arrived
 from tests.support.services import consumer_log, consumer_processes, services_command, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import Bus, dead_letter_queue_name, describe_dead_letter
 from wm.config import Settings
-from wm.runtime import run_consumers
+from wm.runtime import Consumer, ConsumerRunner, Services, open_services, run_consumers
 
 PROBE = "tests.support.probe:CONSUMER"
 
@@ -251,3 +252,36 @@ async def test_a_consumer_started_while_a_service_is_down_waits_for_it(
                 await wait_for(handled, 60, "the consumer to come up and handle a message")
     finally:
         services_command("start", service)
+
+
+async def test_a_handler_in_flight_finishes_its_effects_when_its_channel_closes(
+    live_settings: Settings,
+) -> None:
+    """A broker restart closes the channel under a delivery: its ack is lost, its handler goes on."""
+    entered, release, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow(event: PayloadArrived, deps: None) -> None:
+        entered.set()
+        await release.wait()
+        finished.set()
+
+    def no_deps(services: Services) -> None:
+        return None
+
+    consumer: Consumer[None] = Consumer(
+        name="inflight",
+        routing_keys=(PayloadArrived.event_type,),
+        handlers={PayloadArrived: slow},
+        build_deps=no_deps,
+    )
+    async with open_services(live_settings) as services:
+        runner = ConsumerRunner(consumer, services)
+        await runner.start()
+        await services.bus.publish(payload_arrived())
+        await asyncio.wait_for(entered.wait(), 10)
+
+        await services.bus.connection.close()  # every channel closes, as in a broker restart
+        release.set()
+
+        await asyncio.wait_for(finished.wait(), 10)
+        await runner.stop(drain_timeout_s=5)
