@@ -5,7 +5,10 @@ to an application (see `producers.gateway_admission`: unknown called AE -> assoc
 not recognised"; a caller not on the AE title's allow-list -> "calling AE not recognised"). It supports
 C-ECHO and every storage SOP class in any transfer syntax, caps concurrent associations at
 ``max_associations``, disables Nagle (TCP_NODELAY) on every accepted socket and speaks TLS when
-``tls_cert`` and ``tls_key`` are set.
+``tls_cert`` and ``tls_key`` are set. The TLS handshake runs in the connection's own thread, not in the
+accept loop as in pynetdicom's server (where one peer that connects and says nothing holds every other
+connection, and shutdown), and must end within ``acse_timeout_s``; a peer that fails it or is slower is
+closed, logged (``tls_handshake_failed``) and counted (``mwm_gateway_tls_handshakes_total``).
 
 For each C-STORE, in pynetdicom's association thread: the received bytes are taken without decoding them
 (preamble, file meta and data set as sent: a valid Part-10 file), the identifiers are read from the header,
@@ -23,13 +26,14 @@ Speed: a sender that waits for each response (dcmtk storescu) gets one file per 
 trip plus pynetdicom's own receive and response work (``bench/gateway_vs_orthanc.py`` measures both parts
 separately); the object store's PUT latency dominates.
 
-A connection must send its A-ASSOCIATE-RQ within ``acse_timeout_s`` (the ARTIM timer, PS3.8 9.1.5), or the
-gateway closes it. pynetdicom keeps the thread of a connection without a request (a port scanner, a TCP
-probe, even one that has left) that long, and counts it against ``max_associations``.
+A connection must send its A-ASSOCIATE-RQ within ``acse_timeout_s`` (the ARTIM timer, PS3.8 9.1.5; with
+TLS counted from the end of the handshake), or the gateway closes it. pynetdicom keeps the thread of a
+connection without a request (a port scanner, a TCP probe, even one that has left) that long, and counts it
+against ``max_associations``; a connection still in its TLS handshake has a thread of ours, not counted.
 
 SIGTERM: stop accepting connections; close at once those whose peer has not sent its A-ASSOCIATE-RQ (a TCP
-probe, a port scanner: they would never carry a study); let the associations that have one finish within
-``drain_timeout_s``, abort the rest, exit.
+probe, a port scanner: they would never carry a study), those in their TLS handshake too; let the
+associations that have one finish within ``drain_timeout_s``, abort the rest, exit.
 One log line per association: calling and called AE, peer, payload id, files, failures, duration.
 """
 
@@ -54,6 +58,8 @@ from prometheus_client import Counter, Histogram
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from producers.gateway_admission import REJECT, AeTitleDirectory, CachedDirectory, Rejection, admit
 from producers.publisher import PayloadPublisher
@@ -76,6 +82,9 @@ MAX_PDU_SIZE = 0
 
 FILES = Counter("mwm_gateway_files_total", "C-STORE requests answered by the gateway", ["outcome"])
 ASSOCIATIONS = Counter("mwm_gateway_associations_total", "Association requests", ["outcome"])
+TLS_HANDSHAKES = Counter(
+    "mwm_gateway_tls_handshakes_total", "TLS handshakes of accepted connections", ["outcome"]
+)
 STORE_SECONDS = Histogram(
     "mwm_gateway_store_seconds",
     "Upload plus publish of one received file",
@@ -142,19 +151,20 @@ class Gateway:
         """Listen for associations (pynetdicom's server thread) until `stop`."""
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.settings.queue_size)
-        self._server = self.ae.start_server(
-            (self.settings.host, self.settings.port),
-            block=False,
-            ssl_context=_ssl_context(self.settings),
-            evt_handlers=[
-                (evt.EVT_CONN_OPEN, disable_nagle),
-                (evt.EVT_REQUESTED, self._on_requested),
-                (evt.EVT_C_STORE, self._on_store),
-                (evt.EVT_CONN_CLOSE, self._on_conn_close),
-            ],
-        )
+        address = (self.settings.host, self.settings.port)
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, disable_nagle),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+        tls = _ssl_context(self.settings)
+        if tls is None:
+            self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        else:
+            self._server = start_tls_server(self.ae, address, tls, handlers, self.settings.acse_timeout_s)
         host, port = self.address
-        log.info("gateway_listening", host=host, port=port, tls=_ssl_context(self.settings) is not None)
+        log.info("gateway_listening", host=host, port=port, tls=tls is not None)
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Stop accepting; close connections that sent no association request; drain and abort the others.
@@ -166,6 +176,7 @@ class Gateway:
         server = self._server
         if server is None:
             return
+        # A TLS server also closes here the connections still in their TLS handshake (`TlsAssociationServer`).
         await asyncio.to_thread(server.shutdown)
         # No await between sorting and closing: an association's admission runs on this loop, so none can
         # become established meanwhile. A request read while we look is refused by the close, before any
@@ -184,7 +195,12 @@ class Gateway:
         # raises in the DUL thread.
         await asyncio.to_thread(_abort_all, left)
         self._server = None
-        log.info("gateway_stopped", aborted_associations=len(left), closed_silent_connections=len(silent))
+        closed_handshakes = server.closed_handshakes if isinstance(server, TlsAssociationServer) else 0
+        log.info(
+            "gateway_stopped",
+            aborted_associations=len(left),
+            closed_silent_connections=len(silent) + closed_handshakes,
+        )
 
     # -- pynetdicom handlers (association threads) --------------------------------------------------------
 
@@ -296,6 +312,115 @@ class Gateway:
             )
             STORE_SECONDS.observe(time.perf_counter() - started)
             return ref
+
+
+class TlsAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake in the connection's thread, within a time limit.
+
+    pynetdicom's own server does the handshake in its accept loop, on a socket without a timeout: one peer
+    that connects and sends nothing (a port scanner, a TCP probe) holds every other connection, and
+    `shutdown`, until it leaves. Here the loop only accepts; the connection's thread does the handshake within
+    ``handshake_timeout_s`` (for the whole handshake), then hands the TLS socket to pynetdicom as its own
+    server would. A peer that fails or does not finish its handshake is closed and logged.
+    ``server_close`` (part of `shutdown`) closes the connections still in their handshake.
+    """
+
+    def __init__(self, *args: Any, handshake_timeout_s: float, **kwargs: Any) -> None:
+        self._handshake_timeout_s = handshake_timeout_s
+        self._handshakes: set[ssl.SSLSocket] = set()
+        self._handshakes_lock = threading.Lock()
+        self._closing = False
+        self.closed_handshakes = 0
+        """Connections `server_close` closed during their handshake."""
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection without reading from it (pynetdicom's would do the handshake here)."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        return client, address
+
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: tuple[str, int] | str
+    ) -> None:
+        """In the connection's thread: the handshake, then pynetdicom's association as usual."""
+        assert isinstance(request, socket.socket), "a stream server's request is its socket"
+        # The host alone, as the association log lines name their peer.
+        peer = str(client_address[0]) if isinstance(client_address, tuple) else client_address
+        connection = self._handshake(request, peer)
+        if connection is not None:
+            super().process_request_thread(connection, client_address)
+
+    def _handshake(self, raw: socket.socket, peer: str) -> ssl.SSLSocket | None:
+        assert self.ssl_context is not None
+        try:
+            # No handshake in wrap_socket: `server_close` must be able to reach the socket during it.
+            connection = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            log.warning("tls_handshake_failed", peer=peer, reason=str(exc) or type(exc).__name__)
+            TLS_HANDSHAKES.labels("failed").inc()
+            _close(raw)
+            return None
+        with self._handshakes_lock:
+            if self._closing:  # accepted just before `shutdown` stopped the accept loop
+                _close(connection)
+                return None
+            self._handshakes.add(connection)
+        failure: OSError | None = None
+        try:
+            connection.settimeout(self._handshake_timeout_s)  # a deadline for the whole handshake
+            connection.do_handshake()
+            connection.settimeout(None)  # as pynetdicom's own server leaves its sockets
+        except OSError as exc:  # ssl.SSLError, TimeoutError, a peer that left
+            failure = exc
+        with self._handshakes_lock:
+            self._handshakes.discard(connection)
+            closing = self._closing
+        if failure is None and not closing:
+            TLS_HANDSHAKES.labels("completed").inc()
+            return connection
+        if not closing:
+            outcome = "timeout" if isinstance(failure, TimeoutError) else "failed"
+            TLS_HANDSHAKES.labels(outcome).inc()
+            log.warning("tls_handshake_failed", peer=peer, reason=str(failure) or type(failure).__name__)
+        _close(connection)
+        return None
+
+    def server_close(self) -> None:
+        """Close the listening socket and the connections in their handshake, then wait for their threads."""
+        with self._handshakes_lock:
+            self._closing = True
+            for connection in self._handshakes:
+                # The plain socket's shutdown, not SSLSocket.shutdown: that one drops the SSL object the
+                # handshake thread is using. Under the lock, so the thread cannot have closed the descriptor.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(connection, socket.SHUT_RDWR)
+            self.closed_handshakes += len(self._handshakes)
+        super().server_close()
+
+
+def start_tls_server(
+    ae: AE, address: tuple[str, int], context: ssl.SSLContext, handlers: list[Any], handshake_timeout_s: float
+) -> TlsAssociationServer:
+    """`AE.start_server(block=False)` with a `TlsAssociationServer` (start_server takes no server class)."""
+    server = ae.make_server(
+        address,
+        ssl_context=context,
+        evt_handlers=handlers,
+        server_class=TlsAssociationServer,
+        handshake_timeout_s=handshake_timeout_s,
+    )
+    assert isinstance(server, TlsAssociationServer)
+    thread = threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer", daemon=True)
+    thread.start()
+    # As start_server does: `AssociationServer.shutdown` removes the server from this list.
+    ae._servers.append(server)
+    return server
+
+
+def _close(connection: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        connection.close()
 
 
 def _join_all(threads: list[threading.Thread], timeout_s: float) -> None:

@@ -108,7 +108,10 @@ class GatewaySettings(BaseModel):
     max_associations: int = Field(25, ge=1, description="concurrent associations")
     queue_size: int = Field(64, ge=1, description="files buffered for upload before back-pressure")
     acse_timeout_s: float = Field(
-        10.0, gt=0, description="close a connection that sends no association request within this (ARTIM)"
+        10.0,
+        gt=0,
+        description="close a connection that sends no association request (with TLS: ends no handshake) "
+        "within this (ARTIM)",
     )
     tls_cert: str = Field("", description="PEM certificate; with tls_key enables TLS")
     tls_key: str = Field("", description="PEM private key")

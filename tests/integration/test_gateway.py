@@ -303,3 +303,108 @@ async def test_stop_closes_connections_without_an_association_request_at_once_an
     assert sorted(event.dicom.sop_instance_uid for event in events) == sorted(
         str(pydicom.dcmread(path).SOPInstanceUID) for path in study.files
     )
+
+
+# -- TLS ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its unencrypted key, made with the openssl CLI."""
+    cert, key = tmp_path / "gateway-cert.pem", tmp_path / "gateway-key.pem"
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    command += ["-subj", f"/CN={LOCALHOST}", "-addext", f"subjectAltName=IP:{LOCALHOST}"]
+    subprocess.run(
+        [*command, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60
+    )
+    return cert, key
+
+
+def with_tls(
+    settings: Settings, tls_files: tuple[Path, Path], acse_timeout_s: float | None = None
+) -> Settings:
+    cert, key = tls_files
+    update: dict[str, Any] = {"tls_cert": str(cert), "tls_key": str(key)}
+    if acse_timeout_s is not None:
+        update["acse_timeout_s"] = acse_timeout_s
+    return settings.model_copy(update={"gateway": settings.gateway.model_copy(update=update)})
+
+
+def tls_args(tls_files: tuple[Path, Path]) -> list[str]:
+    """storescu over TLS without a client certificate, trusting only the gateway's certificate."""
+    return ["+tla", "+cf", str(tls_files[0])]
+
+
+async def test_a_study_sent_over_tls_is_stored_and_announced(
+    settings: Settings, study: GeneratedStudy, tls_files: tuple[Path, Path]
+) -> None:
+    settings = with_tls(settings, tls_files)
+    await map_ae_title(settings)
+    async with bound_queue(settings, PayloadArrived.event_type) as queue, serving(settings) as (gateway, _):
+        result = await send(gateway, study.files, extra_args=tls_args(tls_files))
+        assert result.returncode == 0, result.stderr
+        events = [PayloadArrived.model_validate_json(m.body) for m in await collect(queue, len(study.files))]
+        plain = await send(gateway, study.files[:1])
+        assert plain.returncode != 0, "a sender without TLS got through the TLS port"
+        await asyncio.sleep(0.2)
+        assert await drain(queue) == []
+    assert len(events) == len(study.files)
+    assert len({event.payload_id for event in events}) == 1
+    assert sorted(await stored_keys(settings)) == sorted(event.file.key for event in events)
+
+
+async def test_a_silent_connection_to_the_tls_port_is_closed_after_the_acse_timeout(
+    settings: Settings, tls_files: tuple[Path, Path]
+) -> None:
+    async with serving(with_tls(settings, tls_files, acse_timeout_s=1.0)) as (gateway, _):
+        with socket.create_connection(gateway.address, timeout=5) as silent:
+            started = time.monotonic()
+            closed = await asyncio.to_thread(closed_by_peer, silent, 10)
+            waited_s = time.monotonic() - started
+    assert closed, "the gateway kept a connection that never started its TLS handshake open"
+    assert 0.5 < waited_s < 5, waited_s
+
+
+async def test_a_silent_connection_to_the_tls_port_blocks_neither_other_senders_nor_stop(
+    settings: Settings, study: GeneratedStudy, tls_files: tuple[Path, Path]
+) -> None:
+    # A long ACSE timeout: the other sender must get through while the silent peer is still there. Time limits
+    # of our own, so a gateway that is held up fails the test rather than hanging it; leaving the `with`
+    # closes the silent connection, which frees such a gateway for the fixture's stop.
+    settings = with_tls(settings, tls_files, acse_timeout_s=120.0)
+    await map_ae_title(settings)
+    async with (
+        bound_queue(settings, PayloadArrived.event_type) as queue,
+        serving(settings) as (gateway, _),
+    ):
+        host, port = gateway.address
+        with socket.create_connection(gateway.address, timeout=5) as silent:  # connects, never speaks
+            await asyncio.sleep(0.5)  # the gateway has accepted it
+            started = time.monotonic()
+            try:
+                result = await astorescu(
+                    host,
+                    port,
+                    AET,
+                    study.files[:2],
+                    calling_aet=SENDER,
+                    timeout=20,
+                    extra_args=tls_args(tls_files),
+                )
+            except TimeoutError:
+                pytest.fail("a TLS sender was held up by a silent connection to the gateway")
+            sent_s = time.monotonic() - started
+            assert result.returncode == 0, result.stderr
+            assert sent_s < 10, f"sending 2 files over TLS took {sent_s:.1f}s next to a silent connection"
+            assert len(await collect(queue, 2)) == 2
+
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(15):
+                    await gateway.stop(DRAIN_TIMEOUT_S)
+            except TimeoutError:
+                pytest.fail("stop was held up by a silent connection to the TLS port")
+            stopped_s = time.monotonic() - started
+            closed = await asyncio.to_thread(closed_by_peer, silent, 5)
+    assert stopped_s < 5, f"stop took {stopped_s:.1f}s next to a silent connection"
+    assert closed, "stop left the silent connection open"
