@@ -357,9 +357,7 @@ class TlsAssociationServer(ThreadedAssociationServer):
             # No handshake in wrap_socket: `server_close` must be able to reach the socket during it.
             connection = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
         except OSError as exc:
-            log.warning("tls_handshake_failed", peer=peer, reason=str(exc) or type(exc).__name__)
-            TLS_HANDSHAKES.labels("failed").inc()
-            _close(raw)
+            _handshake_failed(raw, peer, "failed", exc)
             return None
         with self._handshakes_lock:
             if self._closing:  # accepted just before `shutdown` stopped the accept loop
@@ -379,11 +377,13 @@ class TlsAssociationServer(ThreadedAssociationServer):
         if failure is None and not closing:
             TLS_HANDSHAKES.labels("completed").inc()
             return connection
-        if not closing:
-            outcome = "timeout" if isinstance(failure, TimeoutError) else "failed"
-            TLS_HANDSHAKES.labels(outcome).inc()
-            log.warning("tls_handshake_failed", peer=peer, reason=str(failure) or type(failure).__name__)
-        _close(connection)
+        if closing:
+            _close(connection)
+        else:
+            assert failure is not None
+            _handshake_failed(
+                connection, peer, "timeout" if isinstance(failure, TimeoutError) else "failed", failure
+            )
         return None
 
     def server_close(self) -> None:
@@ -416,6 +416,14 @@ def start_tls_server(
     # As start_server does: `AssociationServer.shutdown` removes the server from this list.
     ae._servers.append(server)
     return server
+
+
+def _handshake_failed(connection: socket.socket, peer: str, outcome: str, failure: OSError) -> None:
+    TLS_HANDSHAKES.labels(outcome).inc()
+    log.warning(
+        "tls_handshake_failed", peer=peer, outcome=outcome, reason=str(failure) or type(failure).__name__
+    )
+    _close(connection)
 
 
 def _close(connection: socket.socket) -> None:

@@ -92,6 +92,20 @@ def seal_id(bucket_id: str) -> str:
     return f"seal|{bucket_id}"
 
 
+def membership_id(file_id: str, bucket_id: str) -> str:
+    """The ``_id`` of the decision whether a file is in a bucket, in ``bucket_memberships``."""
+    return f"{file_id}|{bucket_id}"
+
+
+def _membership(file_id: str, bucket_id: str, winner: str) -> Document:
+    return {
+        "_id": membership_id(file_id, bucket_id),
+        "bucket_id": bucket_id,
+        "file_id": file_id,
+        "winner": winner,
+    }
+
+
 class BucketStore:
     """Bucket operations for the discovery consumer."""
 
@@ -175,14 +189,12 @@ class BucketStore:
     async def _contest(self, fid: str, bucket_id: str, winner: str) -> bool:
         """Insert the membership decision for (file, bucket); True when this side won."""
         try:
-            await self._memberships.insert_one(
-                {"_id": f"{fid}|{bucket_id}", "bucket_id": bucket_id, "file_id": fid, "winner": winner}
-            )
+            await self._memberships.insert_one(_membership(fid, bucket_id, winner))
             return True
         except Exception as exc:
             if not _is_duplicate(exc):
                 raise
-            existing = await self._memberships.find_one({"_id": f"{fid}|{bucket_id}"})
+            existing = await self._memberships.find_one({"_id": membership_id(fid, bucket_id)})
             return existing is not None and existing["winner"] == winner
 
     async def _open_generation(self, placement: Placement, correlation_id: str) -> Document:
@@ -257,15 +269,7 @@ class BucketStore:
         bucket_id = bucket["_id"]
         heading_here = await self._files.find({"bucket_id": bucket_id}).to_list(None)
         event = _event(bucket, heading_here, now)
-        memberships = [
-            {
-                "_id": f"{doc['_id']}|{bucket_id}",
-                "bucket_id": bucket_id,
-                "file_id": doc["_id"],
-                "winner": "closer",
-            }
-            for doc in heading_here
-        ]
+        memberships = [_membership(doc["_id"], bucket_id, "closer") for doc in heading_here]
         seal = {"_id": seal_id(bucket_id), "bucket_id": bucket_id, "event": _dump(event)}
         try:
             await self._memberships.insert_many([*memberships, seal], ordered=True)
@@ -284,7 +288,7 @@ class BucketStore:
                 await self._memberships.insert_many(rest, ordered=False)
             except BulkWriteError as exc:
                 _raise_unless_duplicates(exc)
-        ids = [f"{doc['_id']}|{bucket_id}" for doc in heading_here]
+        ids = [membership_id(doc["_id"], bucket_id) for doc in heading_here]
         won = await self._memberships.find({"_id": {"$in": ids}, "winner": "closer"}, {"file_id": 1}).to_list(
             None
         )

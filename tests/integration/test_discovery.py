@@ -170,7 +170,12 @@ async def test_a_file_that_won_its_contest_before_the_seal_is_left_out_of_the_bu
         fid = file_id(PLACEMENT, moved)
         bucket_id = joined[0].bucket_id
         await memberships.insert_one(
-            {"_id": f"{fid}|{bucket_id}", "bucket_id": bucket_id, "file_id": fid, "winner": "file"}
+            {
+                "_id": buckets.membership_id(fid, bucket_id),
+                "bucket_id": bucket_id,
+                "file_id": fid,
+                "winner": "file",
+            }
         )
         closing = await store.close(bucket_id, max(j.closes_at for j in joined) + timedelta(seconds=1))
     assert closing.event is not None

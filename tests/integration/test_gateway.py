@@ -39,11 +39,15 @@ AET = "MWM-CT"
 SENDER = "CT-SCANNER"
 
 
+def with_gateway(settings: Settings, **changes: Any) -> Settings:
+    """``settings`` with these gateway settings changed."""
+    return settings.model_copy(update={"gateway": settings.gateway.model_copy(update=changes)})
+
+
 @pytest.fixture
 def settings(live_settings: Settings) -> Settings:
     """The test's settings with the gateway on a free port."""
-    gateway = live_settings.gateway.model_copy(update={"host": LOCALHOST, "port": free_port()})
-    return live_settings.model_copy(update={"gateway": gateway})
+    return with_gateway(live_settings, host=LOCALHOST, port=free_port())
 
 
 @pytest.fixture
@@ -244,17 +248,12 @@ def closed_by_peer(connection: socket.socket, within_s: float) -> bool:
         return False
 
 
-def with_acse_timeout(settings: Settings, acse_timeout_s: float) -> Settings:
-    gateway = settings.gateway.model_copy(update={"acse_timeout_s": acse_timeout_s})
-    return settings.model_copy(update={"gateway": gateway})
-
-
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 async def test_a_connection_that_sends_nothing_is_closed_after_the_acse_timeout(
     settings: Settings, tls: bool, request: pytest.FixtureRequest
 ) -> None:
     """With TLS, a connection that never starts its handshake; without, one that sends no A-ASSOCIATE-RQ."""
-    settings = with_acse_timeout(settings, 1.0)
+    settings = with_gateway(settings, acse_timeout_s=1.0)
     if tls:
         settings = with_tls(settings, request.getfixturevalue("tls_files"))
     async with serving(settings) as (gateway, _):
@@ -273,7 +272,7 @@ async def test_stop_closes_connections_without_an_association_request_at_once_an
     settings: Settings, study: GeneratedStudy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The gateway's own timeout would close the silent connection only long after the drain timeout.
-    settings = with_acse_timeout(settings, 3 * DRAIN_TIMEOUT_S)
+    settings = with_gateway(settings, acse_timeout_s=3 * DRAIN_TIMEOUT_S)
     await map_ae_title(settings)
     async with (
         bound_queue(settings, PayloadArrived.event_type) as queue,
@@ -325,14 +324,9 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def with_tls(
-    settings: Settings, tls_files: tuple[Path, Path], acse_timeout_s: float | None = None
-) -> Settings:
+def with_tls(settings: Settings, tls_files: tuple[Path, Path], **changes: Any) -> Settings:
     cert, key = tls_files
-    update: dict[str, Any] = {"tls_cert": str(cert), "tls_key": str(key)}
-    if acse_timeout_s is not None:
-        update["acse_timeout_s"] = acse_timeout_s
-    return settings.model_copy(update={"gateway": settings.gateway.model_copy(update=update)})
+    return with_gateway(settings, tls_cert=str(cert), tls_key=str(key), **changes)
 
 
 def tls_args(tls_files: tuple[Path, Path]) -> list[str]:
