@@ -6,6 +6,7 @@ import asyncio
 
 from prometheus_client import REGISTRY
 
+from tests.support.services import wait_for
 from wm.adapters.mongo import PROCESSED_MESSAGES, PROCESSED_MESSAGES_INDEXES, Database, ProcessedMessages
 from wm.config import Settings
 
@@ -26,6 +27,22 @@ async def test_keys_recorded_concurrently_are_all_written_once_flushed(live_sett
         assert sorted(stored) == sorted(f"scheduler:{message_id}" for message_id in ids)
         assert await processed.seen("scheduler", "m-299")
         assert not await processed.seen("monitor", "m-299")  # keys are per consumer
+
+
+async def test_keys_arriving_steadily_share_a_write_that_follows_as_soon_as_they_stop(
+    live_settings: Settings,
+) -> None:
+    async with Database(live_settings.mongo, (PROCESSED_MESSAGES_INDEXES,)) as database:
+        processed = ProcessedMessages(database, linger_s=60.0)  # a pause of 6 s ends the wait
+        for n in range(20):
+            await processed.record("scheduler", f"k-{n}")
+            await asyncio.sleep(0.01)
+        assert not await processed.seen("scheduler", "k-0")  # keys keep arriving: the batch is gathering
+
+        # Well before linger_s: the pause after the last key is what sends the batch.
+        await wait_for(lambda: processed.seen("scheduler", "k-19"), 30, "the keys written after the burst")
+        for n in range(20):
+            assert await processed.seen("scheduler", f"k-{n}")
 
 
 async def test_past_the_pending_bound_a_record_returns_only_once_its_key_is_written(
