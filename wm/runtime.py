@@ -28,7 +28,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import structlog
 import uvicorn
@@ -112,11 +112,14 @@ async def open_services(settings: Settings, indexes: tuple[IndexSpec, ...] = ())
         yield Services(settings, bus, database, objects, processed)
 
 
-@dataclass(frozen=True)
-class _Outcome:
+class _Outcome(NamedTuple):
     kind: str  # "succeeded" | "duplicate" | "dead_lettered"
     reason: str = ""
     cause: str = ""
+
+
+_SUCCEEDED = _Outcome("succeeded")
+_DUPLICATE = _Outcome("duplicate")
 
 
 def decode(message: AbstractIncomingMessage, accepted: Mapping[type[Event], object]) -> Event:
@@ -208,14 +211,21 @@ class ConsumerRunner(Generic[Deps]):
     async def _process(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         self._consumed.inc()
-        structlog.contextvars.bind_contextvars(
-            consumer=self.consumer.name,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            event_type=message.type,
-            delivery_count=(message.headers or {}).get("x-delivery-count", 0),
-        )
-        outcome = await self._outcome(message)
+        context = {
+            "consumer": self.consumer.name,
+            "message_id": message.message_id,
+            "correlation_id": message.correlation_id,
+            "event_type": message.type,
+            "delivery_count": (message.headers or {}).get("x-delivery-count", 0),
+        }
+        try:
+            event = decode(message, self.consumer.handlers)
+        except InvalidMessage as exc:
+            structlog.contextvars.bind_contextvars(**context)
+            outcome = _Outcome("dead_lettered", str(exc), "invalid")
+        else:
+            structlog.contextvars.bind_contextvars(**context, **_event_context(event))
+            outcome = await self._outcome(event, message)
         await self._settle(message, outcome)
         elapsed = time.perf_counter() - started
         self._handler_seconds.observe(elapsed)
@@ -226,12 +236,7 @@ class ConsumerRunner(Generic[Deps]):
             duration_ms=round(elapsed * 1000, 2),
         )
 
-    async def _outcome(self, message: AbstractIncomingMessage) -> _Outcome:
-        try:
-            event = decode(message, self.consumer.handlers)
-        except InvalidMessage as exc:
-            return _Outcome("dead_lettered", str(exc), "invalid")
-        structlog.contextvars.bind_contextvars(**_event_context(event))
+    async def _outcome(self, event: Event, message: AbstractIncomingMessage) -> _Outcome:
         try:
             redelivered = bool(message.redelivered or (message.headers or {}).get("x-delivery-count"))
             return await self._handle_with_retries(event, str(message.message_id), redelivered)
@@ -243,12 +248,24 @@ class ConsumerRunner(Generic[Deps]):
             return _Outcome("dead_lettered", f"unexpected {type(exc).__name__}: {exc}", "bug")
 
     async def _handle_with_retries(self, event: Event, message_id: str, redelivered: bool) -> _Outcome:
-        delays = backoff_delays(self.settings.retry)
+        name = self.consumer.name
+        delays: Iterator[float] | None = None  # made on the first failure: most deliveries never need one
         for attempt in itertools.count(1):
             try:
-                return await self._attempt(event, message_id, redelivered)
+                # The look-up is a shortcut for redeliveries, kept off the hot path: a first delivery of a
+                # re-published message (same message_id) reaches the handler, whose effects are idempotent.
+                if redelivered and await self.services.processed.seen(name, message_id):
+                    return _DUPLICATE
+                try:
+                    await self.consumer.handlers[type(event)](event, self.deps)
+                    outcome = _SUCCEEDED
+                except Duplicate:
+                    outcome = _DUPLICATE
+                await self.services.processed.record(name, message_id)
+                return outcome
             except TransientError as exc:
-                metrics.FAILED.labels(self.consumer.name, "transient").inc()
+                metrics.FAILED.labels(name, "transient").inc()
+                delays = delays or backoff_delays(self.settings.retry)
                 delay = next(delays, None)
                 if delay is None:
                     reason = f"transient failure persisted after {attempt} attempts: {exc}"
@@ -257,20 +274,6 @@ class ConsumerRunner(Generic[Deps]):
                 log.warning("handler_retrying", attempt=attempt, delay_s=delay, error=str(exc))
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: itertools.count never ends")
-
-    async def _attempt(self, event: Event, message_id: str, redelivered: bool) -> _Outcome:
-        name = self.consumer.name
-        try:
-            # The look-up is a shortcut for redeliveries, kept off the hot path: a first delivery of a
-            # re-published message (same message_id) reaches the handler, whose effects are idempotent.
-            if redelivered and await self.services.processed.seen(name, message_id):
-                return _Outcome("duplicate")
-            await self.consumer.handlers[type(event)](event, self.deps)
-            outcome = _Outcome("succeeded")
-        except Duplicate:
-            outcome = _Outcome("duplicate")
-        await self.services.processed.record(name, message_id)
-        return outcome
 
     async def _give_up(self, event: Event, reason: str) -> None:
         if self.consumer.on_give_up is None:
