@@ -13,7 +13,7 @@ before the clock starts; the clock runs from the first delivery to the N-th (for
 idempotency key is in the database). Prints one markdown row (``| bus hop ... |``) and a summary line on
 stdout; each round's rates and the logs go to stderr.
 
-    python bench/bus_hop.py [--messages 3000] [--rounds 5]
+    python bench/bus_hop.py [--messages 3000] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -294,6 +294,6 @@ async def main(messages: int, rounds: int) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000, help="messages per side (default 3000)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternate raw/mwm this often; report medians")
+    parser.add_argument("--rounds", type=int, default=7, help="paired rounds (sides take turns going first)")
     arguments = parser.parse_args()
     sys.exit(asyncio.run(main(arguments.messages, arguments.rounds)))
