@@ -29,7 +29,9 @@ separately); the object store's PUT latency dominates.
 A connection must send its A-ASSOCIATE-RQ within ``acse_timeout_s`` (the ARTIM timer, PS3.8 9.1.5; with
 TLS counted from the end of the handshake), or the gateway closes it. pynetdicom keeps the thread of a
 connection without a request (a port scanner, a TCP probe, even one that has left) that long, and counts it
-against ``max_associations``; a connection still in its TLS handshake has a thread of ours, not counted.
+against ``max_associations``. A connection still in its TLS handshake has a thread of ours; at most
+``max_associations`` of them at a time, and one past that is closed as soon as it is accepted, so a flood
+of connections that never finish a handshake cannot pile up threads.
 
 SIGTERM: stop accepting connections; close at once those whose peer has not sent its A-ASSOCIATE-RQ (a TCP
 probe, a port scanner: they would never carry a study), those in their TLS handshake too; let the
@@ -162,7 +164,14 @@ class Gateway:
         if tls is None:
             self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
         else:
-            self._server = start_tls_server(self.ae, address, tls, handlers, self.settings.acse_timeout_s)
+            self._server = start_tls_server(
+                self.ae,
+                address,
+                tls,
+                handlers,
+                handshake_timeout_s=self.settings.acse_timeout_s,
+                max_handshakes=self.settings.max_associations,
+            )
         host, port = self.address
         log.info("gateway_listening", host=host, port=port, tls=tls is not None)
 
@@ -321,12 +330,15 @@ class TlsAssociationServer(ThreadedAssociationServer):
     that connects and sends nothing (a port scanner, a TCP probe) holds every other connection, and
     `shutdown`, until it leaves. Here the loop only accepts; the connection's thread does the handshake within
     ``handshake_timeout_s`` (for the whole handshake), then hands the TLS socket to pynetdicom as its own
-    server would. A peer that fails or does not finish its handshake is closed and logged.
+    server would. A peer that fails or does not finish its handshake is closed and logged. At most
+    ``max_handshakes`` connections are in their handshake at a time; the accept loop closes one more at once.
     ``server_close`` (part of `shutdown`) closes the connections still in their handshake.
     """
 
-    def __init__(self, *args: Any, handshake_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handshake_timeout_s: float, max_handshakes: int, **kwargs: Any) -> None:
         self._handshake_timeout_s = handshake_timeout_s
+        self._max_handshakes = max_handshakes
+        self._pending_handshakes = 0  # accepted, handshake not over: from the accept loop to the thread's end
         self._handshakes: set[ssl.SSLSocket] = set()
         self._handshakes_lock = threading.Lock()
         self._closing = False
@@ -340,16 +352,43 @@ class TlsAssociationServer(ThreadedAssociationServer):
         client, address = self.socket.accept()
         return client, address
 
+    def verify_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: tuple[str, int] | str
+    ) -> bool:
+        """In the accept loop, before a thread is started: refuse a connection past ``max_handshakes``."""
+        with self._handshakes_lock:
+            in_progress = self._pending_handshakes
+            if in_progress < self._max_handshakes:
+                self._pending_handshakes += 1
+                return True
+        TLS_HANDSHAKES.labels("refused").inc()
+        log.warning("tls_handshake_refused", peer=_host(client_address), in_progress=in_progress)
+        return False  # the server closes the socket
+
+    def process_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: tuple[str, int] | str
+    ) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread was started to end this handshake
+            self._handshake_over()
+            raise
+
     def process_request_thread(
         self, request: socket.socket | tuple[bytes, socket.socket], client_address: tuple[str, int] | str
     ) -> None:
         """In the connection's thread: the handshake, then pynetdicom's association as usual."""
         assert isinstance(request, socket.socket), "a stream server's request is its socket"
-        # The host alone, as the association log lines name their peer.
-        peer = str(client_address[0]) if isinstance(client_address, tuple) else client_address
-        connection = self._handshake(request, peer)
+        try:
+            connection = self._handshake(request, _host(client_address))
+        finally:
+            self._handshake_over()
         if connection is not None:
             super().process_request_thread(connection, client_address)
+
+    def _handshake_over(self) -> None:
+        with self._handshakes_lock:
+            self._pending_handshakes -= 1
 
     def _handshake(self, raw: socket.socket, peer: str) -> ssl.SSLSocket | None:
         assert self.ssl_context is not None
@@ -400,7 +439,12 @@ class TlsAssociationServer(ThreadedAssociationServer):
 
 
 def start_tls_server(
-    ae: AE, address: tuple[str, int], context: ssl.SSLContext, handlers: list[Any], handshake_timeout_s: float
+    ae: AE,
+    address: tuple[str, int],
+    context: ssl.SSLContext,
+    handlers: list[Any],
+    handshake_timeout_s: float,
+    max_handshakes: int,
 ) -> TlsAssociationServer:
     """`AE.start_server(block=False)` with a `TlsAssociationServer` (start_server takes no server class)."""
     server = ae.make_server(
@@ -409,6 +453,7 @@ def start_tls_server(
         evt_handlers=handlers,
         server_class=TlsAssociationServer,
         handshake_timeout_s=handshake_timeout_s,
+        max_handshakes=max_handshakes,
     )
     assert isinstance(server, TlsAssociationServer)
     thread = threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer", daemon=True)
@@ -416,6 +461,11 @@ def start_tls_server(
     # As start_server does: `AssociationServer.shutdown` removes the server from this list.
     ae._servers.append(server)
     return server
+
+
+def _host(client_address: tuple[str, int] | str) -> str:
+    """The peer's host alone, as the association log lines name it."""
+    return str(client_address[0]) if isinstance(client_address, tuple) else client_address
 
 
 def _handshake_failed(connection: socket.socket, peer: str, outcome: str, failure: OSError) -> None:

@@ -105,7 +105,9 @@ class GatewaySettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(11112, ge=1, le=65535, description="DICOM port")
-    max_associations: int = Field(25, ge=1, description="concurrent associations")
+    max_associations: int = Field(
+        25, ge=1, description="concurrent associations; with TLS, also connections in their handshake"
+    )
     queue_size: int = Field(64, ge=1, description="files buffered for upload before back-pressure")
     acse_timeout_s: float = Field(
         10.0,

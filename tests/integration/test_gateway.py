@@ -18,6 +18,7 @@ from typing import Any
 import pydicom
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from prometheus_client import REGISTRY
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -395,3 +396,48 @@ async def test_a_silent_connection_to_the_tls_port_blocks_neither_other_senders_
             closed = await asyncio.to_thread(closed_by_peer, silent, 5)
     assert stopped_s < 5, f"stop took {stopped_s:.1f}s next to a silent connection"
     assert closed, "stop left the silent connection open"
+
+
+def tls_handshakes(outcome: str) -> float:
+    return REGISTRY.get_sample_value("mwm_gateway_tls_handshakes_total", {"outcome": outcome}) or 0.0
+
+
+async def test_connections_past_max_associations_in_their_tls_handshake_are_closed_at_once(
+    settings: Settings, study: GeneratedStudy, tls_files: tuple[Path, Path]
+) -> None:
+    # Two silent peers fill the handshakes; a third connection is closed on accept, not kept in a thread for
+    # the ACSE timeout. Once one of the two leaves, a real sender gets through.
+    settings = with_tls(settings, tls_files, acse_timeout_s=120.0, max_associations=2)
+    await map_ae_title(settings)
+    refused, failed = tls_handshakes("refused"), tls_handshakes("failed")
+    async with (
+        bound_queue(settings, PayloadArrived.event_type) as queue,
+        serving(settings) as (gateway, _),
+    ):
+        host, port = gateway.address
+        with (
+            socket.create_connection(gateway.address, timeout=5) as first,
+            socket.create_connection(gateway.address, timeout=5),
+        ):
+            await asyncio.sleep(0.5)  # both accepted, both in their handshake
+            with socket.create_connection(gateway.address, timeout=5) as third:
+                assert await asyncio.to_thread(closed_by_peer, third, 5), "a third handshake was let in"
+            assert tls_handshakes("refused") == refused + 1
+
+            first.close()
+
+            async def first_handshake_ended() -> bool:
+                return tls_handshakes("failed") == failed + 1
+
+            await wait_for(first_handshake_ended, 10, "the end of the first peer's handshake")
+            result = await astorescu(
+                host,
+                port,
+                AET,
+                study.files[:1],
+                calling_aet=SENDER,
+                timeout=20,
+                extra_args=tls_args(tls_files),
+            )
+            assert result.returncode == 0, result.stderr
+            assert len(await collect(queue, 1)) == 1
