@@ -97,9 +97,12 @@ async def send(
     called: str = AET,
     calling: str = SENDER,
     extra_args: Sequence[str] = (),
+    timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     host, port = gateway.address
-    return await astorescu(host, port, called, files, calling_aet=calling, timeout=60, extra_args=extra_args)
+    return await astorescu(
+        host, port, called, files, calling_aet=calling, timeout=timeout, extra_args=extra_args
+    )
 
 
 async def test_a_study_is_stored_byte_for_byte_and_announced_once_per_file(
@@ -365,20 +368,11 @@ async def test_a_silent_connection_to_the_tls_port_blocks_neither_other_senders_
         bound_queue(settings, PayloadArrived.event_type) as queue,
         serving(settings) as (gateway, _),
     ):
-        host, port = gateway.address
         with socket.create_connection(gateway.address, timeout=5) as silent:  # connects, never speaks
             await asyncio.sleep(0.5)  # the gateway has accepted it
             started = time.monotonic()
             try:
-                result = await astorescu(
-                    host,
-                    port,
-                    AET,
-                    study.files[:2],
-                    calling_aet=SENDER,
-                    timeout=20,
-                    extra_args=tls_args(tls_files),
-                )
+                result = await send(gateway, study.files[:2], extra_args=tls_args(tls_files), timeout=20)
             except TimeoutError:
                 pytest.fail("a TLS sender was held up by a silent connection to the gateway")
             sent_s = time.monotonic() - started
@@ -414,7 +408,6 @@ async def test_connections_past_max_associations_in_their_tls_handshake_are_clos
         bound_queue(settings, PayloadArrived.event_type) as queue,
         serving(settings) as (gateway, _),
     ):
-        host, port = gateway.address
         with (
             socket.create_connection(gateway.address, timeout=5) as first,
             socket.create_connection(gateway.address, timeout=5),
@@ -430,14 +423,6 @@ async def test_connections_past_max_associations_in_their_tls_handshake_are_clos
                 return tls_handshakes("failed") == failed + 1
 
             await wait_for(first_handshake_ended, 10, "the end of the first peer's handshake")
-            result = await astorescu(
-                host,
-                port,
-                AET,
-                study.files[:1],
-                calling_aet=SENDER,
-                timeout=20,
-                extra_args=tls_args(tls_files),
-            )
+            result = await send(gateway, study.files[:1], extra_args=tls_args(tls_files), timeout=20)
             assert result.returncode == 0, result.stderr
             assert len(await collect(queue, 1)) == 1
