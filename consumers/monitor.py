@@ -11,8 +11,9 @@ Queue ``mwm.monitor``, bound to ``mwm.job.launched``.
   (message id ``<job id>.finished``); on success one export task per sink of the application and
   ``ExportRequested`` on ``mwm.export.requested.<sink type>`` (message id = export task id).
 - Idempotency: one replica wins the finish (unique insert); a finish whose claimer died is taken over
-  after ``monitor.finish_lease_s`` and re-published under the same message ids, or, when the claimer
-  died (or S3 or the database failed) before the job's end was recorded, released for the next check.
+  after ``monitor.finish_lease_s`` (looked for four times per lease) and re-published under the same
+  message ids, or, when the claimer died (or S3 or the database failed) before the job's end was
+  recorded, released for the next check.
 - Failure: engine or store outages leave the job due; the next check retries.
 """
 
@@ -84,13 +85,19 @@ async def follow(deps: MonitorDeps, stop: asyncio.Event) -> None:
         async with checks:
             await _guarded(check(job, deps))
 
+    loop = asyncio.get_running_loop()
+    next_sweep = loop.time()
     while not stop.is_set():
         due = await _guarded(deps.jobs.due_for_check(datetime.now(UTC))) or []
         # Concurrently: one slow engine or store call must not delay every other job's end.
         await asyncio.gather(*(guarded(job) for job in due))
-        for job_id in await _guarded(deps.jobs.stale_finishes(lease)) or []:
-            if await _guarded(deps.jobs.reclaim_finish(job_id, lease)):
-                await _guarded(_take_over_by_id(job_id, deps))
+        if loop.time() >= next_sweep:
+            # Finish claims are kept for every job ever run: looking for stale ones a few times per lease,
+            # not every poll, keeps that query off the hot loop; a take-over still starts within 1.25 leases.
+            next_sweep = loop.time() + deps.settings.finish_lease_s / 4
+            for job_id in await _guarded(deps.jobs.stale_finishes(lease)) or []:
+                if await _guarded(deps.jobs.reclaim_finish(job_id, lease)):
+                    await _guarded(_take_over_by_id(job_id, deps))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), deps.settings.poll_interval_s)
 

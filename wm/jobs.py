@@ -3,10 +3,17 @@
 Creating a job is an insert under the unique ``_id``: a duplicate ``bucket.ready`` finds the job that
 exists. State changes go through the domain state machine (``wm.domain.jobs``); finishing a job is
 claimed by a unique insert into ``job_finishes`` so one monitor replica publishes its ``job.finished``.
+
+When its next status check is due lives apart from the job, in ``job_checks`` (one small document per job
+not yet known to have ended): the monitor asks for due jobs every ``poll_interval_s``, and job records are
+kept for the history, so a query over ``jobs`` would grow with every job ever run (the MongoDB-wire
+server scans it: about 0.2 s per 1,000 jobs, four times a second). A check entry is written with the job
+(again by a duplicate ``create``, which repairs one lost to a crash) and removed once the job has ended.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,18 +27,23 @@ from wm.errors import Duplicate, NotFound
 
 JOBS = "jobs"
 FINISHES = "job_finishes"
+CHECKS = "job_checks"
 
 INDEXES = (
     IndexSpec(
         JOBS,
         (
-            IndexModel([("state", ASCENDING), ("next_check_at", ASCENDING)]),
             IndexModel([("application_id", ASCENDING), ("created_at", ASCENDING)]),
             IndexModel([("bucket_id", ASCENDING)]),
         ),
     ),
     IndexSpec(FINISHES, (IndexModel([("published_at", ASCENDING)]),)),
+    IndexSpec(CHECKS, (IndexModel([("due_at", ASCENDING)]),)),
 )
+CHECKED_STATES = frozenset({JobState.launched, JobState.running})
+"""The states in which an engine runs the job and the monitor follows it."""
+LAUNCH_RECHECK = timedelta(minutes=1)
+"""How long a job found still being launched waits for its next look (its ``job.launched`` makes it due)."""
 
 
 def _now() -> datetime:
@@ -116,15 +128,18 @@ class JobStore:
     def __init__(self, database: Database) -> None:
         self._jobs = database.collection(JOBS)
         self._finishes = database.collection(FINISHES)
+        self._checks = database.collection(CHECKS)
 
     async def create(self, job: Job) -> Job:
-        """Insert the job, or return the one that already exists under its id."""
+        """Insert the job, or return the one that already exists under its id; either way it is watched."""
         try:
             async with translated_errors("create job"):
-                await self._jobs.insert_one({**_document(job), "next_check_at": job.created_at})
-            return job
+                await self._jobs.insert_one(_document(job))
         except Duplicate:
-            return await self.get(job.job_id)
+            job = await self.get(job.job_id)
+        if not job.terminal:
+            await self._watch(job.job_id, job.created_at)
+        return job
 
     async def get(self, job_id: str) -> Job:
         """The job; ``NotFound`` if there is none."""
@@ -154,30 +169,53 @@ class JobStore:
             result = await self._jobs.update_one({"_id": job_id, "state": job.state.value}, {"$set": changes})
         if result.matched_count == 0:
             return await self.apply(job_id, transition, **fields)  # it changed under us: decide again
+        if state in TERMINAL:
+            await self._unwatch(job_id)
         return job.model_copy(update={"state": state, **fields})
 
     async def due_for_check(self, now: datetime, limit: int = 200) -> list[Job]:
-        """Jobs an engine is running whose next status check is due."""
-        query = {
-            "state": {"$in": [JobState.launched.value, JobState.running.value]},
-            "next_check_at": {"$lte": now},
-        }
+        """Jobs an engine is running whose next status check is due (the longest due first)."""
         async with translated_errors("find jobs to check"):
-            return [_job(doc) for doc in await self._jobs.find(query).limit(limit).to_list(None)]
+            due = await self._checks.find({"due_at": {"$lte": now}}).sort("due_at", ASCENDING).to_list(limit)
+            documents = await asyncio.gather(*(self._jobs.find_one({"_id": entry["_id"]}) for entry in due))
+        checked: list[Job] = []
+        for entry, document in zip(due, documents, strict=True):
+            job = None if document is None else _job(document)
+            if job is None or job.terminal:  # ended (a replica died before unwatching it), or purged by hand
+                await self._unwatch(entry["_id"])
+            elif job.state in CHECKED_STATES:
+                checked.append(job)
+            else:  # still being launched: look again later, unless its launch has rescheduled it meanwhile
+                async with translated_errors("schedule job check"):
+                    await self._checks.update_one(
+                        {"_id": job.job_id, "due_at": entry["due_at"]},
+                        {"$set": {"due_at": now + LAUNCH_RECHECK}},
+                    )
+        return checked
 
     async def check_again_at(self, job_id: str, when: datetime) -> None:
-        """Schedule the job's next status check."""
+        """Schedule the job's next status check (an entry lost to a crash is written again)."""
         async with translated_errors("schedule job check"):
-            await self._jobs.update_one({"_id": job_id}, {"$set": {"next_check_at": when}})
+            await self._checks.update_one({"_id": job_id}, {"$set": {"due_at": when}}, upsert=True)
 
     async def request_cancel(self, job_id: str) -> Job:
-        """Ask the monitor to cancel the job at its next check."""
+        """Ask the monitor to cancel the job at its next check, which is due now."""
         job = await self.get(job_id)
         async with translated_errors("request cancel"):
-            await self._jobs.update_one(
-                {"_id": job_id}, {"$set": {"cancel_requested": True, "next_check_at": _now()}}
-            )
+            await self._jobs.update_one({"_id": job_id}, {"$set": {"cancel_requested": True}})
+        await self.check_again_at(job_id, _now())
         return job.model_copy(update={"cancel_requested": True})
+
+    async def _watch(self, job_id: str, due_at: datetime) -> None:
+        try:
+            async with translated_errors("watch job"):
+                await self._checks.insert_one({"_id": job_id, "due_at": due_at})
+        except Duplicate:
+            pass  # already watched: its schedule stands
+
+    async def _unwatch(self, job_id: str) -> None:
+        async with translated_errors("unwatch job"):
+            await self._checks.delete_one({"_id": job_id})
 
     async def page(
         self, state: str | None, application_id: str | None, skip: int, limit: int

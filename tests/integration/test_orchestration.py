@@ -134,26 +134,67 @@ async def test_a_job_is_followed_to_its_end_after_its_monitor_is_killed(
     assert finished.status == "succeeded", finished.message
 
 
+def a_job(job_id: str) -> Job:
+    return Job(
+        job_id=job_id,
+        bucket_id=f"b-{job_id}",
+        correlation_id=f"c-{job_id}",
+        application_id="mip",
+        application_revision=1,
+        engine="local",
+        input_prefix=f"jobs/{job_id}/input/",
+        output_prefix=f"jobs/{job_id}/output/",
+        deadline=datetime.now(UTC) + timedelta(minutes=5),
+    )
+
+
 async def test_a_transition_from_a_stale_read_of_the_job_is_decided_again_from_its_real_state(
     live_settings: Settings,
 ) -> None:
     async with Database(live_settings.mongo, jobs.INDEXES) as database:
         store = JobStore(database)
-        created = await store.create(
-            Job(
-                job_id="j1",
-                bucket_id="b1",
-                correlation_id="c1",
-                application_id="mip",
-                application_revision=1,
-                engine="local",
-                input_prefix="jobs/j1/input/",
-                output_prefix="jobs/j1/output/",
-                deadline=datetime.now(UTC) + timedelta(minutes=5),
-            )
-        )
+        created = await store.create(a_job("j1"))
         launched = await store.apply("j1", JobTransition.launch, current=created, engine_job_id="j1")
         await store.apply("j1", JobTransition.start, current=launched)
         finished = await store.apply("j1", JobTransition.succeed, current=launched, message="done")
         assert finished.state is JobState.succeeded, "the read said launched; the job was running"
         assert (await store.get("j1")).state is JobState.succeeded
+
+
+async def test_only_jobs_an_engine_is_running_are_due_and_an_ended_job_leaves_the_watch_list(
+    live_settings: Settings,
+) -> None:
+    async with Database(live_settings.mongo, jobs.INDEXES) as database:
+        store = JobStore(database)
+        checks = database.collection(jobs.CHECKS)
+        created = await store.create(a_job("j1"))
+        assert await store.due_for_check(datetime.now(UTC)) == [], "a job being launched is not checked"
+        entry = await checks.find_one({"_id": "j1"})
+        assert entry is not None and entry["due_at"] > datetime.now(UTC), "looked at again later"
+
+        launched = await store.apply("j1", JobTransition.launch, current=created, engine_job_id="e1")
+        await store.check_again_at("j1", datetime.now(UTC))  # what job.launched does in the monitor
+        assert [job.job_id for job in await store.due_for_check(datetime.now(UTC))] == ["j1"]
+        await store.check_again_at("j1", datetime.now(UTC) + timedelta(minutes=1))
+        assert await store.due_for_check(datetime.now(UTC)) == [], "checked once per schedule"
+
+        await store.apply("j1", JobTransition.succeed, current=launched)
+        assert await checks.count_documents({}) == 0, "the watch list holds only jobs that have not ended"
+
+
+async def test_a_watch_entry_lost_or_left_behind_by_a_crash_is_repaired(live_settings: Settings) -> None:
+    async with Database(live_settings.mongo, jobs.INDEXES) as database:
+        store = JobStore(database)
+        checks = database.collection(jobs.CHECKS)
+        # The scheduler died between inserting the job and watching it: a redelivered bucket.ready watches it.
+        created = await store.create(a_job("lost"))
+        await checks.delete_one({"_id": "lost"})
+        assert (await store.create(a_job("lost"))).state is JobState.created
+        assert await checks.find_one({"_id": "lost"}) is not None
+
+        # A monitor died between recording a job's end and unwatching it: the next look drops the entry.
+        launched = await store.apply("lost", JobTransition.launch, current=created, engine_job_id="e1")
+        await store.apply("lost", JobTransition.fail, current=launched)
+        await checks.insert_one({"_id": "lost", "due_at": datetime.now(UTC)})
+        assert await store.due_for_check(datetime.now(UTC)) == []
+        assert await checks.count_documents({}) == 0
