@@ -270,6 +270,19 @@ class JobStore:
         async with translated_errors("mark finish published"):
             await self._finishes.update_one({"_id": job_id}, {"$set": {"published_at": _now()}})
 
+    async def forget_finishes_before(self, cutoff: datetime, dry_run: bool = False) -> int:
+        """Remove finish claims published before ``cutoff``; how many (``dry_run``: counts).
+
+        A claim keeps a second replica from publishing a job's end; an ended job is no longer checked, so an
+        old claim guards nothing, and the stale-finish sweep reads every claim kept.
+        """
+        criteria = {"published_at": {"$lt": cutoff}}
+        async with translated_errors("purge finish claims"):
+            if dry_run:
+                return await self._finishes.count_documents(criteria)
+            result = await self._finishes.delete_many(criteria)
+        return result.deleted_count
+
     async def finished_before(self, cutoff: datetime, limit: int = 500) -> list[Job]:
         """Jobs that ended before ``cutoff`` whose files are not purged yet (retention)."""
         query = {"finished_at": {"$lt": cutoff}, "purged_at": None}

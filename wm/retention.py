@@ -5,7 +5,9 @@ Removed once older than the retention:
 - final export tasks (by ``completed_at``) and their leases;
 - a finished job's files: ``jobs/<job id>/`` in the object store (inputs and outputs) and its local work
   directory; the job record stays (marked ``purged_at``), so the history remains and a job is purged once;
-- processed-message keys (the consumers' duplicate detection; a redelivery that old cannot happen).
+- processed-message keys (the consumers' duplicate detection; a redelivery that old cannot happen);
+- published job-finish claims (what keeps two monitor replicas from publishing one job's end; an ended
+  job is not checked again).
 
 Safe to run on any schedule, from several places at once: every removal is idempotent.
 """
@@ -33,6 +35,7 @@ class Removed:
     objects: int = 0
     work_dirs: int = 0
     processed_messages: int = 0
+    finish_claims: int = 0
 
     def lines(self) -> list[str]:
         """A human-readable account, one line per kind."""
@@ -43,6 +46,7 @@ class Removed:
             f"objects: {self.objects}",
             f"work directories: {self.work_dirs}",
             f"processed-message keys: {self.processed_messages}",
+            f"job finish claims: {self.finish_claims}",
         ]
 
 
@@ -73,6 +77,7 @@ async def clean_up(stores: Stores, cutoff: datetime, dry_run: bool = False) -> R
         if not dry_run:
             await stores.jobs.mark_purged(job.job_id)
     removed.processed_messages = await stores.processed.forget_before(cutoff, dry_run)
+    removed.finish_claims = await stores.jobs.forget_finishes_before(cutoff, dry_run)
     return removed
 
 

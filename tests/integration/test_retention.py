@@ -39,7 +39,7 @@ async def finished_job(store: JobStore, job_id: str, finished_at: datetime) -> N
 
 
 async def seed(settings: Settings, database: Database, objects: ObjectStore, scratch: Path) -> None:
-    """Old and recent export tasks, jobs (with files and work dirs) and processed-message keys."""
+    """Old and recent export tasks, jobs (files, work dirs, finish claims) and processed-message keys."""
     tasks = ExportTasks(database)
     for job_id, completed_at in (("job-old", OLD), ("job-new", RECENT)):
         task_id = await create_task(tasks, job_id, placeholder_files(settings, job_id))
@@ -48,11 +48,17 @@ async def seed(settings: Settings, database: Database, objects: ObjectStore, scr
             {"_id": task_id}, {"$set": {"completed_at": completed_at}}
         )
         await finished_job(JobStore(database), job_id, completed_at)
+        claim = {"_id": job_id, "claimed_at": completed_at, "published_at": completed_at}
+        await database.collection(jobs.FINISHES).insert_one(claim)
         (scratch / "data.dcm").write_bytes(b"x")
         await objects.put_file(f"jobs/{job_id}/input/a.dcm", scratch / "data.dcm")
         await objects.put_file(f"jobs/{job_id}/output/b.dcm", scratch / "data.dcm")
         LocalEngine(settings).job_dir(job_id).mkdir(parents=True)
     await create_task(tasks, "job-pending", placeholder_files(settings, "job-pending"))
+    # An old claim whose end was never published: the monitor's to take over, not retention's to remove.
+    await database.collection(jobs.FINISHES).insert_one(
+        {"_id": "job-pending", "claimed_at": OLD, "published_at": None}
+    )
     processed = ProcessedMessages(database)
     for message_id in ("m-old", "m-new"):
         await processed.record("exporter", message_id)
@@ -79,15 +85,18 @@ async def test_cleanup_removes_only_what_is_older_than_the_retention(
         remaining_objects = [ref.key for ref in await objects.list("jobs/")]
         remaining_keys = await database.collection(PROCESSED_MESSAGES).distinct("_id")
         purged = await database.collection(jobs.JOBS).distinct("_id", {"purged_at": {"$ne": None}})
+        claims = await database.collection(jobs.FINISHES).distinct("_id")
     assert dry.code == 0 and "would remove export tasks: 1" in dry.out, dry.out + dry.err
     assert after_dry_run == 4, "a dry run removes nothing"
     assert done.code == 0, done.err
     for line in ("export tasks: 1", "jobs purged: 1 (job-old)", "objects: 2", "work directories: 1"):
         assert f"removed {line}" in done.out, done.out
     assert "removed processed-message keys: 1" in done.out
+    assert "removed job finish claims: 1" in done.out
     assert "removed export tasks: 0" in again.out and "removed jobs purged: 0" in again.out
     assert remaining_tasks == {"job-new.ig", "job-pending.ig"}
     assert remaining_objects == ["jobs/job-new/input/a.dcm", "jobs/job-new/output/b.dcm"]
     assert remaining_keys == ["exporter:m-new"] and purged == ["job-old"]
+    assert sorted(claims) == ["job-new", "job-pending"]
     assert not LocalEngine(live_settings).job_dir("job-old").exists()
     assert LocalEngine(live_settings).job_dir("job-new").exists()
