@@ -92,7 +92,7 @@ async def follow(deps: MonitorDeps, stop: asyncio.Event) -> None:
         # Concurrently: one slow engine or store call must not delay every other job's end.
         await asyncio.gather(*(guarded(job) for job in due))
         if loop.time() >= next_sweep:
-            # Finish claims are kept for every job ever run: looking for stale ones a few times per lease,
+            # Finish claims are kept for the retention period: looking for stale ones a few times per lease,
             # not every poll, keeps that query off the hot loop; a take-over still starts within 1.25 leases.
             next_sweep = loop.time() + deps.settings.finish_lease_s / 4
             for job_id in await _guarded(deps.jobs.stale_finishes(lease)) or []:

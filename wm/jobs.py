@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from pymongo import ASCENDING, IndexModel
 
 from schemas.events import FileRef, JobFinished, JobLaunched, JobOutcome
-from wm.adapters.mongo import Database, IndexSpec, translated_errors
+from wm.adapters.mongo import Database, IndexSpec, delete_matching, translated_errors
 from wm.domain.jobs import TERMINAL, JobState, JobTransition, next_state
 from wm.errors import Duplicate, NotFound
 
@@ -181,7 +181,7 @@ class JobStore:
         checked: list[Job] = []
         for entry, document in zip(due, documents, strict=True):
             job = None if document is None else _job(document)
-            if job is None or job.terminal:  # ended (a replica died before unwatching it), or purged by hand
+            if job is None or job.terminal:  # ended (a replica died before unwatching it), or no such job
                 await self._unwatch(entry["_id"])
             elif job.state in CHECKED_STATES:
                 checked.append(job)
@@ -277,11 +277,7 @@ class JobStore:
         old claim guards nothing, and the stale-finish sweep reads every claim kept.
         """
         criteria = {"published_at": {"$lt": cutoff}}
-        async with translated_errors("purge finish claims"):
-            if dry_run:
-                return await self._finishes.count_documents(criteria)
-            result = await self._finishes.delete_many(criteria)
-        return result.deleted_count
+        return await delete_matching(self._finishes, criteria, "purge finish claims", dry_run)
 
     async def finished_before(self, cutoff: datetime, limit: int = 500) -> list[Job]:
         """Jobs that ended before ``cutoff`` whose files are not purged yet (retention)."""

@@ -70,6 +70,17 @@ async def translated_errors(what: str) -> AsyncIterator[None]:
         raise
 
 
+async def delete_matching(
+    collection: AsyncCollection[Document], criteria: Document, what: str, dry_run: bool = False
+) -> int:
+    """Delete the documents matching ``criteria`` (with ``dry_run``, only count them); how many."""
+    async with translated_errors(what):
+        if dry_run:
+            return await collection.count_documents(criteria)
+        result = await collection.delete_many(criteria)
+    return result.deleted_count
+
+
 class Database:
     """One ``AsyncMongoClient`` and database per process; use as an async context manager."""
 
@@ -236,8 +247,4 @@ class ProcessedMessages:
     async def forget_before(self, cutoff: datetime, dry_run: bool = False) -> int:
         """Remove keys older than ``cutoff`` (no TTL indexes on FerretDB); how many (``dry_run``: counts)."""
         criteria = {"processed_at": {"$lt": cutoff}}
-        async with translated_errors("purge processed messages"):
-            if dry_run:
-                return await self._collection.count_documents(criteria)
-            result = await self._collection.delete_many(criteria)
-        return result.deleted_count
+        return await delete_matching(self._collection, criteria, "purge processed messages", dry_run)
