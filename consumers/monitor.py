@@ -87,7 +87,12 @@ async def follow(deps: MonitorDeps, stop: asyncio.Event) -> None:
 
     loop = asyncio.get_running_loop()
     next_sweep = loop.time()
+    repaired: int | None = None
     while not stop.is_set():
+        if repaired is None:  # once per start, retried while the database is out
+            repaired = await _guarded(deps.jobs.watch_unfinished())
+            if repaired:
+                log.warning("unwatched_jobs_watched", jobs=repaired)
         due = await _guarded(deps.jobs.due_for_check(datetime.now(UTC))) or []
         # Concurrently: one slow engine or store call must not delay every other job's end.
         await asyncio.gather(*(guarded(job) for job in due))

@@ -8,7 +8,8 @@ When its next status check is due lives apart from the job, in ``job_checks`` (o
 not yet known to have ended): the monitor asks for due jobs every ``poll_interval_s``, and job records are
 kept for the history, so a query over ``jobs`` would grow with every job ever run (the MongoDB-wire
 server scans it: about 0.2 s per 1,000 jobs, four times a second). A check entry is written with the job
-(again by a duplicate ``create``, which repairs one lost to a crash) and removed once the job has ended.
+(again by a duplicate ``create``, which repairs one lost to a crash) and removed once the job has ended;
+the monitor watches any unfinished job left out when it starts.
 """
 
 from __future__ import annotations
@@ -205,6 +206,21 @@ class JobStore:
             await self._jobs.update_one({"_id": job_id}, {"$set": {"cancel_requested": True}})
         await self.check_again_at(job_id, _now())
         return job.model_copy(update={"cancel_requested": True})
+
+    async def watch_unfinished(self) -> int:
+        """Watch every job that has not ended and is not watched; how many were added.
+
+        The monitor runs this once at start: it repairs what a failed write left out and takes in jobs
+        recorded before the watch list existed. It reads every job once (a scan on the MongoDB-wire server).
+        """
+        unfinished = [state.value for state in JobState if state not in TERMINAL]
+        async with translated_errors("find unfinished jobs"):
+            ids = await self._jobs.distinct("_id", {"state": {"$in": unfinished}})
+            watched = set(await self._checks.distinct("_id"))
+        missing = [job_id for job_id in ids if job_id not in watched]
+        for job_id in missing:
+            await self._watch(job_id, _now())
+        return len(missing)
 
     async def _watch(self, job_id: str, due_at: datetime) -> None:
         try:

@@ -198,3 +198,19 @@ async def test_a_watch_entry_lost_or_left_behind_by_a_crash_is_repaired(live_set
         await checks.insert_one({"_id": "lost", "due_at": datetime.now(UTC)})
         assert await store.due_for_check(datetime.now(UTC)) == []
         assert await checks.count_documents({}) == 0
+
+
+async def test_the_monitor_start_watches_unfinished_jobs_recorded_without_an_entry(
+    live_settings: Settings,
+) -> None:
+    async with Database(live_settings.mongo, jobs.INDEXES) as database:
+        store = JobStore(database)
+        for job_id, state in (("running", JobState.running), ("ended", JobState.succeeded)):
+            await store.create(a_job(job_id).model_copy(update={"state": state, "engine_job_id": job_id}))
+        # As a write that failed half-way, or a release before the watch list, leaves them.
+        await database.collection(jobs.CHECKS).delete_many({})
+        assert await store.due_for_check(datetime.now(UTC)) == []
+
+        assert await store.watch_unfinished() == 1
+        assert [job.job_id for job in await store.due_for_check(datetime.now(UTC))] == ["running"]
+        assert await store.watch_unfinished() == 0, "a watched job is left as it is"
