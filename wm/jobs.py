@@ -178,6 +178,7 @@ class JobStore:
         """Jobs an engine is running whose next status check is due (the longest due first)."""
         async with translated_errors("find jobs to check"):
             due = await self._checks.find({"due_at": {"$lte": now}}).sort("due_at", ASCENDING).to_list(limit)
+            # One look-up by _id per entry, not one `$in` query: the MongoDB-wire server scans for `$in`.
             documents = await asyncio.gather(*(self._jobs.find_one({"_id": entry["_id"]}) for entry in due))
         checked: list[Job] = []
         for entry, document in zip(due, documents, strict=True):
