@@ -20,7 +20,8 @@ WORKDIR /src
 
 # Dependencies first, from pyproject.toml alone, so that this layer survives source changes.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+# The image runs the Argo engine too: its extra's dependencies go in with the core ones.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['argo']))" \
         > /tmp/requirements.txt \
     && pip install --requirement /tmp/requirements.txt
 

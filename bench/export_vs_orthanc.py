@@ -47,7 +47,7 @@ async def upload(objects: ObjectStore, files: list[Path], prefix: str) -> list[F
 async def time_mwm(sink: DicomSink, refs: list[FileRef], cpu: list[float]) -> float:
     """Seconds to export ``refs``; appends the process CPU seconds it took (every thread) to ``cpu``."""
     started, cpu_started = time.perf_counter(), time.process_time()
-    results = await sink.export(refs)
+    results = (await sink.export(refs)).results
     elapsed = time.perf_counter() - started
     cpu.append(time.process_time() - cpu_started)
     failed = [r for r in results if r.status != "succeeded"]

@@ -26,7 +26,7 @@ from wm import buckets, metrics, timers
 from wm.buckets import BucketStore
 from wm.catalog import RegistryCatalog
 from wm.domain.discovery import placements
-from wm.ports import ApplicationCatalog
+from wm.ports import ApplicationCatalog, BucketRecords, QuietPeriodTimers
 from wm.registry import INDEXES as REGISTRY_INDEXES
 from wm.runtime import Consumer, Services
 
@@ -40,8 +40,8 @@ class DiscoveryDeps:
     """The ports discovery uses."""
 
     catalog: ApplicationCatalog
-    buckets: BucketStore
-    timers: timers.BucketTimers
+    buckets: BucketRecords
+    timers: QuietPeriodTimers
 
 
 async def handle(event: PayloadArrived, deps: DiscoveryDeps) -> None:

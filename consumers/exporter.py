@@ -26,22 +26,20 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import structlog
 
 from schemas.applications import SinkDefinition
-from schemas.events import ExportOutcome, ExportRequested, FileExportResult
+from schemas.events import ExportRequested
 from wm import exports
-from wm.domain.exports import ExportTask, all_failed, final_result, requested_event, task_for
+from wm.domain.exports import ExportResult, ExportTask, failed_result, requested_event, task_for
 from wm.errors import Duplicate, NotFound, PermanentError
 from wm.exports import ExportTasks, announce_completion
-from wm.ports import EventPublisher
+from wm.ports import EventPublisher, ExportTaskRecords, Sink, SinkDirectory, SinkOpener
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer, Services
-from wm.sinks import ExportSink, load_sink
+from wm.sinks import load_sink
 
 log = structlog.get_logger("consumers.exporter")
 
@@ -52,21 +50,13 @@ PREFETCH = 4
 SWEEP_INTERVAL_S = 10.0
 
 
-class SinkDirectory(Protocol):
-    """Sink definitions by name (``wm.registry.sinks.Sinks``)."""
-
-    async def get(self, name: str) -> SinkDefinition:
-        """The sink ``name``; ``NotFound`` when there is none."""
-        ...
-
-
 @dataclass(frozen=True)
 class ExporterDeps:
     """The ports the exporter uses."""
 
-    tasks: ExportTasks
+    tasks: ExportTaskRecords
     sinks: SinkDirectory
-    open_sink: Callable[[SinkDefinition], ExportSink]
+    open_sink: SinkOpener
     bus: EventPublisher
     process: str
     lease_s: float
@@ -101,9 +91,7 @@ async def handle(event: ExportRequested, deps: ExporterDeps) -> None:
 async def give_up(event: ExportRequested, deps: ExporterDeps, reason: str) -> None:
     """Retries exhausted: the task fails with ``reason`` (unless it is final already) and says so."""
     task = await _task(event, deps)
-    final = await deps.tasks.record_result(
-        task.export_task_id, "failed", all_failed(task.files, reason), reason
-    )
+    final = await deps.tasks.record_result(task.export_task_id, *failed_result(task.files, reason))
     await _announce(final, deps)
 
 
@@ -112,14 +100,12 @@ async def _task(event: ExportRequested, deps: ExporterDeps) -> ExportTask:
     return await deps.tasks.get(event.export_task_id)
 
 
-async def _run_sink(
-    task: ExportTask, deps: ExporterDeps
-) -> tuple[ExportOutcome, list[FileExportResult], str]:
+async def _run_sink(task: ExportTask, deps: ExporterDeps) -> ExportResult:
     try:
         sink = deps.open_sink(await deps.sinks.get(task.sink.name))
     except (NotFound, PermanentError) as exc:
-        return "failed", all_failed(task.files, str(exc)), str(exc)
-    return final_result(task.files, await sink.export(task.files))
+        return failed_result(task.files, str(exc))
+    return await sink.export(task.files)
 
 
 async def _announce(task: ExportTask, deps: ExporterDeps) -> None:
@@ -147,7 +133,7 @@ def build(services: Services) -> ExporterDeps:
     """Wire the ports to the process's shared connections."""
     settings = services.settings
 
-    def open_sink(definition: SinkDefinition) -> ExportSink:
+    def open_sink(definition: SinkDefinition) -> Sink:
         return load_sink(definition, settings, services.objects)
 
     process = f"{NAME}@{socket.gethostname()}:{os.getpid()}"

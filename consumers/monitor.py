@@ -30,16 +30,23 @@ import structlog
 
 from schemas.events import ExportRequested, JobLaunched, JobOutcome, SinkRef
 from wm import jobs
-from wm.adapters.objectstore import ObjectStore
 from wm.config import MonitorSettings
 from wm.domain.exports import task_for
-from wm.domain.jobs import JobState, JobTransition, export_task_id_for
+from wm.domain.jobs import Job, JobState, JobTransition, export_task_id_for, finished_event
 from wm.engines import LoadedEngines
 from wm.errors import TransientError
 from wm.exports import INDEXES as EXPORT_INDEXES
 from wm.exports import ExportTasks
-from wm.jobs import Job, JobStore, finished_event
-from wm.ports import ApplicationRevisions, EngineDirectory, EventPublisher, SinkDirectory
+from wm.jobs import JobStore
+from wm.ports import (
+    ApplicationRevisions,
+    EngineDirectory,
+    EventPublisher,
+    ExportTaskRecords,
+    JobRecords,
+    ObjectStorage,
+    SinkDirectory,
+)
 from wm.registry import Registry
 from wm.runtime import Consumer, Services
 
@@ -61,12 +68,12 @@ _OUTCOME_TRANSITION: dict[str, JobTransition] = {
 class MonitorDeps:
     """The ports the monitor uses."""
 
-    jobs: JobStore
+    jobs: JobRecords
     engines: EngineDirectory
-    objects: ObjectStore
+    objects: ObjectStorage
     applications: ApplicationRevisions
     sinks: SinkDirectory
-    exports: ExportTasks
+    exports: ExportTaskRecords
     publisher: EventPublisher
     settings: MonitorSettings
 
@@ -181,7 +188,7 @@ async def complete(job: Job, deps: MonitorDeps) -> None:
 
 async def request_export(job: Job, sink_name: str, deps: MonitorDeps) -> None:
     """Create the export task of the job's outputs for one sink and publish its request."""
-    sink = await deps.sinks.sink(sink_name)
+    sink = await deps.sinks.get(sink_name)
     task_id = export_task_id_for(job.job_id, sink_name)
     request = ExportRequested(
         correlation_id=job.correlation_id,
@@ -203,7 +210,7 @@ def build(services: Services) -> MonitorDeps:
         LoadedEngines(services.settings),
         services.objects,
         registry,
-        registry,
+        registry.sinks,
         ExportTasks(services.database),
         services.bus,
         services.settings.monitor,

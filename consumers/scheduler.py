@@ -24,13 +24,13 @@ import structlog
 
 from schemas.events import BucketReady
 from wm import jobs
-from wm.adapters.objectstore import ObjectStore
 from wm.catalog import CachedRevisions
-from wm.domain.jobs import JobState, JobTransition, job_id_for
-from wm.engines import JobSpec, LoadedEngines
+from wm.domain.engines import JobSpec
+from wm.domain.jobs import Job, JobState, JobTransition, finished_event, job_id_for, launched_event
+from wm.engines import LoadedEngines
 from wm.errors import Conflict
-from wm.jobs import Job, JobStore, finished_event, launched_event
-from wm.ports import ApplicationRevisions, EngineDirectory, EventPublisher
+from wm.jobs import JobStore
+from wm.ports import ApplicationRevisions, EngineDirectory, EventPublisher, JobRecords, ObjectStorage
 from wm.registry import INDEXES as REGISTRY_INDEXES
 from wm.runtime import Consumer, Services
 
@@ -44,8 +44,8 @@ class SchedulerDeps:
     """The ports the scheduler uses."""
 
     applications: ApplicationRevisions
-    jobs: JobStore
-    objects: ObjectStore
+    jobs: JobRecords
+    objects: ObjectStorage
     engines: EngineDirectory
     publisher: EventPublisher
 
@@ -102,7 +102,7 @@ async def handle(event: BucketReady, deps: SchedulerDeps) -> None:
         await deps.publisher.publish(launched_event(job), message_id=f"{job_id}.launched")
 
 
-async def stage(event: BucketReady, prefix: str, objects: ObjectStore) -> None:
+async def stage(event: BucketReady, prefix: str, objects: ObjectStorage) -> None:
     """Copy the bucket's files server-side under the job's input prefix, all in flight at once."""
     await asyncio.gather(
         *(

@@ -163,7 +163,7 @@ async def export_one(
     sink = DicomSink(definition, settings, ApiFiles(api, claimed.task))
     heartbeat = asyncio.create_task(_keep_lease(api, claimed, options.lease_s))
     try:
-        results = await sink.export(claimed.task.files)
+        results = (await sink.export(claimed.task.files)).results
         heartbeat.cancel()
         return await api.finish(claimed, results)
     except BaseException:

@@ -43,7 +43,7 @@ from pymongo.errors import BulkWriteError
 
 from schemas.events import BucketFile, BucketReady, PayloadArrived
 from wm.adapters.mongo import DUPLICATE_KEY, Database, Document, IndexSpec, translated_errors
-from wm.domain.discovery import Placement, bucket_ready, closes_at, file_id
+from wm.domain.discovery import Joined, Placement, bucket_ready, closes_at, file_id
 from wm.errors import Duplicate
 
 BUCKETS = "buckets"
@@ -73,14 +73,6 @@ class Closing:
     event: BucketReady | None = None
     not_before: datetime | None = None
     closed: bool = False  # this caller closed the bucket: publish ``event`` (if any), then ``mark_published``
-
-
-@dataclass(frozen=True)
-class Joined:
-    """The bucket a file ended up heading for, and when that bucket is due to close."""
-
-    bucket_id: str
-    closes_at: datetime
 
 
 def _now() -> datetime:

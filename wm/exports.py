@@ -38,7 +38,7 @@ from wm.domain.exports import (
     merge_results,
 )
 from wm.errors import Conflict, Duplicate, NotFound
-from wm.ports import EventPublisher
+from wm.ports import EventPublisher, ExportTaskRecords
 from wm.registry.models import Page, PageRequest
 
 EXPORT_TASKS = "export_tasks"
@@ -382,7 +382,7 @@ class ExportTasks:
         await self.release(task_id, owner)
 
 
-async def announce_completion(tasks: ExportTasks, bus: EventPublisher, task: ExportTask) -> None:
+async def announce_completion(tasks: ExportTaskRecords, bus: EventPublisher, task: ExportTask) -> None:
     """Publish a final task's ``export.completed`` unless that was done (and confirmed) already.
 
     The outbox's second half: the final state is written first, then published, then marked published;

@@ -18,12 +18,13 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel, Field
 from pymongo import ASCENDING, IndexModel
 
-from schemas.events import FileRef, JobFinished, JobLaunched, JobOutcome
 from wm.adapters.mongo import Database, IndexSpec, delete_matching, translated_errors
 from wm.domain.jobs import TERMINAL, JobState, JobTransition, next_state
+from wm.domain.jobs import Job as Job  # the model lives in the domain; re-exported for the store's users
+from wm.domain.jobs import finished_event as finished_event
+from wm.domain.jobs import launched_event as launched_event
 from wm.errors import Duplicate, NotFound
 
 JOBS = "jobs"
@@ -49,67 +50,6 @@ LAUNCH_RECHECK = timedelta(minutes=1)
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-class Job(BaseModel):
-    """A job: one run of one application revision on one bucket."""
-
-    job_id: str
-    bucket_id: str
-    correlation_id: str
-    application_id: str
-    application_revision: int
-    engine: str
-    state: JobState = JobState.created
-    engine_job_id: str | None = None
-    input_prefix: str
-    output_prefix: str
-    deadline: datetime
-    message: str = ""
-    outputs: list[FileRef] = Field(default_factory=list)
-    cancel_requested: bool = False
-    created_at: datetime = Field(default_factory=_now)
-    updated_at: datetime = Field(default_factory=_now)
-    finished_at: datetime | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL
-
-
-def launched_event(job: Job) -> JobLaunched:
-    """The ``job.launched`` of a launched job."""
-    assert job.engine_job_id is not None, "a launched job has an engine job id"
-    return JobLaunched(
-        correlation_id=job.correlation_id,
-        job_id=job.job_id,
-        bucket_id=job.bucket_id,
-        application_id=job.application_id,
-        application_revision=job.application_revision,
-        engine=job.engine,
-        engine_job_id=job.engine_job_id,
-        input_prefix=job.input_prefix,
-        output_prefix=job.output_prefix,
-        deadline=job.deadline,
-    )
-
-
-def finished_event(job: Job) -> JobFinished:
-    """The ``job.finished`` of a job in a terminal state."""
-    assert job.terminal, f"job {job.job_id} is {job.state}, not finished"
-    status: JobOutcome = job.state.value  # type: ignore[assignment]  # terminal states are the outcomes
-    return JobFinished(
-        correlation_id=job.correlation_id,
-        job_id=job.job_id,
-        bucket_id=job.bucket_id,
-        application_id=job.application_id,
-        application_revision=job.application_revision,
-        engine=job.engine,
-        engine_job_id=job.engine_job_id,
-        status=status,
-        message=job.message,
-        outputs=job.outputs,
-    )
 
 
 def _document(job: Job) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def ref(key: str) -> FileRef:
 
 async def test_export_filters_sends_the_rest_and_reports_every_file(settings: Settings) -> None:
     sink = Recording(definition(extensions=[".dcm"]), settings, NoFiles())
-    results = await sink.export([ref("a.dcm"), ref("notes.txt"), ref("b.dcm")])
+    outcome, results, message = await sink.export([ref("a.dcm"), ref("notes.txt"), ref("b.dcm")])
     assert sink.sent == ["a.dcm", "b.dcm"]
     assert [(r.key, r.status) for r in results] == [
         ("a.dcm", "succeeded"),
@@ -48,13 +48,15 @@ async def test_export_filters_sends_the_rest_and_reports_every_file(settings: Se
         ("b.dcm", "failed"),
     ]
     assert results[2].error is not None and "no result" in results[2].error
+    assert outcome == "partial" and message.startswith("1 succeeded, 1 failed, 1 skipped")
 
 
 async def test_nothing_wanted_means_nothing_sent(settings: Settings) -> None:
     sink = Recording(definition(extensions=[".dcm"]), settings, NoFiles())
-    results = await sink.export([ref("notes.txt")])
+    outcome, results, _ = await sink.export([ref("notes.txt")])
     assert not hasattr(sink, "sent")
     assert [r.status for r in results] == ["skipped"]
+    assert outcome == "succeeded"
 
 
 def test_the_dicom_sink_is_built_in(settings: Settings) -> None:

@@ -47,6 +47,14 @@ class Placement:
         return f"{self.bucket_key}.g{generation}"
 
 
+@dataclass(frozen=True)
+class Joined:
+    """The bucket a file ended up heading for, and when that bucket is due to close."""
+
+    bucket_id: str
+    closes_at: datetime
+
+
 def refusal(definition: ApplicationDefinition, event: PayloadArrived) -> str | None:
     """Why the application's filters refuse the file, or None when it accepts it."""
     filters = definition.discovery.filters

@@ -7,7 +7,8 @@
 
 Final states accept nothing: a second final update leaves the first result in place.
 
-How an outcome is decided (`export_outcome`), per file ``succeeded`` / ``failed`` / ``skipped``:
+How an outcome is decided (`export_outcome`, only through `final_result`), per file ``succeeded`` /
+``failed`` / ``skipped``:
 
 - ``skipped`` files (filtered out by the sink's ``extensions``) are not failures: the sink did everything it
   was configured to do with them. A task whose files are all skipped (or that has no files) *succeeded*.
@@ -21,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -212,17 +213,31 @@ def merge_results(files: Sequence[FileRef], *reports: Iterable[FileExportResult]
     return [by_key[file.key] for file in files if file.key in by_key]
 
 
+class ExportResult(NamedTuple):
+    """A task's final result: its outcome, exactly one result per file (in the files' order), a summary."""
+
+    outcome: ExportOutcome
+    results: list[FileExportResult]
+    message: str
+
+
 def final_result(
     files: Sequence[FileRef], reported: Iterable[FileExportResult], outcome: ExportOutcome | None = None
-) -> tuple[ExportOutcome, list[FileExportResult], str]:
-    """A task's final ``(outcome, results, summary)``: a result per file; outcome computed unless given."""
+) -> ExportResult:
+    """A task's final result from what was reported: a result per file; outcome computed unless given.
+
+    The one place an export's outcome is decided: the sinks (``ExportSink.export``), the exporter and the
+    pull clients' final update (``ExportTasks.finish``) all come here.
+    """
     results = complete_results(files, reported)
-    return outcome or export_outcome(results), results, summary(results)
+    return ExportResult(outcome or export_outcome(results), results, summary(results))
 
 
-def all_failed(files: Sequence[FileRef], error: str) -> list[FileExportResult]:
-    """A ``failed`` result with ``error`` for every file (the export could not be attempted at all)."""
-    return [FileExportResult(key=file.key, status="failed", error=error) for file in files]
+def failed_result(files: Sequence[FileRef], reason: str) -> ExportResult:
+    """The export could not be attempted at all: every file failed with ``reason``."""
+    return ExportResult(
+        "failed", [FileExportResult(key=f.key, status="failed", error=reason) for f in files], reason
+    )
 
 
 def lane_count(items: int, lanes: int, min_per_lane: int) -> int:

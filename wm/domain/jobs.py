@@ -1,4 +1,4 @@
-"""The job state machine and the ids derived from business keys. Pure: no I/O.
+"""Jobs, pure: the `Job` model, its state machine, its events and the ids derived from business keys.
 
     created --launch--> launched --start--> running --succeed--> succeeded
        |                  |  |                 |  --fail-----> failed
@@ -13,8 +13,12 @@ Terminal states accept nothing. Re-applying the transition that led to the curre
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 from enum import StrEnum
 
+from pydantic import BaseModel, Field
+
+from schemas.events import FileRef, JobFinished, JobLaunched, JobOutcome
 from wm.errors import Conflict
 
 
@@ -90,3 +94,69 @@ def job_id_for(bucket_id: str) -> str:
 def export_task_id_for(job_id: str, sink_name: str) -> str:
     """The export task of a job's results for one sink."""
     return f"{job_id}.{sink_name}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Job(BaseModel):
+    """A job: one run of one application revision on one bucket."""
+
+    job_id: str
+    bucket_id: str
+    correlation_id: str
+    application_id: str
+    application_revision: int
+    engine: str
+    state: JobState = JobState.created
+    engine_job_id: str | None = None
+    input_prefix: str
+    output_prefix: str
+    deadline: datetime
+    message: str = ""
+    outputs: list[FileRef] = Field(default_factory=list)
+    cancel_requested: bool = False
+    created_at: datetime = Field(default_factory=_now)
+    updated_at: datetime = Field(default_factory=_now)
+    finished_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the job has ended (succeeded, failed, cancelled or timed out)."""
+        return self.state in TERMINAL
+
+
+def launched_event(job: Job) -> JobLaunched:
+    """The ``job.launched`` of a launched job."""
+    assert job.engine_job_id is not None, "a launched job has an engine job id"
+    return JobLaunched(
+        correlation_id=job.correlation_id,
+        job_id=job.job_id,
+        bucket_id=job.bucket_id,
+        application_id=job.application_id,
+        application_revision=job.application_revision,
+        engine=job.engine,
+        engine_job_id=job.engine_job_id,
+        input_prefix=job.input_prefix,
+        output_prefix=job.output_prefix,
+        deadline=job.deadline,
+    )
+
+
+def finished_event(job: Job) -> JobFinished:
+    """The ``job.finished`` of a job in a terminal state."""
+    assert job.terminal, f"job {job.job_id} is {job.state}, not finished"
+    status: JobOutcome = job.state.value  # type: ignore[assignment]  # terminal states are the outcomes
+    return JobFinished(
+        correlation_id=job.correlation_id,
+        job_id=job.job_id,
+        bucket_id=job.bucket_id,
+        application_id=job.application_id,
+        application_revision=job.application_revision,
+        engine=job.engine,
+        engine_job_id=job.engine_job_id,
+        status=status,
+        message=job.message,
+        outputs=job.outputs,
+    )

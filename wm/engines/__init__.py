@@ -2,75 +2,32 @@
 
 An engine validates an application, launches a job, reports its status, cancels it and cleans up.
 Built in: ``local`` (one machine: a container runtime if present, else a local command) and ``argo``
-(Argo Workflows through its official SDK).
+(Argo Workflows through its official SDK, installed with the ``argo`` extra: ``pip install 'mwm[argo]'``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
 from importlib.metadata import entry_points
-from typing import Literal, Protocol
+from typing import Protocol
 
-from schemas.applications import ApplicationDefinition
-from schemas.events import FileRef
 from wm.config import Settings
+from wm.domain.engines import EnginePhase, EngineStatus, JobSpec
 from wm.errors import PermanentError
+from wm.ports import Engine
+
+__all__ = [
+    "ENGINE_GROUP",
+    "Engine",
+    "EngineFactory",
+    "EnginePhase",
+    "EngineStatus",
+    "JobSpec",
+    "LoadedEngines",
+    "available_engines",
+    "load_engine",
+]
 
 ENGINE_GROUP = "mwm.engines"
-
-EnginePhase = Literal["pending", "running", "succeeded", "failed", "error"]
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """What an engine needs to run one job."""
-
-    job_id: str
-    correlation_id: str
-    application: ApplicationDefinition
-    input_prefix: str
-    output_prefix: str
-    deadline: datetime
-
-
-@dataclass(frozen=True)
-class EngineStatus:
-    """An engine's view of a job."""
-
-    phase: EnginePhase
-    message: str = ""
-    outputs: list[FileRef] = field(default_factory=list)
-
-    @property
-    def terminal(self) -> bool:
-        return self.phase in ("succeeded", "failed", "error")
-
-
-class Engine(Protocol):
-    """The orchestration engine plugin interface."""
-
-    name: str
-
-    async def validate(self, application: ApplicationDefinition) -> list[str]:
-        """Problems that would stop the application from running here (empty when it can run)."""
-        ...
-
-    async def launch(self, job: JobSpec) -> str:
-        """Start the job; returns the engine's job id. Idempotent for the same ``job.job_id``."""
-        ...
-
-    async def status(self, engine_job_id: str) -> EngineStatus:
-        """The job's phase, message and (when it succeeded) outputs."""
-        ...
-
-    async def cancel(self, engine_job_id: str) -> None:
-        """Stop the job; a job that is already gone is not an error."""
-        ...
-
-    async def cleanup(self, engine_job_id: str) -> None:
-        """Release what the engine holds for a finished job."""
-        ...
 
 
 class EngineFactory(Protocol):
@@ -91,7 +48,13 @@ def load_engine(name: str, settings: Settings) -> Engine:
         raise PermanentError(
             f"unknown engine {name!r}; installed: {', '.join(available_engines()) or 'none'}"
         )
-    factory: EngineFactory = matches[0].load()
+    try:
+        factory: EngineFactory = matches[0].load()
+    except ImportError as exc:  # a plugin whose optional dependencies are not installed
+        raise PermanentError(
+            f"engine {name!r} cannot be loaded, a dependency is missing ({exc}); "
+            f"the built-in ones come with their extra: pip install 'mwm[{name}]'"
+        ) from exc
     return factory(settings)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from schemas.applications import AeTitleMapping, ApplicationDefinition, CallingPeer, SinkDefinition
+from schemas.applications import AeTitleMapping, ApplicationDefinition, CallingPeer
 from wm.adapters.mongo import Database
 from wm.errors import Conflict, ValidationFailed
 from wm.registry.aetitles import AeTitles
@@ -41,10 +41,6 @@ class Registry:
     async def revision(self, name: str, revision: int) -> ApplicationRevision:
         """One revision of an application, deleted or not (``NotFound`` if it never existed)."""
         return await self.applications.revision(name, revision)
-
-    async def sink(self, name: str) -> SinkDefinition:
-        """The sink ``name`` (``NotFound`` if there is none)."""
-        return await self.sinks.get(name)
 
     async def validate(self, data: RawDefinition) -> tuple[ApplicationDefinition | None, list[FieldError]]:
         """The parsed definition (None when the schema fails) and every problem found."""

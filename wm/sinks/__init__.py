@@ -8,40 +8,28 @@ A sink reports per-file failures in its results (a destination that stays down f
 sink's own bounded retries); it raises ``TransientError`` only when MWM's own services fail (object store
 down), so the consumer's runtime retries the whole task.
 
-Register a sink type in a package's ``pyproject.toml``::
+Register a sink type in a package's ``pyproject.toml`` (MWM's own ``dicom`` sink is declared this way)::
 
     [project.entry-points."mwm.sinks"]
     dicom = "wm.sinks.dicom:DicomSink"
-
-The built-in ``dicom`` sink is found even when MWM runs from a source tree (no installed entry points).
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from importlib.metadata import entry_points
-from pathlib import Path
-from typing import Protocol
 
 from schemas.applications import SinkDefinition
 from schemas.events import FileExportResult, FileRef
 from wm.config import Settings
-from wm.domain.exports import complete_results, split_by_extension
+from wm.domain.exports import ExportResult, final_result, split_by_extension
 from wm.errors import PermanentError
+from wm.ports import FileSource
+
+__all__ = ["ENTRY_POINT_GROUP", "ExportSink", "FileSource", "UnknownSinkType", "load_sink", "sink_class"]
 
 ENTRY_POINT_GROUP = "mwm.sinks"
-BUILT_IN: dict[str, str] = {"dicom": "wm.sinks.dicom:DicomSink"}
-"""Sink types shipped with MWM, as ``module:attribute``; installed entry points take precedence."""
-
-
-class FileSource(Protocol):
-    """Where a sink reads the files it exports (``wm.adapters.objectstore.ObjectStore``)."""
-
-    async def download_file(self, key: str, path: Path) -> None:
-        """Download the object ``key`` to the local file ``path``."""
-        ...
 
 
 class UnknownSinkType(PermanentError):
@@ -56,11 +44,11 @@ class ExportSink(ABC):
         self.settings = settings
         self.objects = objects
 
-    async def export(self, files: Sequence[FileRef]) -> list[FileExportResult]:
-        """Send the files this sink wants; a result for every file of ``files``, in order."""
+    async def export(self, files: Sequence[FileRef]) -> ExportResult:
+        """Send the files this sink wants; the outcome, a result for every file of ``files`` (in order)."""
         wanted, skipped = split_by_extension(files, self.definition.extensions)
         sent = await self._send(wanted) if wanted else []
-        return complete_results(files, [*skipped, *sent])
+        return final_result(files, [*skipped, *sent])
 
     @abstractmethod
     async def _send(self, files: Sequence[FileRef]) -> list[FileExportResult]:
@@ -69,15 +57,14 @@ class ExportSink(ABC):
 
 def sink_class(sink_type: str) -> type[ExportSink]:
     """The sink implementation registered for ``sink_type``; ``UnknownSinkType`` when there is none."""
-    installed = {entry.name: entry.value for entry in entry_points(group=ENTRY_POINT_GROUP)}
-    target = installed.get(sink_type) or BUILT_IN.get(sink_type)
-    if target is None:
-        known = sorted({*installed, *BUILT_IN})
-        raise UnknownSinkType(f"no export sink of type {sink_type!r} (known: {', '.join(known)})")
-    module_name, _, attribute = target.partition(":")
-    loaded = getattr(importlib.import_module(module_name), attribute)
+    installed = {entry.name: entry for entry in entry_points(group=ENTRY_POINT_GROUP)}
+    entry = installed.get(sink_type)
+    if entry is None:
+        known = ", ".join(sorted(installed)) or "none"
+        raise UnknownSinkType(f"no export sink of type {sink_type!r} (installed: {known})")
+    loaded = entry.load()
     if not (isinstance(loaded, type) and issubclass(loaded, ExportSink)):
-        raise UnknownSinkType(f"entry point {sink_type!r} = {target!r} is not an ExportSink")
+        raise UnknownSinkType(f"entry point {sink_type!r} = {entry.value!r} is not an ExportSink")
     return loaded
 
 
