@@ -1,4 +1,9 @@
-"""Fixtures shared by every test: each test gets its own settings (queues, database, bucket)."""
+"""Fixtures shared by every test: each test gets its own settings (queues, database, bucket).
+
+Every test is marked by where it lives: ``unit`` under ``tests/unit`` (no service, seconds in all),
+``integration`` under ``tests/integration``, ``tests/features`` and ``tests/helm`` (real services or tools),
+so ``pytest -m unit`` runs the fast suite alone.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,23 @@ import pytest
 
 from tests.support.services import cleanup, require_services, unique_settings
 from wm.config import Settings
+
+MARKS_BY_DIRECTORY = {
+    "unit": "unit",
+    "integration": "integration",
+    "features": "integration",
+    "helm": "integration",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test ``unit`` or ``integration`` by its directory under ``tests/``."""
+    tests = Path(__file__).parent
+    for item in items:
+        relative = item.path.relative_to(tests) if item.path.is_relative_to(tests) else None
+        mark = MARKS_BY_DIRECTORY.get(relative.parts[0]) if relative and len(relative.parts) > 1 else None
+        if mark is not None:
+            item.add_marker(mark)
 
 
 @pytest.fixture
