@@ -9,13 +9,14 @@ from contextlib import asynccontextmanager
 
 import aio_pika
 import pytest
+from prometheus_client import REGISTRY
 
 from schemas.events import PayloadArrived
 from tests.support import probe
 from tests.support.events import payload_arrived
-from tests.support.services import consumer_log, consumer_processes, services_command, wait_for
+from tests.support.services import consumer_log, consumer_processes, queue_settled, services_command, wait_for
 from wm.adapters.mongo import Database
-from wm.adapters.rabbitmq import Bus, dead_letter_queue_name, describe_dead_letter
+from wm.adapters.rabbitmq import Bus, dead_letter_queue_name, describe_dead_letter, queue_name
 from wm.config import Settings
 from wm.runtime import Consumer, ConsumerRunner, Services, open_services, run_consumers
 
@@ -123,7 +124,7 @@ async def test_sigkill_inside_the_handler_redelivers_to_another_replica_and_the_
                 return await count(database, probe.EFFECTS) >= 1
 
             await wait_for(effect_done, 30, "the effect after the redelivery")
-            await asyncio.sleep(1.0)  # a second effect, if the runtime allowed one, would land within this
+            await queue_settled(queue_name(settings.bus, probe.CONSUMER.name))  # no delivery left to run
             effects = await database.collection(probe.EFFECTS).find({}).to_list(None)
             assert len(effects) == 1
             assert effects[0]["pid"] != victim.pid
@@ -239,7 +240,11 @@ async def test_a_consumer_started_while_a_service_is_down_waits_for_it(
     services_command("stop", service)
     try:
         with consumer_processes(settings, PROBE, count=1) as [replica]:
-            await asyncio.sleep(3.0)
+
+            async def retried_twice() -> bool:
+                return consumer_log(settings, replica).count("retrying") >= 2
+
+            await wait_for(retried_twice, 30, f"the consumer to retry opening {service}")
             assert replica.poll() is None, f"the consumer gave up: {consumer_log(settings, replica)}"
             services_command("start", service)
             event = payload_arrived()
@@ -259,8 +264,10 @@ async def test_a_handler_in_flight_finishes_its_effects_when_its_channel_closes(
 ) -> None:
     """A broker restart closes the channel under a delivery: its ack is lost, its handler goes on."""
     entered, release, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
 
     async def slow(event: PayloadArrived, deps: None) -> None:
+        calls.append(event.payload_id)
         entered.set()
         await release.wait()
         finished.set()
@@ -274,14 +281,23 @@ async def test_a_handler_in_flight_finishes_its_effects_when_its_channel_closes(
         handlers={PayloadArrived: slow},
         build_deps=no_deps,
     )
+    handled_before = succeeded("inflight")
+    event = payload_arrived()
     async with open_services(live_settings) as services:
         runner = ConsumerRunner(consumer, services)
         await runner.start()
-        await services.bus.publish(payload_arrived())
+        await services.bus.publish(event)
         await asyncio.wait_for(entered.wait(), 10)
 
         await services.bus.connection.close()  # every channel closes, as in a broker restart
         release.set()
 
         await asyncio.wait_for(finished.wait(), 10)
-        await runner.stop(drain_timeout_s=5)
+        await runner.stop(drain_timeout_s=5)  # waits for the delivery to be settled (its ack fails)
+    assert calls == [event.payload_id]
+    assert succeeded("inflight") == handled_before + 1, "the delivery was not settled as handled"
+
+
+def succeeded(consumer: str) -> float:
+    """Deliveries of ``consumer`` whose handler succeeded (counted before the ack, which may be lost)."""
+    return REGISTRY.get_sample_value("mwm_messages_succeeded_total", {"consumer": consumer}) or 0.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from datetime import timedelta
 from pathlib import Path
@@ -10,17 +9,45 @@ from pathlib import Path
 from consumers import discovery
 from schemas.events import BucketReady
 from tests.support.events import payload_arrived
-from tests.support.pipeline import arrive, consumers_running, mip_application, register, tap
-from tests.support.services import consumer_processes
+from tests.support.pipeline import EventTap, arrive, consumers_running, mip_application, register, tap
+from tests.support.services import consumer_processes, queue_settled, wait_for
 from wm import buckets
 from wm.adapters.mongo import Database
-from wm.adapters.rabbitmq import Bus
+from wm.adapters.rabbitmq import Bus, queue_name
 from wm.buckets import BucketStore, Closing
 from wm.config import Settings
 from wm.domain.discovery import Placement, file_id
 from wm.testing.dicom import write_ct_study
 
 QUIET = 1.0
+
+
+async def settled(settings: Settings, events: EventTap) -> None:
+    """Wait until no further ``bucket.ready`` can come and every one published has reached ``events``.
+
+    Every file handled (discovery's queue empty), every bucket closed and its closure published (a
+    ``bucket.ready`` is only ever published for a closure), then the tap's queue drained.
+    """
+    await queue_settled(queue_name(settings.bus, discovery.NAME))
+    async with Database(settings.mongo) as database:
+
+        async def closed_and_published() -> bool:
+            open_buckets = await database.collection(buckets.BUCKETS).count_documents({"state": "open"})
+            unpublished = await database.collection(buckets.CLOSURES).count_documents({"published_at": None})
+            return open_buckets == 0 and unpublished == 0
+
+        await wait_for(closed_and_published, 30, "every bucket closed and its bucket.ready published")
+    await queue_settled(events.queue)
+
+
+async def bucketed(settings: Settings, files: int) -> None:
+    """Wait until ``files`` files are in buckets."""
+    async with Database(settings.mongo) as database:
+
+        async def enough() -> bool:
+            return await database.collection(buckets.FILES).count_documents({}) >= files
+
+        await wait_for(enough, 30, f"{files} files in buckets")
 
 
 async def test_a_multi_series_study_makes_one_bucket_and_interleaved_studies_make_two(
@@ -38,7 +65,7 @@ async def test_a_multi_series_study_makes_one_bucket_and_interleaved_studies_mak
     ):
         await arrive(settings, interleaved, called_ae="MWM-MIP")
         ready = await events.wait_for(BucketReady, 2, 20)
-        await asyncio.sleep(QUIET * 2)  # any extra bucket.ready would arrive within this
+        await settled(settings, events)
     assert len(events.of(BucketReady)) == 2
     by_study = {event.grouping_value: event for event in ready}
     assert len(by_study[first.study_uid].files) == 6
@@ -57,11 +84,12 @@ async def test_two_associations_within_the_quiet_period_make_one_bucket_and_a_lo
         consumers_running(settings, [discovery.CONSUMER]),
     ):
         await arrive(settings, study.files[:2], called_ae="MWM-MIP")
-        await asyncio.sleep(QUIET * 0.4)
+        await bucketed(
+            settings, 2
+        )  # the bucket is open: the next association joins it within its quiet period
         await arrive(settings, study.files[2:4], called_ae="MWM-MIP")
         [together] = await events.wait_for(BucketReady, 1, 20)
-        await asyncio.sleep(QUIET * 1.5)
-        await arrive(settings, study.files[4:], called_ae="MWM-MIP")
+        await arrive(settings, study.files[4:], called_ae="MWM-MIP")  # after the bucket closed
         ready = await events.wait_for(BucketReady, 2, 20)
     assert len(together.files) == 4
     assert len(ready[1].files) == 2
@@ -83,7 +111,7 @@ async def test_two_replicas_and_duplicate_events_still_publish_one_bucket_ready_
             events_sent = await arrive(settings, study.files, called_ae="MWM-MIP")
             await arrive(settings, study.files, called_ae="MWM-MIP", payload_id=events_sent[0].payload_id)
             await events.wait_for(BucketReady, 1, 30)
-            await asyncio.sleep(QUIET * 3)
+            await settled(settings, events)
     [ready] = events.of(BucketReady)
     assert len(ready.files) == len(study.files)
     assert len({f.file.key for f in ready.files}) == len(study.files)
@@ -100,13 +128,13 @@ async def test_bucket_ready_is_published_once_after_the_timer_owner_is_killed_in
     async with tap(settings, BucketReady.event_type) as events:
         with consumer_processes(settings, "discovery", count=1) as [owner]:
             await arrive(settings, study.files, called_ae="MWM-MIP")
-            await asyncio.sleep(1.5)  # the files are bucketed; the quiet period is still running
+            await bucketed(settings, len(study.files))  # the quiet period (3 s) is still running
             owner.send_signal(signal.SIGKILL)
             owner.wait(timeout=10)
         assert events.of(BucketReady) == []
         with consumer_processes(settings, "discovery", count=2):
             await events.wait_for(BucketReady, 1, 30)
-            await asyncio.sleep(3.0)
+            await settled(settings, events)
     [ready] = events.of(BucketReady)
     assert len(ready.files) == 4
 
@@ -123,7 +151,9 @@ async def test_a_file_no_application_wants_is_acknowledged_not_requeued(
     ):
         await arrive(settings, study.files, called_ae="MWM-MIP")
         await arrive(settings, study.files, called_ae="NOBODY")
-        await asyncio.sleep(QUIET * 2.5)
+        await settled(settings, events)
+        async with Database(settings.mongo) as database:
+            assert await database.collection(buckets.BUCKETS).count_documents({}) == 0
     assert events.of(BucketReady) == []
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,11 +9,11 @@ from pathlib import Path
 from consumers import discovery, monitor, scheduler
 from schemas.events import BucketReady, ExportRequested, JobFinished, JobLaunched
 from tests.support.pipeline import arrive, consumers_running, mip_application, register, tap
-from tests.support.services import consumer_processes
+from tests.support.services import consumer_processes, queue_settled
 from wm import jobs
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
-from wm.adapters.rabbitmq import Bus
+from wm.adapters.rabbitmq import Bus, queue_name
 from wm.config import Settings
 from wm.domain.jobs import JobState, JobTransition
 from wm.jobs import JOBS, Job, JobStore
@@ -98,7 +97,7 @@ async def test_two_schedulers_and_a_duplicate_bucket_ready_make_one_job(
                     for _ in range(3):
                         await bus.publish(ready, message_id=f"replayed-{_}")
                 await events.wait_for(JobFinished, 1, 60)
-                await asyncio.sleep(1.0)
+                await queue_settled(queue_name(settings.bus, scheduler.NAME))  # every bucket.ready handled
     async with Database(settings.mongo) as database:
         assert await database.collection(JOBS).count_documents({}) == 1
     assert len({event.job_id for event in events.of(JobFinished)}) == 1
@@ -126,7 +125,7 @@ async def test_a_job_is_followed_to_its_end_after_its_monitor_is_killed(
         with consumer_processes(settings, "monitor", count=1) as [first_monitor]:
             await arrive(settings, study.files, called_ae="MWM-MIP")
             await events.wait_for(JobLaunched, 1, 30)
-            await asyncio.sleep(1.0)
+            await queue_settled(queue_name(settings.bus, monitor.NAME))  # it follows the job now
             first_monitor.send_signal(signal.SIGKILL)
             first_monitor.wait(timeout=10)
         with consumer_processes(settings, "monitor", count=1):

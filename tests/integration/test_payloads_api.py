@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import struct
 import tarfile
@@ -18,6 +17,7 @@ from schemas.events import PayloadArrived
 from tests.support.api import api_settings, assert_problem
 from tests.support.pipeline import EventTap, mip_application, register, tap
 from tests.support.process import api_process, peak_rss_mb
+from tests.support.services import queue_settled
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.api.app import create_app
@@ -157,7 +157,7 @@ async def test_a_part_that_is_not_dicom_is_reported_and_the_others_stored(
     async with arrivals(api) as events, client(api, api.api.token) as http:
         response = await http.post("/payloads", params={"application": "mip"}, files=form)
         announced: list[PayloadArrived] = await events.wait_for(PayloadArrived, 2, 10)
-        await asyncio.sleep(0.2)  # a third announcement would be a bug: give it a moment to show up
+        await queue_settled(events.queue)  # the response came after every publish was confirmed
     assert response.status_code == 201, response.text
     body = response.json()
     assert [f["part"] for f in body["files"]] == [0, 3]

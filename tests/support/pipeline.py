@@ -56,6 +56,7 @@ class EventTap:
     """Every event published on the given routing keys while the tap is open, decoded."""
 
     def __init__(self) -> None:
+        self.queue = ""  # the tap's own queue: ``queue_settled(tap.queue)`` waits until all arrived
         self.events: list[Event] = []
         self.message_ids: list[str | None] = []
         self.received_at: list[float] = []  # time.time() at each arrival, for latency measurements
@@ -94,6 +95,7 @@ async def tap(settings: Settings, *routing_keys: str) -> AsyncIterator[EventTap]
     """Every event published on ``routing_keys`` while the block runs, decoded (``EventTap``)."""
     collected = EventTap()
     async with bound_queue(settings, *routing_keys) as queue:
+        collected.queue = queue.name
 
         async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             received = time.time()

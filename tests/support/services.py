@@ -147,19 +147,37 @@ async def cleanup(settings: Settings) -> None:
 
 
 async def _queues_with_prefix(settings: Settings) -> list[str]:
+    prefix = settings.bus.queue_prefix + "."
+    return [row[0] for row in await _list_queues("name") if row[0].startswith(prefix)]
+
+
+async def _list_queues(*columns: str) -> list[list[str]]:
+    """``rabbitmqctl list_queues`` of this stack's node: one row of ``columns`` per queue."""
     listing = await asyncio.create_subprocess_exec(
         "rabbitmqctl",
         "list_queues",
         "-q",
         "--no-table-headers",
-        "name",
+        *columns,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         env={**os.environ, "RABBITMQ_NODENAME": rabbitmq_nodename()},
     )
     stdout, _ = await listing.communicate()
-    prefix = settings.bus.queue_prefix + "."
-    return [line.strip() for line in stdout.decode().splitlines() if line.strip().startswith(prefix)]
+    return [line.split() for line in stdout.decode().splitlines() if line.strip()]
+
+
+async def queue_settled(queue: str, timeout: float = 30) -> None:
+    """Wait until ``queue`` holds no message, ready or unacknowledged: every delivery so far was handled.
+
+    What a test waits on before asserting that something did *not* happen (a second effect, an extra event).
+    """
+
+    async def settled() -> bool:
+        counts = {row[0]: row[1] for row in await _list_queues("name", "messages") if len(row) == 2}
+        return counts.get(queue) == "0"
+
+    await wait_for(settled, timeout, f"queue {queue} to hold no message", interval=0.2)
 
 
 @contextmanager
