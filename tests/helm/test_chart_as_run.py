@@ -117,6 +117,7 @@ def running_roles(
         yield [stack.enter_context(started_role(spec, scratch)) for spec in chart_roles]
 
 
+@pytest.mark.timeout(600)
 def test_every_workload_passes_its_liveness_and_readiness_probes(running_roles: list[RunningRole]) -> None:
     for role in running_roles:
         assert role.spec.liveness is not None and role.spec.readiness is not None
@@ -125,6 +126,7 @@ def test_every_workload_passes_its_liveness_and_readiness_probes(running_roles: 
         role.wait_until(role.spec.readiness, within_s=120)
 
 
+@pytest.mark.timeout(600)
 def test_the_metrics_of_the_dashboard_and_alert_rules_are_served(running_roles: list[RunningRole]) -> None:
     for role in running_roles:
         assert role.spec.readiness is not None
@@ -149,6 +151,7 @@ def _family(name: str) -> str:
     return name
 
 
+@pytest.mark.timeout(600)
 def test_sigterm_ends_every_workload_cleanly_within_its_grace_period(
     running_roles: list[RunningRole],
 ) -> None:

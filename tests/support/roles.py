@@ -76,6 +76,7 @@ class RunningRole:
     process: subprocess.Popen[bytes]
     log: Path
     local_ports: dict[int, int]  # container port -> local port
+    env: dict[str, str]  # the environment it runs with (ports and mounts moved)
 
     def url(self, port: str | int, path: str) -> str:
         number = self.spec.ports[port] if isinstance(port, str) else port
@@ -154,7 +155,7 @@ def started_role(
     log = scratch / f"{spec.name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(resolve_command(spec.argv), env=env, stdout=out, stderr=subprocess.STDOUT)
-    running = RunningRole(spec, process, log, local_ports)
+    running = RunningRole(spec, process, log, local_ports, env)
     try:
         yield running
     finally:
