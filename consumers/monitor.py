@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import structlog
 
 from schemas.events import ExportRequested, JobLaunched, JobOutcome, SinkRef
-from wm import jobs
+from wm import jobs, metrics
 from wm.config import MonitorSettings
 from wm.domain.exports import task_for
 from wm.domain.jobs import Job, JobState, JobTransition, export_task_id_for, finished_event
@@ -109,6 +109,7 @@ async def follow(deps: MonitorDeps, stop: asyncio.Event) -> None:
             next_sweep = loop.time() + deps.settings.finish_lease_s / 4
             for job_id in await _guarded(deps.jobs.stale_finishes(lease)) or []:
                 if await _guarded(deps.jobs.reclaim_finish(job_id, lease)):
+                    metrics.FINISH_TAKEOVERS.inc()
                     await _guarded(_take_over_by_id(job_id, deps))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), deps.settings.poll_interval_s)

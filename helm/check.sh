@@ -8,6 +8,9 @@
 #   4. validation of the rendered manifests against the Kubernetes JSON schemas vendored by the
 #      kubernetes-validate package (installed into .venv if .venv/bin/pip exists, else /tmp/setup/venv),
 #      strictly, for Kubernetes 1.25 and the newest it knows; KEDA resources against structural schemas.
+#   5. `promtool check rules` on the alert rules the chart ships (helm/mwm/files/prometheus-rules.yaml):
+#      promtool at $cache/bin/promtool, built from the Go module proxy when absent (PROMETHEUS_MODULE_VERSION,
+#      default v0.315.1 = Prometheus 3.15.1).
 #
 # Exits non-zero on the first failure.
 set -euo pipefail
@@ -22,6 +25,9 @@ validator_pkg="kubernetes-validate==1.37.0"
 # The Kubernetes minor version Helm reports by default (that of its client-go); released Helm
 # binaries have it set at link time, `go install` needs it passed the same way.
 helm_k8s_minor="${HELM_K8S_MINOR:-37}"
+
+promtool="$cache/bin/promtool"
+promtool_version="${PROMETHEUS_MODULE_VERSION:-v0.315.1}"
 
 log() { printf '== %s\n' "$*"; }
 die() { printf 'helm/check.sh: %s\n' "$*" >&2; exit 1; }
@@ -38,6 +44,29 @@ install_helm() {
     GOBIN="$tmp" CGO_ENABLED=0 go install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$helm_version"
     mkdir -p "$cache/bin"
     mv -f "$tmp/helm" "$helm"
+    rm -rf "$tmp"
+}
+
+install_promtool() {
+    command -v go >/dev/null || die "promtool is not at $promtool and go is not installed to build it"
+    log "building promtool (prometheus module $promtool_version) into $cache/bin (takes several minutes)"
+    # `go install pkg@version` refuses modules whose go.mod has replace directives (Prometheus has one):
+    # build from a throw-away module that requires it and repeats the replace.
+    local tmp replace
+    tmp="$(mktemp -d)"
+    (
+        cd "$tmp"
+        go mod init promtoolbuild >/dev/null 2>&1
+        go mod download -json "github.com/prometheus/prometheus@$promtool_version" >/dev/null
+        replace="$(go mod download -json "github.com/prometheus/prometheus@$promtool_version" |
+            sed -n 's/.*"GoMod": "\(.*\)",*/\1/p' | xargs grep -h '^replace ' || true)"
+        printf 'require github.com/prometheus/prometheus %s\n%s\n' "$promtool_version" "$replace" >> go.mod
+        printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/prometheus/prometheus/cmd/promtool"\n' > tools.go
+        go mod tidy >/dev/null 2>&1
+        CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$tmp/promtool" github.com/prometheus/prometheus/cmd/promtool
+    )
+    mkdir -p "$cache/bin"
+    mv -f "$tmp/promtool" "$promtool"
     rm -rf "$tmp"
 }
 
@@ -91,4 +120,10 @@ done
 
 log "validating the rendered manifests against the Kubernetes schemas"
 "$python" "$here/validate_manifests.py" "${rendered[@]}"
+if [[ ! -x "$promtool" ]]; then
+    install_promtool
+fi
+log "promtool check rules ($("$promtool" --version 2>&1 | head -n1))"
+"$promtool" check rules "$chart/files/prometheus-rules.yaml"
+
 log "helm chart OK"

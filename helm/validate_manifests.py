@@ -2,8 +2,9 @@
 
 Built-in kinds are checked, strictly (unknown fields rejected), against the Kubernetes JSON schemas that
 the ``kubernetes-validate`` package vendors, for each requested Kubernetes version. KEDA's custom
-resources (ScaledObject, TriggerAuthentication) have no vendored schema: they are checked against the
-small structural schemas below, a subset of KEDA 2.x's CRDs. Any other kind is an error.
+resources (ScaledObject, TriggerAuthentication) and the Prometheus Operator's PrometheusRule have no
+vendored schema: they are checked against the small structural schemas below, subsets of their CRDs.
+Any other kind is an error.
 
 Usage: ``python helm/validate_manifests.py [-k 1.25 -k 1.37] FILE...``; exits 1 on any failure.
 """
@@ -87,6 +88,48 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                             },
                         },
                     },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PrometheusRule"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["groups"],
+                "additionalProperties": False,
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "properties": {
+                                "name": _STR,
+                                "interval": _STR,
+                                "rules": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["expr"],
+                                        "properties": {
+                                            "alert": _STR,
+                                            "record": _STR,
+                                            "expr": _STR,
+                                            "for": _STR,
+                                            "labels": {"type": "object", "additionalProperties": _STR},
+                                            "annotations": {"type": "object", "additionalProperties": _STR},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    }
                 },
             },
         },

@@ -184,4 +184,6 @@ def settings_table() -> str:
 
 
 if __name__ == "__main__":
-    print(settings_table())
+    from wm.console import run_command
+
+    run_command(lambda: print(settings_table()))

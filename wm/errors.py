@@ -9,6 +9,8 @@
     ``ValidationFailed``: a definition (application, sink) is invalid; carries every error found.
   ``Duplicate``: the effect already happened; acknowledged and logged.
   ``NotFound`` / ``Conflict``: become RFC 7807 responses (404 / 409) in the API.
+  ``ConfigurationError``: a setting is invalid or unusable (a port in use); the command prints its one
+    line, naming the variable, and exits 1.
 
 Anything else raised by a handler is a bug: the runtime dead-letters the message and logs it loudly.
 Adapters translate library exceptions to these at the edge.
@@ -51,3 +53,7 @@ class NotFound(MwmError):
 
 class Conflict(MwmError):
     """The request conflicts with the current state (a name taken, an illegal transition)."""
+
+
+class ConfigurationError(MwmError):
+    """A setting that is invalid or cannot be used; the message names its ``MWM_*`` variable."""

@@ -26,6 +26,7 @@ from typing import Any
 from pymongo import ASCENDING, IndexModel
 
 from schemas.events import ExportOutcome, FileExportResult
+from wm import metrics
 from wm.adapters.mongo import Database, Document, IndexSpec, translated_errors
 from wm.domain.exports import (
     FINAL_STATES,
@@ -191,10 +192,13 @@ class ExportTasks:
         # Start at the task's latest lease, which may still be live: a claimer that read the task after
         # another one's claim was mirrored must not take the next number while that lease lives.
         number = max(task.lease_number - 1, 0)
+        took_over = False  # the lease before ours expired without being released: its holder died or hung
         for _ in range(_LEASE_PROBES):
             holder = await self._lease_document(task.export_task_id, number)
             if holder is None:
                 if await self._insert_lease(task.export_task_id, number, owner, now, expires_at):
+                    if took_over:
+                        metrics.LEASE_EXPIRIES.labels("export").inc()
                     return await self._mirror_lease(task.export_task_id, number, owner, expires_at)
                 continue  # another claimer took this number just now: look at its lease
             if holder["expires_at"] > now:
@@ -202,6 +206,7 @@ class ExportTasks:
                     return None
                 await self._extend(holder["_id"], expires_at)
                 return await self._mirror_lease(task.export_task_id, number, owner, expires_at)
+            took_over = holder.get("released_at") is None
             number += 1
         return None
 

@@ -31,13 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import structlog
-import uvicorn
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
 from pydantic import ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
 
 from schemas.events import EVENTS_BY_TYPE_NAME, Event
 from wm import metrics
@@ -46,6 +42,7 @@ from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
 from wm.config import Settings
 from wm.errors import Duplicate, InvalidMessage, PermanentError, TransientError
+from wm.observability import HTTP_PORT_VARIABLE, Check, listen, listen_observability, observability_app, serve
 from wm.retry import backoff_delays, retrying
 
 log = structlog.get_logger("wm.runtime")
@@ -320,43 +317,24 @@ def _event_context(event: Event) -> dict[str, str]:
     return context
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the runtime owns SIGTERM and drains first."""
+def service_checks(services: Services) -> dict[str, Check]:
+    """The readiness checks of a role that uses all three services."""
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+    async def bus() -> bool:
+        return services.bus.is_connected
+
+    return {"bus": bus, "database": services.database.ping, "object_store": services.objects.ping}
 
 
 def health_app(services: Services) -> Starlette:
-    """``/healthz`` (the process is alive), ``/readyz`` (bus and database reachable), ``/metrics``."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "alive"})
-
-    async def readyz(request: Request) -> Response:
-        checks = {"bus": services.bus.is_connected, "database": await services.database.ping()}
-        ready = all(checks.values())
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
-        )
-
-    async def metrics_endpoint(request: Request) -> Response:
-        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    return Starlette(
-        routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_endpoint)]
-    )
+    """``/healthz`` (alive), ``/readyz`` (broker, database and object store reachable), ``/metrics``."""
+    checks = service_checks(services)
+    return observability_app(lambda: checks)
 
 
 async def serve_http(app: Any, host: str, port: int, stop: asyncio.Event) -> None:
     """Serve an ASGI app until ``stop`` is set (no signal handling of its own)."""
-    server = _EmbeddedServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve())
-    await stop.wait()
-    server.should_exit = True
-    await serving
+    await serve(app, listen(host, port, HTTP_PORT_VARIABLE), stop)
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -371,26 +349,38 @@ def stop_on_signals() -> asyncio.Event:
 async def run_consumers(
     settings: Settings, consumers: list[Consumer[Any]], stop: asyncio.Event | None = None
 ) -> None:
-    """Run consumers in this process until SIGTERM/SIGINT (or ``stop``), then drain and exit."""
+    """Run consumers in this process until SIGTERM/SIGINT (or ``stop``), then drain and exit.
+
+    The observability port answers from the start: ``/readyz`` says 503 while the services are being
+    reached and again while draining, ``/healthz`` stays 200 until the process exits.
+    """
     stop = stop or stop_on_signals()
     indexes = tuple(spec for consumer in consumers for spec in consumer.indexes)
-    async with open_services(settings, indexes) as services:
-        runners = [ConsumerRunner(consumer, services) for consumer in consumers]
-        for runner in runners:
-            await runner.start()
-        # What start-up built (modules, schemas, clients) lives as long as the process: out of the collector's
-        # way, a full collection walks only what deliveries allocate.
-        gc.freeze()
-        http: asyncio.Task[None] | None = None
-        observability = settings.observability
-        if observability.http_port:
-            http = asyncio.create_task(
-                serve_http(health_app(services), observability.http_host, observability.http_port, stop)
-            )
-        log.info("process_ready", consumers=[consumer.name for consumer in consumers])
-        await stop.wait()
-        log.info("draining", timeout_s=observability.drain_timeout_s)
-        await asyncio.gather(*(runner.stop(observability.drain_timeout_s) for runner in runners))
+    observability = settings.observability
+    listener = listen_observability(observability)  # before connecting: a port in use fails at once
+    checks: dict[str, Check] | None = None
+    http_stop = asyncio.Event()
+    http = (
+        None
+        if listener is None
+        else asyncio.create_task(serve(observability_app(lambda: checks), listener, http_stop))
+    )
+    try:
+        async with open_services(settings, indexes) as services:
+            runners = [ConsumerRunner(consumer, services) for consumer in consumers]
+            for runner in runners:
+                await runner.start()
+            # What start-up built (modules, schemas, clients) lives as long as the process: out of the
+            # collector's way, a full collection walks only what deliveries allocate.
+            gc.freeze()
+            checks = service_checks(services)
+            log.info("process_ready", consumers=[consumer.name for consumer in consumers])
+            await stop.wait()
+            checks = None
+            log.info("draining", timeout_s=observability.drain_timeout_s)
+            await asyncio.gather(*(runner.stop(observability.drain_timeout_s) for runner in runners))
+    finally:
+        http_stop.set()
         if http is not None:
             await http
-        log.info("stopped")
+    log.info("stopped")

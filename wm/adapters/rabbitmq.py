@@ -34,6 +34,7 @@ from aio_pika.abc import (
 )
 
 from schemas.events import Event
+from wm import metrics
 from wm.config import BusSettings
 from wm.errors import TransientError
 
@@ -49,6 +50,10 @@ _BROKER_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
     RuntimeError,  # aio-pika raises it for a channel that is closed while reconnecting
 )
+
+
+def _count_reconnect(connection: object) -> None:
+    metrics.BUS_RECONNECTS.inc()
 
 
 def queue_name(settings: BusSettings, consumer: str) -> str:
@@ -94,6 +99,8 @@ class Bus:
             self._connection = await aio_pika.connect_robust(
                 self.settings.url, reconnect_interval=self.settings.reconnect_interval_s
             )
+            self._connection.reconnect_callbacks.add(_count_reconnect)
+            metrics.BUS_CONNECTED.set_function(lambda: float(self.is_connected))
             self._channel = await self._connection.channel(publisher_confirms=True)
             self._exchange, self._dead_letter_exchange = await self._declare_exchanges(self.channel)
         except _BROKER_ERRORS as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from wm.cli import api, bus, cleanup, export_client, gateway, jobs, registry
+from wm.console import run_command
 
 app = typer.Typer(
     name="mwm",
@@ -28,5 +29,5 @@ app.command("cleanup")(cleanup.cleanup)
 
 
 def main() -> None:
-    """Entry point of the ``mwm`` console script."""
-    app()
+    """Entry point of the ``mwm`` console script (errors a person can act on end in one line)."""
+    run_command(app)

@@ -31,11 +31,13 @@ def api(
     port: Annotated[int | None, typer.Option("--port", help="port [default: MWM_API__PORT]")] = None,
 ) -> None:
     """Serve the REST API (OpenAPI at /docs) until interrupted."""
-    from wm.api.server import serve  # imported here: FastAPI and pynetdicom would slow every other command
+    from wm.api.server import (
+        serve_api,
+    )  # imported here: FastAPI and pynetdicom would slow every other command
 
     settings = Settings()
     configure_logging(settings.observability.log_format, settings.observability.log_level)
-    serve(settings, host, port)
+    serve_api(settings, host, port)
 
 
 def _with_keys(action: Callable[[ApiKeys], Awaitable[T]]) -> T:

@@ -14,15 +14,10 @@ import typer
 from wm.adapters.rabbitmq import Bus, dead_letter_queue_name, describe_dead_letter, queue_name
 from wm.cli.output import OutputFormat, emit
 from wm.config import Settings
+from wm.fleet import CONSUMER_GROUP
+from wm.fleet import consumer_names as available_consumers
 from wm.logging import configure_logging
 from wm.runtime import Consumer, run_consumers
-
-CONSUMER_GROUP = "mwm.consumers"
-
-
-def available_consumers() -> list[str]:
-    """Names of the consumers registered under the ``mwm.consumers`` entry-point group."""
-    return sorted(ep.name for ep in entry_points(group=CONSUMER_GROUP))
 
 
 def resolve_consumer(name: str) -> Consumer[Any]:
