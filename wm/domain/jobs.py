@@ -6,8 +6,12 @@
        +--fail (launch kept failing)--> failed
     cancel: created|launched|running -> cancelled;  time_out: launched|running -> timed_out
 
-Terminal states accept nothing. Re-applying the transition that led to the current state is a no-op
-(``same``), so a redelivered event changes nothing; any other pair is refused with ``IllegalTransition``.
+    retry (a new attempt): failed|cancelled|timed_out -> launched (``RETRYABLE``; see ``wm.job_retry``)
+
+Terminal states accept nothing (a retry starts a new attempt of the job rather than moving the ended
+one on; the attempt that ended is kept in the job's history). Re-applying the transition that led to the
+current state is a no-op (``same``), so a redelivered event changes nothing; any other pair is refused
+with ``IllegalTransition``.
 """
 
 from __future__ import annotations
@@ -90,3 +94,35 @@ def job_id_for(bucket_id: str) -> str:
 def export_task_id_for(job_id: str, sink_name: str) -> str:
     """The export task of a job's results for one sink."""
     return f"{job_id}.{sink_name}"
+
+
+RETRYABLE = frozenset({JobState.failed, JobState.cancelled, JobState.timed_out})
+"""Ended states a job can be run again from (a succeeded job has its result: it is not run twice)."""
+
+
+def retry_refusal(state: JobState, inputs_purged: bool) -> str | None:
+    """Why a job in ``state`` cannot be retried, or None when it can."""
+    if state not in RETRYABLE:
+        return f"only a failed, cancelled or timed-out job can be retried; this one is {state.value}"
+    if inputs_purged:
+        return "its inputs were removed by retention (`mwm cleanup`)"
+    return None
+
+
+def engine_job_name(job_id: str, attempt: int) -> str:
+    """The name attempt ``attempt`` of a job runs under on its engine.
+
+    The first attempt keeps the job id; a later one gets a suffix, so the engine's launch (idempotent per
+    name) starts it afresh instead of finding the attempt that ended.
+    """
+    return job_id if attempt == 1 else f"{job_id}-a{attempt}"
+
+
+def launched_message_id(job_id: str, attempt: int) -> str:
+    """The message id of an attempt's ``job.launched`` (a consumer drops a message id it has seen)."""
+    return f"{job_id}.launched" if attempt == 1 else f"{job_id}.launched.a{attempt}"
+
+
+def finished_message_id(job_id: str, attempt: int) -> str:
+    """The message id of an attempt's ``job.finished``."""
+    return f"{job_id}.finished" if attempt == 1 else f"{job_id}.finished.a{attempt}"
