@@ -4,8 +4,10 @@ Queue ``mwm.exporter``, bound to ``mwm.export.requested.dicom``.
 
 - In: ``ExportRequested``, self-contained (task id, job, sink by name and type, the files).
 - Effect: the export task is created from the event when it is missing (the monitor normally inserted it),
-  claimed under a lease (``export.lease_s``), its sink definition loaded by name from the registry and run
-  (``wm.sinks``); the outcome (succeeded | partial | failed) and a result per file are recorded once.
+  claimed under a short lease (``export.lease_s``, renewed every third of it while the sink runs: a killed
+  exporter's task is re-requested by the sweep within the lease and ``SWEEP_INTERVAL_S``), its sink definition
+  loaded by name from the registry and run (``wm.sinks``); the outcome (succeeded | partial | failed) and a
+  result per file are recorded once.
 - Emits: ``ExportCompleted`` with message id ``<task id>.completed``, after the final state is written;
   the task is then marked published (an outbox without transactions).
 - Idempotency key: the export task id. A final task is never exported again: a redelivery publishes
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import uuid
@@ -36,6 +39,7 @@ from wm import exports
 from wm.domain.exports import ExportResult, ExportTask, failed_result, requested_event, task_for
 from wm.errors import Duplicate, NotFound, PermanentError
 from wm.exports import ExportTasks, announce_completion
+from wm.leases import renewed
 from wm.ports import EventPublisher, ExportTaskRecords, Sink, SinkDirectory, SinkOpener
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer, Services
@@ -72,7 +76,9 @@ async def handle(event: ExportRequested, deps: ExporterDeps) -> None:
     if await deps.tasks.claim_task(task.export_task_id, owner, deps.lease_s) is None:
         raise Duplicate(f"export task {task.export_task_id} is final or held by another exporter")
     try:
-        outcome, results, message = await _run_sink(task, deps)
+        renew = functools.partial(deps.tasks.claim_task, task.export_task_id, owner, deps.lease_s)
+        async with renewed(renew, deps.lease_s, f"export task {task.export_task_id}"):
+            outcome, results, message = await _run_sink(task, deps)
         final = await deps.tasks.record_result(task.export_task_id, outcome, results, message)
     except BaseException:
         with contextlib.suppress(Exception):

@@ -7,13 +7,14 @@ Queue ``mwm.monitor``, bound to ``mwm.job.launched``.
 - Background (every replica): jobs in ``launched``/``running`` whose next check is due are asked for
   their engine status every ``monitor.poll_interval_s``. A job past its deadline is cancelled and ends
   ``timed_out``; a job whose cancel was requested is cancelled.
-- Effects at the end: the job's state and outputs (listed from its output prefix); ``JobFinished``
-  (message id ``<job id>.finished``); on success one export task per sink of the application and
-  ``ExportRequested`` on ``mwm.export.requested.<sink type>`` (message id = export task id).
-- Idempotency: one replica wins the finish (unique insert); a finish whose claimer died is taken over
-  after ``monitor.finish_lease_s`` (looked for four times per lease) and re-published under the same
-  message ids, or, when the claimer died (or S3 or the database failed) before the job's end was
-  recorded, released for the next check.
+- Effects at the end: the job's state and outputs (listed from its output prefix); ``JobFinished`` (message id
+  ``<job id>.finished``, ``.a<n>`` added for a retried job's attempt n); on success one export task per sink
+  of the application and ``ExportRequested`` on ``mwm.export.requested.<sink type>`` (message id = export task
+  id).
+- Idempotency: one replica wins the finish (unique insert) and renews its claim while it works; a finish whose
+  claimer died or failed (stopped renewing) is taken over after ``monitor.finish_lease_s`` (looked for four
+  times per lease) and re-published under the same message ids, or, when the claimer died (or S3 or the
+  database failed) before the job's end was recorded, released for the next check.
 - Failure: engine or store outages leave the job due; the next check retries.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,12 +34,20 @@ from schemas.events import ExportRequested, JobLaunched, JobOutcome, SinkRef
 from wm import jobs, metrics
 from wm.config import MonitorSettings
 from wm.domain.exports import task_for
-from wm.domain.jobs import Job, JobState, JobTransition, export_task_id_for, finished_event
+from wm.domain.jobs import (
+    Job,
+    JobState,
+    JobTransition,
+    export_task_id_for,
+    finished_event,
+    finished_message_id,
+)
 from wm.engines import LoadedEngines
 from wm.errors import TransientError
 from wm.exports import INDEXES as EXPORT_INDEXES
 from wm.exports import ExportTasks
 from wm.jobs import JobStore
+from wm.leases import renewed
 from wm.ports import (
     ApplicationRevisions,
     EngineDirectory,
@@ -134,7 +144,8 @@ async def take_over(job: Job, deps: MonitorDeps) -> None:
     """Finish the work of a finish claimer that died or failed (S3 or the database down) on the way."""
     if job.terminal:
         log.warning("job_finish_taken_over", job_id=job.job_id)
-        await complete(job, deps)
+        async with _renewing_finish(job, deps):
+            await complete(job, deps)
     else:  # its end was never recorded: give the claim back; the job's next check finishes it
         log.warning("job_finish_released", job_id=job.job_id, state=job.state.value)
         await deps.jobs.release_finish(job.job_id)
@@ -168,6 +179,17 @@ async def finish(job: Job, outcome: JobOutcome, message: str, deps: MonitorDeps)
     """Record the job's end once across replicas, then publish it."""
     if not await deps.jobs.claim_finish(job.job_id):
         return
+    async with _renewing_finish(job, deps):
+        await _record_end(job, outcome, message, deps)
+
+
+def _renewing_finish(job: Job, deps: MonitorDeps) -> contextlib.AbstractAsyncContextManager[None]:
+    """The job's finish claim kept fresh while its claimer works on it (``wm.leases``)."""
+    renew = functools.partial(deps.jobs.renew_finish, job.job_id)
+    return renewed(renew, deps.settings.finish_lease_s, f"finish of job {job.job_id}")
+
+
+async def _record_end(job: Job, outcome: JobOutcome, message: str, deps: MonitorDeps) -> None:
     outputs = await deps.objects.list(job.output_prefix) if outcome == "succeeded" else []
     transition = _OUTCOME_TRANSITION[outcome]
     job = await deps.jobs.apply(job.job_id, transition, current=job, message=message, outputs=outputs)
@@ -179,7 +201,7 @@ async def finish(job: Job, outcome: JobOutcome, message: str, deps: MonitorDeps)
 
 async def complete(job: Job, deps: MonitorDeps) -> None:
     """Publish the job's end and its export requests (safe to repeat: ids are derived)."""
-    await deps.publisher.publish(finished_event(job), message_id=f"{job.job_id}.finished")
+    await deps.publisher.publish(finished_event(job), message_id=finished_message_id(job.job_id, job.attempt))
     if job.state is JobState.succeeded and job.outputs:
         application = await deps.applications.revision(job.application_id, job.application_revision)
         for sink_name in application.definition.sinks:

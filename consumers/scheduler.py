@@ -26,7 +26,16 @@ from schemas.events import BucketReady
 from wm import jobs
 from wm.catalog import CachedRevisions
 from wm.domain.engines import JobSpec
-from wm.domain.jobs import Job, JobState, JobTransition, finished_event, job_id_for, launched_event
+from wm.domain.jobs import (
+    Job,
+    JobState,
+    JobTransition,
+    finished_event,
+    finished_message_id,
+    job_id_for,
+    launched_event,
+    launched_message_id,
+)
 from wm.engines import LoadedEngines
 from wm.errors import Conflict
 from wm.jobs import JobStore
@@ -99,7 +108,7 @@ async def handle(event: BucketReady, deps: SchedulerDeps) -> None:
             files=len(event.files),
         )
     if job.state is JobState.launched:
-        await deps.publisher.publish(launched_event(job), message_id=f"{job_id}.launched")
+        await deps.publisher.publish(launched_event(job), message_id=launched_message_id(job_id, job.attempt))
 
 
 async def stage(event: BucketReady, prefix: str, objects: ObjectStorage) -> None:
@@ -128,7 +137,7 @@ async def give_up(event: BucketReady, deps: SchedulerDeps, reason: str) -> None:
         job = await deps.jobs.apply(job_id, JobTransition.fail, message=reason)
     except Conflict:
         return  # finished meanwhile
-    await deps.publisher.publish(finished_event(job), message_id=f"{job_id}.finished")
+    await deps.publisher.publish(finished_event(job), message_id=finished_message_id(job_id, job.attempt))
 
 
 def build(services: Services) -> SchedulerDeps:

@@ -32,6 +32,7 @@ from schemas.events import FileExportResult
 from wm.config import Settings
 from wm.domain.exports import ExportTask, Lease
 from wm.errors import Conflict, MwmError, NotFound, PermanentError, TransientError
+from wm.leases import renewed
 from wm.sinks.dicom import DicomSink
 
 log = structlog.get_logger("producers.export_client")
@@ -161,29 +162,14 @@ async def export_one(
     """Send the claimed task's files and report the results; the task is given back if that fails."""
     definition = SinkDefinition(name=options.sink, type="dicom", args=options.destination)
     sink = DicomSink(definition, settings, ApiFiles(api, claimed.task))
-    heartbeat = asyncio.create_task(_keep_lease(api, claimed, options.lease_s))
     try:
-        results = (await sink.export(claimed.task.files)).results
-        heartbeat.cancel()
+        async with renewed(lambda: api.extend(claimed, options.lease_s), options.lease_s, "export lease"):
+            results = (await sink.export(claimed.task.files)).results
         return await api.finish(claimed, results)
     except BaseException:
         with contextlib.suppress(MwmError):
             await api.release(claimed)
         raise
-    finally:
-        heartbeat.cancel()
-
-
-async def _keep_lease(api: ExportApi, claimed: Claimed, lease_s: float) -> None:
-    """Extend the lease every third of its length while the task is being sent."""
-    while True:
-        await asyncio.sleep(lease_s / 3)
-        try:
-            await api.extend(claimed, lease_s)
-        except TransientError as exc:  # the next beat tries again; the lease may still hold
-            log.warning(
-                "export_lease_not_extended", export_task_id=claimed.task.export_task_id, error=str(exc)
-            )
 
 
 async def run_client(settings: Settings, options: ClientOptions, token: str, stop: asyncio.Event) -> int:

@@ -87,7 +87,9 @@ class MonitorSettings(BaseModel):
     """Following running jobs."""
 
     poll_interval_s: float = Field(0.25, gt=0, description="how often each replica checks due jobs")
-    finish_lease_s: float = Field(30.0, gt=0, description="take over a job end unpublished this long")
+    finish_lease_s: float = Field(
+        10.0, gt=0, description="take over a job end whose claim was not renewed (every third) this long"
+    )
 
 
 class ApiSettings(BaseModel):
@@ -145,7 +147,9 @@ class ExportSettings(BaseModel):
     retry_initial_delay_s: float = Field(0.5, ge=0, description="first backoff delay, doubled each attempt")
     dimse_timeout_s: float = Field(30.0, gt=0, description="DIMSE (C-STORE response) timeout")
     acse_timeout_s: float = Field(10.0, gt=0, description="association request/release timeout")
-    lease_s: float = Field(300.0, gt=0, description="how long a claimed export task stays with its holder")
+    lease_s: float = Field(
+        20.0, gt=0, description="lease of a claimed export task, renewed by its holder every third of it"
+    )
     retention_days: int = Field(7, ge=1, description="keep finished export tasks this long")
 
 

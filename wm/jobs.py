@@ -21,11 +21,11 @@ from typing import Any
 from pymongo import ASCENDING, IndexModel
 
 from wm.adapters.mongo import Database, IndexSpec, delete_matching, translated_errors
-from wm.domain.jobs import TERMINAL, JobState, JobTransition, next_state
+from wm.domain.jobs import TERMINAL, JobAttempt, JobState, JobTransition, next_state
 from wm.domain.jobs import Job as Job  # the model lives in the domain; re-exported for the store's users
 from wm.domain.jobs import finished_event as finished_event
 from wm.domain.jobs import launched_event as launched_event
-from wm.errors import Duplicate, NotFound
+from wm.errors import Conflict, Duplicate, NotFound
 
 JOBS = "jobs"
 FINISHES = "job_finishes"
@@ -56,6 +56,7 @@ def _document(job: Job) -> dict[str, Any]:
     document = job.model_dump(mode="python")
     document["_id"] = document.pop("job_id")
     document["outputs"] = [ref.model_dump() for ref in job.outputs]
+    document["attempts"] = [attempt.model_dump(mode="python") for attempt in job.attempts]
     return document
 
 
@@ -113,6 +114,45 @@ class JobStore:
         if state in TERMINAL:
             await self._unwatch(job_id)
         return job.model_copy(update={"state": state, **fields})
+
+    async def begin_attempt(self, job: Job, engine_job_id: str, deadline: datetime) -> Job:
+        """Start the next attempt of an ended ``job``, launched as ``engine_job_id`` (``wm.job_retry``).
+
+        The attempt that ended goes to the history. Written only while the job is still as read (state and
+        attempt): of two concurrent retries one wins, the other gets ``Conflict``. The job's finish claim is
+        dropped first, so the monitor can claim the new attempt's end; then the job is watched again.
+        """
+        ended = JobAttempt(
+            attempt=job.attempt,
+            engine_job_id=job.engine_job_id,
+            state=job.state,
+            message=job.message,
+            started_at=job.attempt_started_at or job.created_at,
+            finished_at=job.finished_at,
+        )
+        now = _now()
+        changes = {
+            "state": JobState.launched.value,
+            "attempt": job.attempt + 1,
+            "attempt_started_at": now,
+            "engine_job_id": engine_job_id,
+            "deadline": deadline,
+            "message": "",
+            "outputs": [],
+            "cancel_requested": False,
+            "finished_at": None,
+            "updated_at": now,
+        }
+        async with translated_errors("start job attempt"):
+            await self._finishes.delete_one({"_id": job.job_id})
+            result = await self._jobs.update_one(
+                {"_id": job.job_id, "state": job.state.value, "updated_at": job.updated_at},
+                {"$set": changes, "$push": {"attempts": ended.model_dump(mode="python")}},
+            )
+        if result.matched_count == 0:
+            raise Conflict(f"job {job.job_id} changed while it was being retried; look at it again")
+        await self.check_again_at(job.job_id, now)
+        return await self.get(job.job_id)
 
     async def due_for_check(self, now: datetime, limit: int = 200) -> list[Job]:
         """Jobs an engine is running whose next status check is due (the longest due first)."""
@@ -203,6 +243,13 @@ class JobStore:
             cutoff = _now() - older_than
             cursor = self._finishes.find({"published_at": None, "claimed_at": {"$lte": cutoff}})
             return [str(doc["_id"]) for doc in await cursor.to_list(100)]
+
+    async def renew_finish(self, job_id: str) -> None:
+        """The claimer is still at work: its unpublished claim is fresh again (``wm.leases.renewed``)."""
+        async with translated_errors("renew job finish"):
+            await self._finishes.update_one(
+                {"_id": job_id, "published_at": None}, {"$set": {"claimed_at": _now()}}
+            )
 
     async def reclaim_finish(self, job_id: str, older_than: timedelta) -> bool:
         """Take over a stale finish: one caller wins by re-stamping the claim time it read."""

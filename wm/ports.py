@@ -187,6 +187,10 @@ class JobRecords(Protocol):
         """Take over a stale finish; True for the one caller that wins."""
         ...
 
+    async def renew_finish(self, job_id: str) -> None:
+        """The claimer is still at work: its unpublished claim is fresh again."""
+        ...
+
     async def release_finish(self, job_id: str) -> None:
         """Drop an unpublished finish claim, so the job's next check can claim its end again."""
         ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from tests.support.services import REPO, settings_env, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import Bus
 from wm.config import Settings
+from wm.metrics import DEAD_LETTERED
 
 
 def mwm(settings: Settings, *args: str) -> list[dict[str, object]]:
@@ -70,3 +72,41 @@ async def test_a_dead_letter_is_listed_shown_with_its_reason_and_replayed_to_its
 
         await wait_for(handled, 20, "the replayed message to be handled")
     assert [row["message_id"] for row in mwm(settings, "show", "probe")] == ["broken"]
+
+
+def dead_lettered_count(consumer: str) -> float:
+    return sum(
+        sample.value
+        for metric in DEAD_LETTERED.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels["consumer"] == consumer
+    )
+
+
+async def test_a_replay_takes_a_snapshot_and_replays_each_poison_message_once(
+    live_settings: Settings,
+) -> None:
+    # Issue #18: 5 dead letters replayed while their consumer runs used to come back and be replayed again
+    # until --limit (100 rows, the counter from 5 to 105).
+    settings = live_settings
+    poison = [payload_arrived(payload_id=f"reject-{index}") for index in range(5)]
+    async with consumers_running(settings, [probe.CONSUMER]), Bus(settings.bus) as bus:
+        for event in poison:
+            await bus.publish(event, message_id=event.payload_id)
+
+        async def dead_letters(count: int) -> bool:
+            rows = await asyncio.to_thread(mwm, settings, "list", "probe")
+            return rows[0]["messages"] == count
+
+        await wait_for(lambda: dead_letters(5), 30, "5 dead letters", interval=0.5)
+        before = dead_lettered_count("probe")
+        replayed = await asyncio.to_thread(mwm, settings, "replay", "probe")
+        assert sorted(str(row["message_id"]) for row in replayed) == sorted(e.payload_id for e in poison)
+        assert all(row["replayed"] for row in replayed)
+
+        async def counted_again() -> bool:
+            return dead_lettered_count("probe") >= before + 5
+
+        await wait_for(counted_again, 30, "the replayed messages to be dead-lettered again")
+        await wait_for(lambda: dead_letters(5), 30, "5 dead letters again", interval=0.5)
+        assert dead_lettered_count("probe") == before + 5

@@ -285,6 +285,11 @@ class FakeJobs(Outage):
         self.finishes[job_id] = _now()
         return True
 
+    async def renew_finish(self, job_id: str) -> None:
+        self._maybe_fail()
+        if job_id in self.finishes and job_id not in self.published_finishes:
+            self.finishes[job_id] = _now()
+
     async def release_finish(self, job_id: str) -> None:
         self._maybe_fail()
         if job_id not in self.published_finishes:

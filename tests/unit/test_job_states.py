@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from wm.domain.jobs import TERMINAL, IllegalTransition, JobState, JobTransition, job_id_for, next_state
+from wm.domain.jobs import (
+    TERMINAL,
+    IllegalTransition,
+    JobState,
+    JobTransition,
+    engine_job_name,
+    finished_message_id,
+    job_id_for,
+    launched_message_id,
+    next_state,
+    retry_refusal,
+)
 
 S, T = JobState, JobTransition
 
@@ -64,3 +75,18 @@ def test_a_job_id_is_derived_from_its_bucket_and_safe_as_a_kubernetes_name() -> 
     )
     assert first == again != other
     assert len(first) <= 63 and first.replace("-", "").isalnum() and first == first.lower()
+
+
+def test_only_a_failed_cancelled_or_timed_out_job_with_its_inputs_can_be_retried() -> None:
+    retryable = [state for state in JobState if retry_refusal(state, inputs_purged=False) is None]
+    assert sorted(retryable) == sorted([JobState.failed, JobState.cancelled, JobState.timed_out])
+    assert "succeeded" in (retry_refusal(JobState.succeeded, inputs_purged=False) or "")
+    assert "retention" in (retry_refusal(JobState.failed, inputs_purged=True) or "")
+
+
+def test_a_later_attempt_runs_and_is_announced_under_names_of_its_own() -> None:
+    assert engine_job_name("job-1", 1) == "job-1", "the first attempt keeps the name jobs always had"
+    assert engine_job_name("job-1", 2) == "job-1-a2"
+    assert finished_message_id("job-1", 1) == "job-1.finished"
+    assert len({finished_message_id("job-1", n) for n in (1, 2, 3)}) == 3
+    assert len({launched_message_id("job-1", n) for n in (1, 2, 3)}) == 3

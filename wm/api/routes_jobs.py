@@ -1,5 +1,9 @@
 """``/jobs``: list and read jobs, and ask for one to be cancelled.
 
+``POST /jobs/{id}/retry`` (admin) runs a failed, timed-out or cancelled job again on its staged inputs as
+a new attempt (`wm.job_retry`); the job keeps the history of its attempts. 409 when the job cannot be
+retried (it succeeded, is still running, or its inputs were removed by retention).
+
 A cancel is a request: it marks the job and makes it due for a status check; the monitor then cancels it
 on its engine and publishes ``job.finished`` with the status ``cancelled`` (so ``POST /jobs/{id}/cancel``
 answers 202, not 200). A job that already ended cannot be cancelled (409).
@@ -14,10 +18,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from schemas.events import FileRef
-from wm.api.deps import ADMIN, READ, PageDep
-from wm.domain.jobs import TERMINAL, JobState
+from wm.api.deps import ADMIN, READ, BusDep, ObjectsDep, PageDep, RegistryDep, SettingsDep
+from wm.domain.jobs import TERMINAL, Job, JobAttempt, JobState
+from wm.engines import LoadedEngines
 from wm.errors import Conflict
-from wm.jobs import Job, JobStore
+from wm.job_retry import RetryPorts, retry_job
+from wm.jobs import JobStore
 from wm.registry import Page
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -41,11 +47,14 @@ class JobView(BaseModel):
     updated_at: datetime
     finished_at: datetime | None
     deadline: datetime = Field(description="the job is cancelled and timed out after this")
+    attempt: int = Field(1, description="which run of the job this is (a retry starts the next)")
+    attempts: list[JobAttempt] = Field(default_factory=list, description="earlier attempts, oldest first")
 
     @classmethod
     def of(cls, job: Job) -> JobView:
         """The view of a stored job."""
-        return cls(id=job.job_id, **job.model_dump(exclude={"job_id", "input_prefix", "output_prefix"}))
+        excluded = {"job_id", "input_prefix", "output_prefix", "purged_at", "attempt_started_at"}
+        return cls(id=job.job_id, **job.model_dump(exclude=excluded))
 
 
 def job_store(request: Request) -> JobStore:
@@ -81,3 +90,24 @@ async def cancel_job(job_id: str, jobs: JobStoreDep) -> JobView:
     if job.state in TERMINAL:
         raise Conflict(f"job {job_id} already ended: {job.state}")
     return JobView.of(await jobs.request_cancel(job_id))
+
+
+def _engines(request: Request, settings: SettingsDep) -> LoadedEngines:
+    """The engine plugins, built once per API process."""
+    engines: LoadedEngines | None = getattr(request.app.state, "engines", None)
+    if engines is None:
+        engines = request.app.state.engines = LoadedEngines(settings)
+    return engines
+
+
+@router.post("/{job_id}/retry", status_code=202, dependencies=ADMIN)
+async def retry(
+    job_id: str,
+    jobs: JobStoreDep,
+    objects: ObjectsDep,
+    registry: RegistryDep,
+    bus: BusDep,
+    engines: Annotated[LoadedEngines, Depends(_engines)],
+) -> JobView:
+    """Run an ended job again on its staged inputs, as a new attempt; the monitor follows it."""
+    return JobView.of(await retry_job(job_id, RetryPorts(jobs, objects, engines, registry, bus)))

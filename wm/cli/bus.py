@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import uuid
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from typing import Annotated, Any
@@ -13,6 +14,7 @@ import typer
 
 from wm.adapters.rabbitmq import Bus, dead_letter_queue_name, describe_dead_letter, queue_name
 from wm.cli.output import OutputFormat, emit
+from wm.cli.replay_notes import ReplayNotes
 from wm.config import Settings
 from wm.fleet import CONSUMER_GROUP
 from wm.fleet import consumer_names as available_consumers
@@ -112,28 +114,48 @@ def dlq_list(
     emit(rows, ["consumer", "queue", "messages"], output)
 
 
+REPLAY_RUN_HEADER = "x-mwm-replay-run"
+"""Set on every message a replay sends back: the run recognises its own messages if they come back."""
+
+
 async def _take(
     settings: Settings, consumer: str, limit: int, replay: bool, message_id: str | None
 ) -> list[dict[str, Any]]:
-    """Read up to ``limit`` dead letters; replayed ones go back to the consumer's queue, the rest stay."""
+    """Read up to ``limit`` of the dead letters the queue held when the command started.
+
+    Replayed ones go back to the consumer's queue, the rest stay. Only the messages counted at the start
+    (the snapshot) are read: a replayed message the consumer dead-letters again joins the queue's tail,
+    behind them, so one run replays each message at most once (it also stops at a message stamped with
+    its own run id, should the count have been stale). A replay whose effect is decided already (a
+    ``bucket.ready`` whose job ended) stays in the queue, and its row says why (`wm.cli.replay_notes`).
+    """
+    run = uuid.uuid4().hex
     shown: list[dict[str, Any]] = []
-    async with Bus(settings.bus) as bus:
+    async with Bus(settings.bus) as bus, ReplayNotes(settings, enabled=replay) as notes:
         channel = await bus.connection.channel()
         queue = await channel.declare_queue(dead_letter_queue_name(settings.bus, consumer), passive=True)
+        snapshot = queue.declaration_result.message_count or 0
         held = []
-        while len(shown) < limit:
+        for _ in range(snapshot):
+            if len(shown) >= limit:
+                break
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
             held.append(message)
+            if (message.headers or {}).get(REPLAY_RUN_HEADER) == run:
+                break  # this run's own replay, dead-lettered again: the snapshot is done
             facts = dict(describe_dead_letter(message))
             if message_id and message.message_id != message_id:
                 continue
             if replay:
-                await bus.send_to_queue(_replayable(message), queue_name(settings.bus, consumer))
-                await message.ack()
-                held.remove(message)
-                facts["replayed"] = True
+                note = await notes.why_not(message)
+                if note is None:
+                    await bus.send_to_queue(_replayable(message, run), queue_name(settings.bus, consumer))
+                    await message.ack()
+                    held.remove(message)
+                facts["replayed"] = note is None
+                facts["note"] = note or ""
             shown.append(facts)
         for message in held:
             await message.nack(requeue=True)
@@ -141,11 +163,12 @@ async def _take(
     return shown
 
 
-def _replayable(message: aio_pika.abc.AbstractIncomingMessage) -> aio_pika.Message:
+def _replayable(message: aio_pika.abc.AbstractIncomingMessage, run: str) -> aio_pika.Message:
     headers = {
         k: v for k, v in (message.headers or {}).items() if not k.startswith(("x-mwm-", "x-death", "x-first"))
     }
     headers["x-mwm-replayed-at"] = datetime.now(UTC).isoformat()
+    headers[REPLAY_RUN_HEADER] = run
     return aio_pika.Message(
         body=message.body,
         headers=headers,
@@ -179,4 +202,4 @@ def dlq_replay(
 ) -> None:
     """Send dead letters back to their consumer's queue (only that consumer sees them again)."""
     rows = asyncio.run(_take(_settings(), consumer, limit, replay=True, message_id=message_id))
-    emit(rows, ["message_id", "type", "reason", "replayed"], output)
+    emit(rows, ["message_id", "type", "reason", "replayed", "note"], output)

@@ -1,4 +1,4 @@
-"""``mwm jobs``: list, show, cancel and watch jobs through the REST API (see `wm.cli.http`).
+"""``mwm jobs``: list, show, cancel, retry and watch jobs through the REST API (see `wm.cli.http`).
 
 ``watch ID`` polls the job every ``--interval`` seconds, prints a line each time its state changes and
 exits when the job ended: 0 if it succeeded, 1 otherwise. ``watch`` without an ID redraws a table of the
@@ -19,7 +19,7 @@ from wm.cli.http import ApiUrl, Token, call, segment
 from wm.cli.output import Output, OutputFormat, emit
 from wm.domain.jobs import TERMINAL, JobState
 
-jobs_app = typer.Typer(help="Jobs: list, show, cancel, watch.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Jobs: list, show, cancel, retry, watch.", no_args_is_help=True)
 
 COLUMNS = ["id", "application", "state", "engine", "created_at", "finished_at", "message"]
 ACTIVE = [state for state in JobState if state not in TERMINAL]
@@ -73,8 +73,11 @@ def jobs_show(
         typer.echo(json.dumps(job, indent=2))
         return
     for key, value in job.items():
-        if key != "outputs":
+        if key not in ("outputs", "attempts"):
             typer.echo(f"{key}: {'-' if value in (None, '') else value}")
+    for earlier in job.get("attempts", []):
+        ended = earlier["message"] or "-"
+        typer.echo(f"attempt {earlier['attempt']}: {earlier['state']} at {earlier['finished_at']}: {ended}")
     typer.echo(f"outputs: {len(job['outputs'])}")
     for ref in job["outputs"]:
         typer.echo(f"  {ref['key']} ({ref['size']} bytes)")
@@ -85,6 +88,15 @@ def jobs_cancel(job_id: str, api_url: ApiUrl = None, token: Token = None) -> Non
     """Ask for a job to be cancelled (the monitor stops it on its engine); exit 1 if it already ended."""
     job = call(api_url, token, "POST", f"/jobs/{segment(job_id)}/cancel")
     typer.echo(f"cancellation of job {job['id']} requested (it is {job['state']})")
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: str, api_url: ApiUrl = None, token: Token = None) -> None:
+    """Run a failed, timed-out or cancelled job again on its staged inputs (a new attempt)."""
+    job = call(api_url, token, "POST", f"/jobs/{segment(job_id)}/retry")
+    typer.echo(
+        f"job {job['id']} retried: attempt {job['attempt']} is {job['state']} ({job['engine_job_id']})"
+    )
 
 
 @jobs_app.command("watch")

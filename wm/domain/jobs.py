@@ -6,8 +6,12 @@
        +--fail (launch kept failing)--> failed
     cancel: created|launched|running -> cancelled;  time_out: launched|running -> timed_out
 
-Terminal states accept nothing. Re-applying the transition that led to the current state is a no-op
-(``same``), so a redelivered event changes nothing; any other pair is refused with ``IllegalTransition``.
+    retry (a new attempt): failed|cancelled|timed_out -> launched (``RETRYABLE``; see ``wm.job_retry``)
+
+Terminal states accept nothing (a retry starts a new attempt of the job rather than moving the ended
+one on; the attempt that ended is kept in the job's history). Re-applying the transition that led to the
+current state is a no-op (``same``), so a redelivered event changes nothing; any other pair is refused
+with ``IllegalTransition``.
 """
 
 from __future__ import annotations
@@ -100,8 +104,19 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class JobAttempt(BaseModel):
+    """An earlier attempt of a job, kept when the job is retried."""
+
+    attempt: int
+    engine_job_id: str | None
+    state: JobState
+    message: str
+    started_at: datetime
+    finished_at: datetime | None
+
+
 class Job(BaseModel):
-    """A job: one run of one application revision on one bucket."""
+    """A job: one run of one application revision on one bucket (``attempt``: the current run)."""
 
     job_id: str
     bucket_id: str
@@ -120,6 +135,10 @@ class Job(BaseModel):
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
     finished_at: datetime | None = None
+    purged_at: datetime | None = None
+    attempt: int = 1
+    attempt_started_at: datetime | None = None
+    attempts: list[JobAttempt] = Field(default_factory=list, description="earlier attempts, oldest first")
 
     @property
     def terminal(self) -> bool:
@@ -160,3 +179,35 @@ def finished_event(job: Job) -> JobFinished:
         message=job.message,
         outputs=job.outputs,
     )
+
+
+RETRYABLE = frozenset({JobState.failed, JobState.cancelled, JobState.timed_out})
+"""Ended states a job can be run again from (a succeeded job has its result: it is not run twice)."""
+
+
+def retry_refusal(state: JobState, inputs_purged: bool) -> str | None:
+    """Why a job in ``state`` cannot be retried, or None when it can."""
+    if state not in RETRYABLE:
+        return f"only a failed, cancelled or timed-out job can be retried; this one is {state.value}"
+    if inputs_purged:
+        return "its inputs were removed by retention (`mwm cleanup`)"
+    return None
+
+
+def engine_job_name(job_id: str, attempt: int) -> str:
+    """The name attempt ``attempt`` of a job runs under on its engine.
+
+    The first attempt keeps the job id; a later one gets a suffix, so the engine's launch (idempotent per
+    name) starts it afresh instead of finding the attempt that ended.
+    """
+    return job_id if attempt == 1 else f"{job_id}-a{attempt}"
+
+
+def launched_message_id(job_id: str, attempt: int) -> str:
+    """The message id of an attempt's ``job.launched`` (a consumer drops a message id it has seen)."""
+    return f"{job_id}.launched" if attempt == 1 else f"{job_id}.launched.a{attempt}"
+
+
+def finished_message_id(job_id: str, attempt: int) -> str:
+    """The message id of an attempt's ``job.finished``."""
+    return f"{job_id}.finished" if attempt == 1 else f"{job_id}.finished.a{attempt}"

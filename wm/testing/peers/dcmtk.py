@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import subprocess
 import tempfile
 import time
@@ -119,6 +120,16 @@ class StoreSCP:
             self._own_log_dir.cleanup()
             self._own_log_dir = None
             self._log_path = None
+
+    def pause(self) -> None:
+        """Freeze storescp (SIGSTOP): connections stay open, nothing is answered (a hung destination)."""
+        assert self._process is not None, "StoreSCP not started"
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused storescp go on (SIGCONT)."""
+        assert self._process is not None, "StoreSCP not started"
+        self._process.send_signal(signal.SIGCONT)
 
     def log(self) -> str:
         """storescp's log so far."""
