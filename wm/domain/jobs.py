@@ -146,16 +146,15 @@ class Job(BaseModel):
         return self.state in TERMINAL
 
 
+_EVENT_FIELDS = {"correlation_id", "job_id", "bucket_id", "application_id", "application_revision", "engine"}
+"""What every job event says about its job (with its engine job id)."""
+
+
 def launched_event(job: Job) -> JobLaunched:
     """The ``job.launched`` of a launched job."""
     assert job.engine_job_id is not None, "a launched job has an engine job id"
     return JobLaunched(
-        correlation_id=job.correlation_id,
-        job_id=job.job_id,
-        bucket_id=job.bucket_id,
-        application_id=job.application_id,
-        application_revision=job.application_revision,
-        engine=job.engine,
+        **job.model_dump(include=_EVENT_FIELDS),
         engine_job_id=job.engine_job_id,
         input_prefix=job.input_prefix,
         output_prefix=job.output_prefix,
@@ -168,12 +167,7 @@ def finished_event(job: Job) -> JobFinished:
     assert job.terminal, f"job {job.job_id} is {job.state}, not finished"
     status: JobOutcome = job.state.value  # type: ignore[assignment]  # terminal states are the outcomes
     return JobFinished(
-        correlation_id=job.correlation_id,
-        job_id=job.job_id,
-        bucket_id=job.bucket_id,
-        application_id=job.application_id,
-        application_revision=job.application_revision,
-        engine=job.engine,
+        **job.model_dump(include=_EVENT_FIELDS),
         engine_job_id=job.engine_job_id,
         status=status,
         message=job.message,
