@@ -16,6 +16,7 @@ async def test_the_docs_name_the_rabbitmq_and_mongodb_wire_versions_under_test(
     async with connection:
         properties = connection.transport.connection.server_properties  # type: ignore[union-attr]
         rabbitmq = properties["version"]
+        rabbitmq = rabbitmq.decode() if isinstance(rabbitmq, bytes) else str(rabbitmq)
     client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(live_settings.mongo.url)
     try:
         mongo = (await client.server_info())["version"]

@@ -8,7 +8,7 @@ from wm.cli.output import OutputFormat, emit
 
 
 def test_a_multi_line_value_stays_on_its_row(capsys: pytest.CaptureFixture[str]) -> None:
-    rows = [
+    rows: list[dict[str, str | None]] = [
         {
             "job_id": "j-1",
             "state": "failed",
