@@ -39,128 +39,128 @@ _METADATA: dict[str, Any] = {
     },
 }
 
-CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
-    ("keda.sh/v1alpha1", "ScaledObject"): {
+
+def _custom_resource(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a custom resource of ``kind`` whose ``spec`` follows ``spec``."""
+    return {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
         "properties": {
-            "apiVersion": {"const": "keda.sh/v1alpha1"},
-            "kind": {"const": "ScaledObject"},
+            "apiVersion": {"const": api_version},
+            "kind": {"const": kind},
             "metadata": _METADATA,
-            "spec": {
-                "type": "object",
-                "required": ["scaleTargetRef", "triggers"],
-                "additionalProperties": False,
-                "properties": {
-                    "scaleTargetRef": {
+            "spec": spec,
+        },
+    }
+
+
+CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("keda.sh/v1alpha1", "ScaledObject"): _custom_resource(
+        "keda.sh/v1alpha1",
+        "ScaledObject",
+        {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "apiVersion": _STR,
+                        "kind": _STR,
+                        "name": _STR,
+                        "envSourceContainerName": _STR,
+                    },
+                },
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "idleReplicaCount": {"type": "integer", "minimum": 0},
+                "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "advanced": {"type": "object"},
+                "fallback": {"type": "object"},
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
                         "type": "object",
-                        "required": ["name"],
+                        "required": ["type", "metadata"],
                         "additionalProperties": False,
                         "properties": {
-                            "apiVersion": _STR,
-                            "kind": _STR,
+                            "type": _STR,
                             "name": _STR,
-                            "envSourceContainerName": _STR,
-                        },
-                    },
-                    "pollingInterval": {"type": "integer", "minimum": 1},
-                    "cooldownPeriod": {"type": "integer", "minimum": 0},
-                    "idleReplicaCount": {"type": "integer", "minimum": 0},
-                    "initialCooldownPeriod": {"type": "integer", "minimum": 0},
-                    "minReplicaCount": {"type": "integer", "minimum": 0},
-                    "maxReplicaCount": {"type": "integer", "minimum": 1},
-                    "advanced": {"type": "object"},
-                    "fallback": {"type": "object"},
-                    "triggers": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["type", "metadata"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "type": _STR,
-                                "name": _STR,
-                                "useCachedMetrics": {"type": "boolean"},
-                                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                                "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-                                "authenticationRef": _NAME_REF,
-                            },
+                            "useCachedMetrics": {"type": "boolean"},
+                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "authenticationRef": _NAME_REF,
                         },
                     },
                 },
             },
         },
-    },
-    ("monitoring.coreos.com/v1", "PrometheusRule"): {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "kind": {"const": "PrometheusRule"},
-            "metadata": _METADATA,
-            "spec": {
-                "type": "object",
-                "required": ["groups"],
-                "additionalProperties": False,
-                "properties": {
-                    "groups": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["name", "rules"],
-                            "properties": {
-                                "name": _STR,
-                                "interval": _STR,
-                                "rules": {
-                                    "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["expr"],
-                                        "properties": {
-                                            "alert": _STR,
-                                            "record": _STR,
-                                            "expr": _STR,
-                                            "for": _STR,
-                                            "labels": {"type": "object", "additionalProperties": _STR},
-                                            "annotations": {"type": "object", "additionalProperties": _STR},
-                                        },
+    ),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): _custom_resource(
+        "monitoring.coreos.com/v1",
+        "PrometheusRule",
+        {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": _STR,
+                            "interval": _STR,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "properties": {
+                                        "alert": _STR,
+                                        "record": _STR,
+                                        "expr": _STR,
+                                        "for": _STR,
+                                        "labels": {"type": "object", "additionalProperties": _STR},
+                                        "annotations": {"type": "object", "additionalProperties": _STR},
                                     },
                                 },
                             },
                         },
-                    }
-                },
-            },
-        },
-    },
-    ("keda.sh/v1alpha1", "TriggerAuthentication"): {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "keda.sh/v1alpha1"},
-            "kind": {"const": "TriggerAuthentication"},
-            "metadata": _METADATA,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "secretTargetRef": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["parameter", "name", "key"],
-                            "additionalProperties": False,
-                            "properties": {"parameter": _STR, "name": _STR, "key": _STR},
-                        },
                     },
-                    "env": {"type": "array"},
-                    "podIdentity": {"type": "object"},
-                },
+                }
             },
         },
-    },
+    ),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): _custom_resource(
+        "keda.sh/v1alpha1",
+        "TriggerAuthentication",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "secretTargetRef": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["parameter", "name", "key"],
+                        "additionalProperties": False,
+                        "properties": {"parameter": _STR, "name": _STR, "key": _STR},
+                    },
+                },
+                "env": {"type": "array"},
+                "podIdentity": {"type": "object"},
+            },
+        },
+    ),
 }
 
 

@@ -70,8 +70,9 @@ from wm.adapters.objectstore import ObjectStore
 from wm.config import GatewaySettings, Settings
 from wm.dicom import InvalidDicom, object_key, read_identifiers
 from wm.errors import MwmError
+from wm.observability import listen_observability, serve
 from wm.registry import Registry
-from wm.runtime import Services, health_app, open_services, serve_http, stop_on_signals
+from wm.runtime import Services, health_app, open_services, stop_on_signals
 
 log = structlog.get_logger("producers.gateway")
 
@@ -562,9 +563,9 @@ async def run_gateway(settings: Settings, stop: asyncio.Event | None = None) -> 
     """Run the gateway (and /healthz, /readyz, /metrics) until SIGTERM/SIGINT or ``stop``, then drain."""
     stop = stop or stop_on_signals()
     observability = settings.observability
+    listener = listen_observability(observability)  # before connecting: a port in use fails at once
     async with serving(settings) as (_, services), asyncio.TaskGroup() as tasks:
-        if observability.http_port:
-            app = health_app(services)
-            tasks.create_task(serve_http(app, observability.http_host, observability.http_port, stop))
+        if listener is not None:
+            tasks.create_task(serve(health_app(services), listener, stop))
         await stop.wait()
         log.info("draining", timeout_s=observability.drain_timeout_s)

@@ -34,15 +34,23 @@ class Definition(BaseModel):
 class Filters(Definition):
     """Which files an application wants; an empty list accepts everything."""
 
-    modalities: list[Annotated[str, StringConstraints(max_length=16)]] = Field(default_factory=list)
-    sop_class_uids: list[Uid] = Field(default_factory=list)
-    calling_ae_titles: list[AeTitle] = Field(default_factory=list)
+    modalities: list[Annotated[str, StringConstraints(max_length=16)]] = Field(
+        default_factory=list, description="only files of these Modality (0008,0060) values, e.g. `CT`"
+    )
+    sop_class_uids: list[Uid] = Field(default_factory=list, description="only files of these SOP classes")
+    calling_ae_titles: list[AeTitle] = Field(
+        default_factory=list, description="only files sent by these calling AE titles"
+    )
 
 
 class Discovery(Definition):
     """How files are grouped into buckets, and how long a bucket waits for more."""
 
-    grouping_tag: str = Field("0020,000D", description="StudyInstanceUID by default")
+    grouping_tag: str = Field(
+        "0020,000D",
+        description="tag a bucket groups files by: `0020,000D` (StudyInstanceUID), `0020,000E` "
+        "(SeriesInstanceUID), `0010,0020` (PatientID) or `0008,0050` (AccessionNumber)",
+    )
     quiet_period_s: float = Field(5.0, ge=0.05, le=86400, description="close after this long without a file")
     filters: Filters = Field(default_factory=Filters)
 
@@ -60,36 +68,43 @@ class MapSpec(Definition):
 
     image: str | None = Field(None, description="container image (docker/podman, Argo)")
     command: list[str] = Field(default_factory=list, description="command; without an image, run locally")
-    environment: dict[str, str] = Field(default_factory=dict)
+    environment: dict[str, str] = Field(default_factory=dict, description="environment variables of the MAP")
     cpu: float | None = Field(None, gt=0, description="CPU limit (cores)")
-    memory: Annotated[str, StringConstraints(pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")] | None = None
-    gpu: int = Field(0, ge=0, le=16)
+    memory: Annotated[str, StringConstraints(pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")] | None = Field(
+        None, description="memory limit, Kubernetes quantity (`4Gi`)"
+    )
+    gpu: int = Field(0, ge=0, le=16, description="GPUs to request")
     timeout_s: int = Field(3600, ge=1, le=7 * 86400, description="the job is cancelled after this")
 
 
 class ArgoOptions(Definition):
     """Argo-specific settings of an application."""
 
-    namespace: str = "argo"
+    namespace: str = Field("argo", description="namespace the workflow runs in")
     workflow_template: str | None = Field(
         None, description="use this WorkflowTemplate instead of a generated one"
     )
-    service_account: str | None = None
+    service_account: str | None = Field(None, description="ServiceAccount of the workflow pods")
 
 
 class EngineSpec(Definition):
     """Where the application runs."""
 
-    name: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = "local"
-    argo: ArgoOptions | None = None
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = Field(
+        "local",
+        description="engine plugin: `local` (one machine) or `argo` (Argo Workflows), or a site's own",
+    )
+    argo: ArgoOptions | None = Field(None, description="options of the `argo` engine (required by it)")
 
 
 class ApplicationDefinition(Definition):
     """One application (one MAP): what triggers it, how it runs and where its results go."""
 
-    name: Name
-    version: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    description: str = Field("", max_length=500)
+    name: Name = Field(description="unique name: lower-case letters, digits and `-` (a DNS label)")
+    version: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+        description="the application's own version, recorded on every job"
+    )
+    description: str = Field("", max_length=500, description="free text for people")
     ae_titles: list[AeTitle] = Field(default_factory=list, description="AE titles whose data triggers it")
     discovery: Discovery = Field(default_factory=Discovery)
     map: MapSpec

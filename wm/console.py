@@ -4,6 +4,7 @@
   MWM_BUS__PREFETCH='many': Input should be a valid integer, ...``, one line per invalid variable.
 - A setting that cannot be used (a port in use) and any other `wm.errors.MwmError` that reaches the top:
   ``error: <its message>``, also when it ends a task group.
+- With JSON logs (a role, `wm.logging`), that line is a JSON object (``command_failed``) like every other.
 - A closed pipe (``mwm jobs list | head``, ``python -m wm.config | head``): nothing more is written.
 """
 
@@ -13,9 +14,11 @@ import os
 import sys
 from collections.abc import Callable
 
+import structlog
 from pydantic import ValidationError
 
 from wm.errors import MwmError
+from wm.logging import json_lines
 
 SETTINGS_MODEL = "Settings"
 
@@ -32,14 +35,21 @@ def run_command(entry: Callable[[], object]) -> None:
         if exc.title != SETTINGS_MODEL:
             raise
         for line in setting_errors(exc):
-            print(f"error: {line}", file=sys.stderr)
+            _say(line)
         sys.exit(1)
     except (MwmError, ExceptionGroup) as exc:
         cause = _actionable(exc)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        _say(str(cause))
         sys.exit(1)
+
+
+def _say(message: str) -> None:
+    if json_lines():  # a role whose log is JSON lines ends with one too
+        structlog.get_logger("wm").error("command_failed", error=message)
+    else:
+        print(f"error: {message}", file=sys.stderr)
 
 
 def setting_errors(exc: ValidationError) -> list[str]:

@@ -18,6 +18,12 @@ import orjson
 import structlog
 
 _NOISY = ("aio_pika", "aiormq", "pynetdicom", "urllib3")
+_json_lines = False
+
+
+def json_lines() -> bool:
+    """Whether this process writes its log as JSON lines (then so must its last words: `wm.console`)."""
+    return _json_lines
 
 
 def _orjson_text(document: Any, **options: Any) -> str:
@@ -31,7 +37,9 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
     ``auto`` renders for a person when stderr is a terminal and one JSON object per line otherwise
     (a container, a pipe, a file), so a deployment gets machine-readable logs without configuration.
     """
+    global _json_lines
     as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    _json_lines = as_json
     renderer: structlog.types.Processor
     if as_json:
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_text)

@@ -112,6 +112,14 @@ class EmbeddedServer(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn ends a failed lifespan start-up with sys.exit(3) inside its task, which asyncio re-raises
+        # out of the event loop: stop serving instead (uvicorn has logged why), the caller reports it.
+        try:
+            await super().startup(sockets)
+        except SystemExit:
+            self.should_exit = True
+
 
 def server_config(app: Any, **options: Any) -> uvicorn.Config:
     """uvicorn settings shared by every server: logs through the process's logging (JSON when chosen)."""

@@ -141,10 +141,7 @@ def test_every_container_has_liveness_and_readiness_probes(manifests: tuple[Mani
             liveness = container["livenessProbe"]["httpGet"]
             readiness = container["readinessProbe"]["httpGet"]
             assert liveness == {"path": "/healthz", "port": "observability"}
-            if component(deployment) == "api":
-                assert readiness == {"path": "/health", "port": "http"}
-            else:
-                assert readiness == {"path": "/readyz", "port": "observability"}
+            assert readiness == {"path": "/readyz", "port": "observability"}
 
 
 def test_pods_run_as_non_root_with_a_read_only_root(manifests: tuple[Manifest, ...]) -> None:
@@ -166,7 +163,9 @@ def test_pods_run_as_non_root_with_a_read_only_root(manifests: tuple[Manifest, .
 
 
 def test_config_map_holds_the_non_secret_settings(manifests: tuple[Manifest, ...]) -> None:
-    (config_map,) = of_kind(manifests, "ConfigMap")
+    (config_map,) = [
+        doc for doc in of_kind(manifests, "ConfigMap") if doc["metadata"]["name"] == "mwm-config"
+    ]
     data: dict[str, str] = config_map["data"]
     assert data["MWM_OBSERVABILITY__LOG_FORMAT"] == "json"
     assert data["MWM_OBSERVABILITY__HTTP_HOST"] == "0.0.0.0"

@@ -131,7 +131,7 @@ def test_the_metrics_of_the_dashboard_and_alert_rules_are_served(running_roles: 
     for role in running_roles:
         assert role.spec.readiness is not None
         role.wait_until(role.spec.readiness, within_s=120)
-    served = set()
+    served: set[str] = set()
     for role in running_roles:
         for line in role.metrics().splitlines():
             served.update(_family(name) for name in METRIC.findall(line))

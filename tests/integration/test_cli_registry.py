@@ -11,12 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from schemas.applications import ApplicationDefinition
 from tests.support.api import api_settings
-from tests.support.cli import Cli
+from tests.support.cli import Cli, cli_against_api
 from tests.support.services import REPO, settings_env, wait_for
-from wm.api.app import create_app
-from wm.api.server import running
 from wm.config import Settings
 from wm.testing.peers import LOCALHOST, free_port
 
@@ -30,15 +27,10 @@ sinks: [pacs]
 """
 
 
-async def no_engine_problems(application: ApplicationDefinition) -> list[str]:
-    return []
-
-
 @pytest.fixture
 async def cli(live_settings: Settings) -> AsyncIterator[Cli]:
-    settings = api_settings(live_settings, free_port())
-    async with running(create_app(settings, no_engine_problems), LOCALHOST, settings.api.port):
-        yield Cli(settings_env(settings))
+    async with cli_against_api(live_settings) as command:
+        yield command
 
 
 async def test_apps_from_a_yaml_file(cli: Cli, tmp_path: Path) -> None:

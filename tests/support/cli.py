@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from tests.support.services import REPO
+from schemas.applications import ApplicationDefinition
+from tests.support.api import api_settings
+from tests.support.services import REPO, settings_env
+from wm.api.app import create_app
+from wm.api.server import running
+from wm.config import Settings
+from wm.testing.peers import LOCALHOST, free_port
 
 TIMEOUT_S = 60.0
 
@@ -50,3 +58,16 @@ async def finished(process: asyncio.subprocess.Process, timeout: float = TIMEOUT
     out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
     assert process.returncode is not None
     return Result(process.returncode, out.decode(), err.decode())
+
+
+async def no_engine_problems(application: ApplicationDefinition) -> list[str]:
+    """An engine check that finds nothing wrong (the engines' own checks are tested on their own)."""
+    return []
+
+
+@asynccontextmanager
+async def cli_against_api(live_settings: Settings) -> AsyncIterator[Cli]:
+    """The command pointed at the API serving ``live_settings`` on a free port, in this event loop."""
+    settings = api_settings(live_settings, free_port())
+    async with running(create_app(settings, no_engine_problems), LOCALHOST, settings.api.port):
+        yield Cli(settings_env(settings))

@@ -7,7 +7,7 @@ Nothing connects at import. Every route but ``/health`` needs an API key (see `w
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +22,7 @@ from wm.api.problems import install_problem_handlers
 from wm.auth import ApiKeys
 from wm.config import Settings
 from wm.registry import EngineValidator, Registry, engine_validator, migrate
+from wm.retry import retrying
 
 
 def create_app(settings: Settings, validator: EngineValidator | None = None) -> FastAPI:
@@ -29,12 +30,20 @@ def create_app(settings: Settings, validator: EngineValidator | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with (
-            Database(settings.mongo, exports.INDEXES) as database,
-            ObjectStore(settings.object_store) as objects,
-            Bus(settings.bus) as bus,
-        ):
-            await migrate(database)
+        # A service down or slow at start-up (every pod of a release starting at once) is retried with
+        # the configured backoff, as the consumers do, rather than failing the start.
+        async with AsyncExitStack() as opened:
+            database = await retrying(
+                lambda: _migrated_database(opened, settings), settings.retry, "open and migrate the database"
+            )
+            objects = await retrying(
+                lambda: opened.enter_async_context(ObjectStore(settings.object_store)),
+                settings.retry,
+                "connect to the object store",
+            )
+            bus = await retrying(
+                lambda: opened.enter_async_context(Bus(settings.bus)), settings.retry, "connect to RabbitMQ"
+            )
             keys = ApiKeys(database)
             if settings.api.bootstrap_admin_key:
                 await keys.ensure_bootstrap(settings.api.bootstrap_admin_key)
@@ -60,6 +69,15 @@ def create_app(settings: Settings, validator: EngineValidator | None = None) -> 
         app.include_router(module.router)
     app.include_router(routes_exports.router)
     return app
+
+
+async def _migrated_database(opened: AsyncExitStack, settings: Settings) -> Database:
+    """The database, its indexes created and migrations applied; kept open by ``opened`` once it works."""
+    async with AsyncExitStack() as attempt:
+        database = await attempt.enter_async_context(Database(settings.mongo, exports.INDEXES))
+        await migrate(database)
+        opened.push_async_exit(attempt.pop_all())
+        return database
 
 
 async def health(request: Request) -> JSONResponse:

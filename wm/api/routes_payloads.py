@@ -92,7 +92,10 @@ async def _unknown_targets(
     registry: Registry, called_ae_title: str | None, applications: list[str]
 ) -> list[dict[str, str]]:
     errors = []
-    if called_ae_title and await registry.mapping(called_ae_title) is None:
+    # The gateway's rule (`producers.gateway_admission.admit`): an AE title that triggers no application
+    # (never mapped, or its applications deleted) is refused, so both ways in behave alike.
+    mapping = await registry.mapping(called_ae_title) if called_ae_title else None
+    if called_ae_title and (mapping is None or not mapping.applications):
         message = f"AE title {called_ae_title!r} is not mapped to any application"
         errors.append({"field": "query.called_ae_title", "message": message})
     known = {revision.name for revision in await registry.applications.latest_of(applications)}

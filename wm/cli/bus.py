@@ -16,10 +16,14 @@ from wm.adapters.rabbitmq import Bus, dead_letter_queue_name, describe_dead_lett
 from wm.cli.output import OutputFormat, emit
 from wm.cli.replay_notes import ReplayNotes
 from wm.config import Settings
-from wm.fleet import CONSUMER_GROUP
-from wm.fleet import consumer_names as available_consumers
+from wm.fleet import CONSUMER_GROUP, consumer_names
 from wm.logging import configure_logging
 from wm.runtime import Consumer, run_consumers
+
+
+def available_consumers() -> list[str]:
+    """Names of the consumers registered under the ``mwm.consumers`` entry-point group."""
+    return consumer_names()
 
 
 def resolve_consumer(name: str) -> Consumer[Any]:

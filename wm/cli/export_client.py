@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from wm.cli.http import ApiUrl, Token, require_token
 from wm.config import Settings
 from wm.errors import MwmError
 from wm.logging import configure_logging
@@ -27,7 +28,8 @@ def export_client(
     lease_s: Annotated[
         float | None, typer.Option("--lease-s", min=1, help="lease length [default: MWM_EXPORT__LEASE_S]")
     ] = None,
-    token: Annotated[str | None, typer.Option("--token", help="API key [default: MWM_API__TOKEN]")] = None,
+    token: Token = None,
+    api_url: ApiUrl = None,
 ) -> None:
     """Claim export tasks of a sink through the API, send their files by C-STORE, report the results."""
     from producers.export_client import ClientOptions, run_client  # pynetdicom only for this command
@@ -35,6 +37,9 @@ def export_client(
     from wm.runtime import stop_on_signals
 
     settings = Settings()
+    if api_url:
+        settings = settings.model_copy(update={"api": settings.api.model_copy(update={"url": api_url})})
+    api_token = require_token(token, settings)
     configure_logging(settings.observability.log_format, settings.observability.log_level)
     options = ClientOptions(
         sink=sink,
@@ -46,7 +51,7 @@ def export_client(
     )
 
     async def main() -> int:
-        return await run_client(settings, options, token or settings.api.token, stop_on_signals())
+        return await run_client(settings, options, api_token, stop_on_signals())
 
     try:
         exported = asyncio.run(main())

@@ -19,6 +19,7 @@ from wm.config import Settings
 ApiUrl = Annotated[str | None, typer.Option("--api-url", help="API base URL [default: MWM_API__URL]")]
 Token = Annotated[str | None, typer.Option("--token", help="API key [default: MWM_API__TOKEN]")]
 
+NO_TOKEN = "no API key: set MWM_API__TOKEN or pass --token"
 PAGE_SIZE = 200
 TIMEOUT_S = 30.0
 
@@ -27,6 +28,14 @@ def fail(message: str) -> NoReturn:
     """Print ``message`` to stderr and exit 1."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
+
+
+def require_token(token: str | None, settings: Settings) -> str:
+    """The API key to send; exit 1 with what to do when there is none (every route but health needs one)."""
+    chosen = token or settings.api.token
+    if not chosen:
+        fail(NO_TOKEN)
+    return chosen
 
 
 def segment(value: str) -> str:
@@ -38,7 +47,7 @@ def call(api_url: str | None, token: str | None, method: str, path: str, **kwarg
     """One API request; the JSON answer (None for 204), or exit 1 with the problem printed."""
     settings = Settings()
     base = (api_url or settings.api.url).rstrip("/")
-    headers = {"Authorization": f"Bearer {token or settings.api.token}"}
+    headers = {"Authorization": f"Bearer {require_token(token, settings)}"}
     try:
         response = asyncio.run(_send(method, base + path, headers, kwargs))
     except httpx.TransportError as exc:

@@ -40,5 +40,11 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, list | tuple):
-        return ",".join(str(item) for item in value)
-    return str(value)
+        return ",".join(_one_line(str(item)) for item in value)
+    return _one_line(str(value))
+
+
+def _one_line(text: str) -> str:
+    # A table keeps one row per item: a multi-line value (a job's error message) is joined with " / ".
+    lines = [line.strip() for line in text.splitlines()]
+    return " / ".join(line for line in lines if line) if len(lines) > 1 else text

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from schemas.applications import ApplicationDefinition
 from wm.config import Settings
-from wm.engines import load_engine
+from wm.engines import available_engines, load_engine
 from wm.errors import PermanentError
 from wm.registry.models import FieldError
 
@@ -55,8 +55,27 @@ async def validate_definition(
     try:
         definition = ApplicationDefinition.model_validate(data)
     except ValidationError as exc:
-        return None, schema_errors(exc) + await _unknown_sinks(data.get("sinks"), sinks)
+        errors = schema_errors(exc) + await _unknown_sinks(data.get("sinks"), sinks)
+        return None, errors + _unknown_engine_name(data, errors)
     return definition, await validate_application(definition, sinks, engine)
+
+
+def _unknown_engine_name(data: Mapping[str, Any], errors: list[FieldError]) -> list[FieldError]:
+    """With the schema failing elsewhere, the engine plugin cannot check the model: still say if the
+    engine it names is not installed, so one round trip lists that too."""
+    engine = data.get("engine")
+    name = engine.get("name") if isinstance(engine, Mapping) else None
+    if not isinstance(name, str) or any(error["field"].startswith("engine.name") for error in errors):
+        return []
+    installed = available_engines()
+    if name in installed:
+        return []
+    return [
+        {
+            "field": "engine.name",
+            "message": f"unknown engine {name!r}; installed: {', '.join(installed) or 'none'}",
+        }
+    ]
 
 
 async def validate_application(
