@@ -55,6 +55,8 @@ BUCKETS = "buckets"
 FILES = "bucket_files"
 CLOSURES = "bucket_closures"
 MEMBERSHIPS = "bucket_memberships"
+KEYS = "bucket_keys"
+"""Per bucket key whose generations retention removed: the generation to start from (``_id`` = key)."""
 OPEN_HINTS = 10_000  # bucket keys remembered per replica; past this the hints start over
 
 INDEXES = (
@@ -120,6 +122,7 @@ class BucketStore:
         self._files = database.collection(FILES)
         self._closures = database.collection(CLOSURES)
         self._memberships = database.collection(MEMBERSHIPS)
+        self._keys = database.collection(KEYS)
         self._watch = BucketWatch(database)
         self._slots = BucketSlots(database)
         self._open: dict[str, Document] = {}  # bucket key -> the generation last seen open here
@@ -224,8 +227,13 @@ class BucketStore:
             return existing is not None and existing["winner"] == winner
 
     async def _open_generation(self, placement: Placement, correlation_id: str) -> Document:
-        """The first generation not closed yet (created if none is), by ``_id`` look-ups."""
-        generation = 1
+        """The first generation not closed yet (created if none is), by ``_id`` look-ups.
+
+        The walk starts after the generations retention removed (``bucket_keys``), so a bucket id, and the
+        job id derived from it, is never used twice.
+        """
+        removed = await self._keys.find_one({"_id": placement.bucket_key})
+        generation = int(removed["next_generation"]) if removed else 1
         while (bucket := await self._bucket(placement.bucket_id(generation))) is not None:
             if bucket["state"] == "open":
                 return bucket
