@@ -15,10 +15,12 @@ Queue ``mwm.exporter``, bound to ``mwm.export.requested.dicom``.
   then it is re-published under the same message id. A task another exporter holds under a live lease is
   acknowledged as a duplicate; if that holder dies, the background sweep re-requests the task once its
   lease expires.
-- Failure: destination problems are per-file results, never requeues: the sink retries transient ones
-  itself (bounded), a rejected association fails at once. An unknown sink (or sink type) fails the task.
-  MWM's own services down: ``TransientError``, retried by the runtime, then ``give_up`` marks the task
-  failed and publishes ``ExportCompleted(failed)``, so nothing waits forever.
+- Failure: destination problems are per-file results, never requeues. A destination unavailable through the
+  sink's short retries defers the task: its lease is given back, the delivery acknowledged, and a timer
+  requests it again after a backoff with jitter, over ``export.redelivery_window_s``; only the files not sent
+  yet go again (``wm.export_retry``). A rejected association fails at once. An unknown sink (or sink type)
+  fails the task. MWM's own services down: ``TransientError``, retried by the runtime, then ``give_up`` marks
+  the task failed and publishes ``ExportCompleted(failed)``, so nothing waits forever.
 """
 
 from __future__ import annotations
@@ -30,20 +32,39 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import structlog
 
 from schemas.applications import SinkDefinition
 from schemas.events import ExportRequested
-from wm import exports
-from wm.domain.exports import ExportResult, ExportTask, failed_result, requested_event, task_for
+from wm import export_retry, exports
+from wm.domain.exports import (
+    ExportResult,
+    ExportTask,
+    RedeliveryPolicy,
+    failed_result,
+    final_result,
+    kept_results,
+    requested_event,
+    task_for,
+    unsent,
+)
 from wm.errors import Duplicate, NotFound, PermanentError
+from wm.export_retry import REDELIVERY_SWEEP_S, ExportRetries
 from wm.exports import ExportTasks, announce_completion
 from wm.leases import renewed
-from wm.ports import EventPublisher, ExportTaskRecords, Sink, SinkDirectory, SinkOpener
+from wm.ports import (
+    EventPublisher,
+    ExportRedeliveries,
+    ExportTaskRecords,
+    Sink,
+    SinkDirectory,
+    SinkOpener,
+)
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer, Services
-from wm.sinks import load_sink
+from wm.sinks import DestinationUnavailable, load_sink
 
 log = structlog.get_logger("consumers.exporter")
 
@@ -64,6 +85,8 @@ class ExporterDeps:
     bus: EventPublisher
     process: str
     lease_s: float
+    retries: ExportRedeliveries
+    redelivery: RedeliveryPolicy
 
 
 async def handle(event: ExportRequested, deps: ExporterDeps) -> None:
@@ -73,17 +96,17 @@ async def handle(event: ExportRequested, deps: ExporterDeps) -> None:
         await _announce(task, deps)
         return
     owner = f"{deps.process}:{uuid.uuid4().hex[:8]}"
-    if await deps.tasks.claim_task(task.export_task_id, owner, deps.lease_s) is None:
+    held = await deps.tasks.claim_task(task.export_task_id, owner, deps.lease_s)
+    if held is None:
         raise Duplicate(f"export task {task.export_task_id} is final or held by another exporter")
     try:
-        renew = functools.partial(deps.tasks.claim_task, task.export_task_id, owner, deps.lease_s)
-        async with renewed(renew, deps.lease_s, f"export task {task.export_task_id}"):
-            outcome, results, message = await _run_sink(task, deps)
-        final = await deps.tasks.record_result(task.export_task_id, outcome, results, message)
+        final = await _export(held, owner, deps)
     except BaseException:
         with contextlib.suppress(Exception):
             await deps.tasks.release(task.export_task_id, owner)
         raise
+    if final is None:
+        return  # deferred: a timer requests it again (`wm.export_retry`)
     log.info(
         "export_finished",
         outcome=final.state,
@@ -92,6 +115,25 @@ async def handle(event: ExportRequested, deps: ExporterDeps) -> None:
         detail=final.message,
     )
     await _announce(final, deps)
+
+
+async def _export(task: ExportTask, owner: str, deps: ExporterDeps) -> ExportTask | None:
+    """Send the task's files not sent yet; the final task, or None when deferred to a redelivery."""
+    renew = functools.partial(deps.tasks.claim_task, task.export_task_id, owner, deps.lease_s)
+    try:
+        async with renewed(renew, deps.lease_s, f"export task {task.export_task_id}"):
+            outcome, results, message = await _run_sink(task, deps)
+    except DestinationUnavailable as exc:
+        deferred = await deps.retries.defer(task, owner, exc.results, exc.reason, deps.redelivery)
+        if deferred is not None:
+            log.warning("export_deferred", export_task_id=task.export_task_id, retry_at=deferred.retry_at)
+            return None
+        reason = f"{exc.reason}; still unavailable after the redelivery window"
+        sent = [*kept_results(task.file_results), *kept_results(exc.results)]
+        outcome, results, message = final_result(
+            task.files, [*failed_result(unsent(task.files, sent), reason).results, *sent]
+        )
+    return await deps.tasks.record_result(task.export_task_id, outcome, results, message)
 
 
 async def give_up(event: ExportRequested, deps: ExporterDeps, reason: str) -> None:
@@ -111,7 +153,9 @@ async def _run_sink(task: ExportTask, deps: ExporterDeps) -> ExportResult:
         sink = deps.open_sink(await deps.sinks.get(task.sink.name))
     except (NotFound, PermanentError) as exc:
         return failed_result(task.files, str(exc))
-    return await sink.export(task.files)
+    sent = kept_results(task.file_results)  # by an earlier attempt, before a redelivery or a retry
+    fresh = await sink.export(unsent(task.files, sent))
+    return final_result(task.files, [*sent, *fresh.results])
 
 
 async def _announce(task: ExportTask, deps: ExporterDeps) -> None:
@@ -135,6 +179,21 @@ async def sweep_expired_leases(deps: ExporterDeps, stop: asyncio.Event) -> None:
             log.warning("export_sweep_failed", error=repr(exc))
 
 
+async def redeliver_due(deps: ExporterDeps, stop: asyncio.Event) -> None:
+    """Background: request again the deferred tasks whose redelivery is due (`wm.export_retry`)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), REDELIVERY_SWEEP_S)
+        if stop.is_set():
+            return
+        try:
+            for task_id, due_at in await deps.retries.due(datetime.now(UTC)):
+                if await deps.retries.redeliver(task_id, due_at, deps.bus):
+                    log.info("export_redelivered", export_task_id=task_id)
+        except Exception as exc:  # tried again at the next interval
+            log.warning("export_redelivery_failed", error=repr(exc))
+
+
 def build(services: Services) -> ExporterDeps:
     """Wire the ports to the process's shared connections."""
     settings = services.settings
@@ -150,6 +209,12 @@ def build(services: Services) -> ExporterDeps:
         services.bus,
         process,
         settings.export.lease_s,
+        ExportRetries(services.database),
+        RedeliveryPolicy(
+            settings.export.redelivery_window_s,
+            settings.export.redelivery_initial_delay_s,
+            settings.export.redelivery_max_delay_s,
+        ),
     )
 
 
@@ -158,8 +223,8 @@ CONSUMER = Consumer[ExporterDeps](
     routing_keys=ROUTING_KEYS,
     handlers={ExportRequested: handle},
     build_deps=build,
-    indexes=exports.INDEXES,
+    indexes=(*exports.INDEXES, *export_retry.INDEXES),
     on_give_up=give_up,
-    background=(sweep_expired_leases,),
+    background=(sweep_expired_leases, redeliver_due),
     prefetch=PREFETCH,
 )

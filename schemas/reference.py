@@ -126,6 +126,4 @@ def _first_paragraph(text: str | None) -> str:
 
 
 if __name__ == "__main__":
-    from wm.console import run_command
-
-    run_command(lambda: print(application_reference(), end=""))
+    print(application_reference(), end="")

@@ -16,15 +16,18 @@ on FerretDB):
   outgoing ``bucket.ready``) are one write: a seal exists only once every member is secured, and the
   event is published only after its seal is stored (an outbox).
 
-Why no file is lost or counted twice: a file first records its bucket (write W1), then looks for that
-bucket's closure (read R1); the closer first inserts the closure (W2), then reads the bucket's files (R2).
+Why no file is lost or counted twice: a file first records its bucket (write W1: its document, then a slot
+of the bucket, ``wm.bucket_index``), then looks for that bucket's closure (read R1); the closer first
+inserts the closure (W2), then reads the bucket's slots and their files (R2).
 Either R2 sees the file (the closer contests it) or R2 came before W1, hence W2 before R1 and the file
 sees the closure (the file contests it). If both see each other, the unique insert decides.
 
 Cost: FerretDB (v1, SQLite) looks a document up by ``_id`` equality cheaply but scans (and decodes) the
-whole collection for any other query, so the hot paths use ``_id`` look-ups and inserts only, except the
-closer's one read of the files heading for its bucket. A file costs an insert, a ``$max`` on its bucket (in
-parallel) and a look-up of the bucket's closure; each replica remembers the generation it last saw open per
+whole collection for any other query, and these documents are kept for the retention period, so the hot
+paths use ``_id`` look-ups and inserts only: the closer reads its bucket's slots and files by ``_id``, and
+the sweep reads the watch list of buckets not closed yet (``wm.bucket_index``), not ``buckets``. A file
+costs an insert, a ``$max`` on its bucket and its watch entry (in parallel), a slot and a look-up of the
+bucket's closure; each replica remembers the generation it last saw open per
 bucket key (a hint, never trusted: a file that joins a generation that closed meanwhile sees its closure and
 moves on). A closure costs a bucket look-up, the closure insert, the files read and the seal, then the
 publish; the bucket is marked closed after the publish.
@@ -42,7 +45,9 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.errors import BulkWriteError
 
 from schemas.events import BucketFile, BucketReady, PayloadArrived
+from wm import bucket_index
 from wm.adapters.mongo import DUPLICATE_KEY, Database, Document, IndexSpec, translated_errors
+from wm.bucket_index import BucketSlots, BucketWatch
 from wm.domain.discovery import Joined, Placement, bucket_ready, closes_at, file_id
 from wm.errors import Duplicate
 
@@ -50,6 +55,8 @@ BUCKETS = "buckets"
 FILES = "bucket_files"
 CLOSURES = "bucket_closures"
 MEMBERSHIPS = "bucket_memberships"
+KEYS = "bucket_keys"
+"""Per bucket key whose generations retention removed: the generation to start from (``_id`` = key)."""
 OPEN_HINTS = 10_000  # bucket keys remembered per replica; past this the hints start over
 
 INDEXES = (
@@ -63,6 +70,7 @@ INDEXES = (
     IndexSpec(FILES, (IndexModel([("bucket_id", ASCENDING)]),)),
     IndexSpec(CLOSURES, (IndexModel([("published_at", ASCENDING)]),)),
     IndexSpec(MEMBERSHIPS, (IndexModel([("bucket_id", ASCENDING), ("winner", ASCENDING)]),)),
+    *bucket_index.INDEXES,
 )
 
 
@@ -106,6 +114,9 @@ class BucketStore:
         self._files = database.collection(FILES)
         self._closures = database.collection(CLOSURES)
         self._memberships = database.collection(MEMBERSHIPS)
+        self._keys = database.collection(KEYS)
+        self._watch = BucketWatch(database)
+        self._slots = BucketSlots(database)
         self._open: dict[str, Document] = {}  # bucket key -> the generation last seen open here
 
     async def add_file(self, placement: Placement, event: PayloadArrived) -> Joined:
@@ -124,6 +135,7 @@ class BucketStore:
                 existing = await self._files.find_one({"_id": fid})  # a redelivery: it heads somewhere
                 assert existing is not None
                 bucket = await self._bucket(existing["bucket_id"]) or bucket
+            await self._slots.add(bucket["_id"], fid)  # W1 ends: the closer reads the bucket's slots
             heading, still_open = await self._settle_membership(placement, fid, bucket, event.correlation_id)
             if heading["_id"] != bucket["_id"]:
                 await self._extend(heading["_id"], due)
@@ -131,7 +143,10 @@ class BucketStore:
         return Joined(str(heading["_id"]), max(due, heading["closes_at"]))
 
     async def _extend(self, bucket_id: str, due: datetime) -> None:
-        await self._buckets.update_one({"_id": bucket_id}, {"$max": {"closes_at": due}})
+        await asyncio.gather(
+            self._buckets.update_one({"_id": bucket_id}, {"$max": {"closes_at": due}}),
+            self._watch.extend(bucket_id, due),
+        )
 
     async def _insert_file(
         self, fid: str, bucket_id: str, arrived_at: datetime, event: PayloadArrived
@@ -151,6 +166,19 @@ class BucketStore:
                 raise
             return False
         return True
+
+    async def watch_open(self) -> int:
+        """Watch every open bucket missing from the watch list; how many (once per start, a scan).
+
+        Repairs what a failed write left out, and takes in buckets recorded before the list existed.
+        """
+        async with translated_errors("watch open buckets"):
+            open_buckets = await self._buckets.find({"state": "open"}, {"closes_at": 1}).to_list(None)
+            watched = await self._watch.watched()
+            missing = [doc for doc in open_buckets if doc["_id"] not in watched]
+            for doc in missing:
+                await self._watch.extend(doc["_id"], doc["closes_at"])
+        return len(missing)
 
     def _remember(self, key: str, bucket: Document | None) -> None:
         if bucket is None:
@@ -176,6 +204,7 @@ class BucketStore:
                 return bucket, False  # the closer took the file into the closing bucket
             bucket = await self._generation(placement, bucket["generation"] + 1, correlation_id)
             await self._files.update_one({"_id": fid}, {"$set": {"bucket_id": bucket["_id"]}})
+            await self._slots.add(bucket["_id"], fid)
         return bucket, True
 
     async def _contest(self, fid: str, bucket_id: str, winner: str) -> bool:
@@ -190,8 +219,13 @@ class BucketStore:
             return existing is not None and existing["winner"] == winner
 
     async def _open_generation(self, placement: Placement, correlation_id: str) -> Document:
-        """The first generation not closed yet (created if none is), by ``_id`` look-ups."""
-        generation = 1
+        """The first generation not closed yet (created if none is), by ``_id`` look-ups.
+
+        The walk starts after the generations retention removed (``bucket_keys``), so a bucket id, and the
+        job id derived from it, is never used twice.
+        """
+        removed = await self._keys.find_one({"_id": placement.bucket_key})
+        generation = int(removed["next_generation"]) if removed else 1
         while (bucket := await self._bucket(placement.bucket_id(generation))) is not None:
             if bucket["state"] == "open":
                 return bucket
@@ -232,9 +266,7 @@ class BucketStore:
     async def due(self, now: datetime, limit: int = 100) -> list[str]:
         """Open buckets whose quiet period is over."""
         async with translated_errors("find due buckets"):
-            query = {"state": "open", "closes_at": {"$lte": now}}
-            cursor = self._buckets.find(query, {"_id": 1}).limit(limit)
-            return [str(doc["_id"]) for doc in await cursor.to_list(None)]
+            return [str(entry["_id"]) for entry in await self._watch.due(now, limit)]
 
     async def close(self, bucket_id: str, now: datetime) -> Closing:
         """Close a due bucket if this caller wins the closure: the event to publish, or why not."""
@@ -243,9 +275,11 @@ class BucketStore:
             if bucket is None or bucket["state"] != "open":
                 if bucket is not None:
                     self._forget(bucket)
+                await self._watch.unwatch(bucket_id)  # left behind by a replica that died, or a late file
                 return Closing()
             if bucket["closes_at"] > now:
-                # a later file (maybe on another replica) moved it
+                # a later file (maybe on another replica) moved it; the watch list follows
+                await self._watch.extend(bucket_id, bucket["closes_at"])
                 return Closing(not_before=bucket["closes_at"])
             self._forget(bucket)
             try:
@@ -259,7 +293,7 @@ class BucketStore:
     async def _seal(self, bucket: Document, now: datetime) -> BucketReady | None:
         """Secure every file heading here and store the event in one ordered write (the seal)."""
         bucket_id = bucket["_id"]
-        heading_here = await self._files.find({"bucket_id": bucket_id}).to_list(None)
+        heading_here = await self._heading_for(bucket_id)
         event = _event(bucket, heading_here, now)
         memberships = [_membership(doc["_id"], bucket_id, "closer") for doc in heading_here]
         seal = {"_id": seal_id(bucket_id), "bucket_id": bucket_id, "event": _dump(event)}
@@ -271,6 +305,12 @@ class BucketStore:
             failed = exc.details["writeErrors"][0]["index"]
         return await self._seal_contested(bucket, heading_here, memberships[failed:], now)
 
+    async def _heading_for(self, bucket_id: str) -> list[Document]:
+        """The files heading for the bucket (R2): its slots' files still recorded as heading there."""
+        file_ids = await self._slots.members(bucket_id)
+        files = await asyncio.gather(*(self._files.find_one({"_id": fid}) for fid in file_ids))
+        return [doc for doc in files if doc is not None and doc["bucket_id"] == bucket_id]
+
     async def _seal_contested(
         self, bucket: Document, heading_here: list[Document], rest: list[Document], now: datetime
     ) -> BucketReady | None:
@@ -281,10 +321,8 @@ class BucketStore:
             except BulkWriteError as exc:
                 _raise_unless_duplicates(exc)
         ids = [membership_id(doc["_id"], bucket_id) for doc in heading_here]
-        won = await self._memberships.find({"_id": {"$in": ids}, "winner": "closer"}, {"file_id": 1}).to_list(
-            None
-        )
-        won_ids = {doc["file_id"] for doc in won}
+        decided = await asyncio.gather(*(self._memberships.find_one({"_id": mid}) for mid in ids))
+        won_ids = {doc["file_id"] for doc in decided if doc is not None and doc["winner"] == "closer"}
         event = _event(bucket, [doc for doc in heading_here if doc["_id"] in won_ids], now)
         try:
             await self._memberships.insert_one(
@@ -309,12 +347,16 @@ class BucketStore:
                 self._closures.update_one({"_id": bucket_id}, {"$set": {"published_at": now}}),
                 self._buckets.update_one({"_id": bucket_id}, {"$set": {"state": "closed", "closed_at": now}}),
             )
+            await self._watch.unwatch(bucket_id)
 
     async def unpublished(self, older_than: timedelta, now: datetime) -> list[tuple[str, BucketReady | None]]:
         """Closures whose event was not confirmed in time (the closer died): to finish or re-publish."""
         async with translated_errors("find unpublished closures"):
-            query: dict[str, Any] = {"published_at": None, "claimed_at": {"$lte": now - older_than}}
-            stale = await self._closures.find(query).to_list(100)
+            # A closing bucket stays on the watch list until its event is published: look there, by _id.
+            cutoff = now - older_than
+            watched = await self._watch.due(cutoff, 100)
+            closures = await asyncio.gather(*(self._closures.find_one({"_id": w["_id"]}) for w in watched))
+            stale = [c for c in closures if c and c.get("published_at") is None and c["claimed_at"] <= cutoff]
             results: list[tuple[str, BucketReady | None]] = []
             for closure in stale:
                 bucket_id = str(closure["_id"])

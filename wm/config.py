@@ -145,6 +145,15 @@ class ExportSettings(BaseModel):
     )
     retry_attempts: int = Field(3, ge=1, description="association attempts for transient failures")
     retry_initial_delay_s: float = Field(0.5, ge=0, description="first backoff delay, doubled each attempt")
+    redelivery_window_s: float = Field(
+        3600.0, ge=0, description="a destination unavailable this long after the first failure fails the task"
+    )
+    redelivery_initial_delay_s: float = Field(
+        5.0, gt=0, description="first wait before a delayed redelivery (then doubled, plus jitter)"
+    )
+    redelivery_max_delay_s: float = Field(
+        300.0, gt=0, description="longest wait between delayed redeliveries"
+    )
     dimse_timeout_s: float = Field(30.0, gt=0, description="DIMSE (C-STORE response) timeout")
     acse_timeout_s: float = Field(10.0, gt=0, description="association request/release timeout")
     lease_s: float = Field(

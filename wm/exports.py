@@ -395,5 +395,7 @@ async def announce_completion(tasks: ExportTaskRecords, bus: EventPublisher, tas
     """
     if task.completion_published:
         return
-    await bus.publish(completed_event(task), message_id=completed_message_id(task.export_task_id))
+    await bus.publish(
+        completed_event(task), message_id=completed_message_id(task.export_task_id, task.reruns)
+    )
     await tasks.mark_published(task.export_task_id)

@@ -17,7 +17,7 @@ from schemas.applications import ApplicationDefinition, SinkDefinition
 from schemas.events import Event, ExportOutcome, FileExportResult, FileRef, PayloadArrived
 from wm.domain.discovery import Candidate, Joined, Placement
 from wm.domain.engines import EngineStatus, JobSpec
-from wm.domain.exports import ExportResult, ExportTask
+from wm.domain.exports import ExportResult, ExportTask, RedeliveryPolicy
 from wm.domain.jobs import Job, JobTransition
 
 
@@ -236,4 +236,27 @@ class ExportTaskRecords(Protocol):
 
     async def expire(self) -> list[ExportTask]:
         """Put tasks whose lease expired back to pending; returns them."""
+        ...
+
+
+class ExportRedeliveries(Protocol):
+    """Deferred export tasks and their redelivery timers (``wm.export_retry.ExportRetries``)."""
+
+    async def defer(
+        self,
+        task: ExportTask,
+        owner: str,
+        results: list[FileExportResult],
+        reason: str,
+        policy: RedeliveryPolicy,
+    ) -> ExportTask | None:
+        """Give the held ``task`` back until its next redelivery; None once its window is over."""
+        ...
+
+    async def due(self, now: datetime, limit: int = 100) -> list[tuple[str, datetime]]:
+        """Timers that are due: (task id, due time)."""
+        ...
+
+    async def redeliver(self, task_id: str, due_at: datetime, bus: EventPublisher) -> bool:
+        """Request a due task again and drop its timer; False when it needed nothing."""
         ...

@@ -7,7 +7,11 @@ Removed once older than the retention:
   directory; the job record stays (marked ``purged_at``), so the history remains and a job is purged once;
 - processed-message keys (the consumers' duplicate detection; a redelivery that old cannot happen);
 - published job-finish claims (what keeps two monitor replicas from publishing one job's end; an ended
-  job is not checked again).
+  job is not checked again);
+- whole bucket keys (every generation's discovery documents) and the received files (``payloads/``) they
+  point to, once every generation closed before the cutoff and no job made from them is unfinished; and
+  payload objects nothing points to (refused or aborted C-STOREs) once older than the cutoff
+  (``wm.discovery_retention``). A retried job's attempts' work directories go with the job's.
 
 Safe to run on any schedule, from several places at once: every removal is idempotent.
 """
@@ -20,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 from wm.adapters.mongo import ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
+from wm.discovery_retention import DiscoveryRetention
 from wm.engines.local import LocalEngine
 from wm.exports import ExportTasks
 from wm.jobs import JobStore
@@ -36,6 +41,9 @@ class Removed:
     work_dirs: int = 0
     processed_messages: int = 0
     finish_claims: int = 0
+    bucket_keys: int = 0
+    discovery_documents: int = 0
+    payload_objects: int = 0
 
     def lines(self) -> list[str]:
         """A human-readable account, one line per kind."""
@@ -47,6 +55,9 @@ class Removed:
             f"work directories: {self.work_dirs}",
             f"processed-message keys: {self.processed_messages}",
             f"job finish claims: {self.finish_claims}",
+            f"bucket keys: {self.bucket_keys}",
+            f"discovery documents: {self.discovery_documents}",
+            f"payload objects: {self.payload_objects}",
         ]
 
 
@@ -59,6 +70,7 @@ class Stores:
     objects: ObjectStore
     processed: ProcessedMessages
     work: LocalEngine
+    discovery: DiscoveryRetention
 
 
 def cutoff_for(retention_days: int, now: datetime | None = None) -> datetime:
@@ -72,12 +84,18 @@ async def clean_up(stores: Stores, cutoff: datetime, dry_run: bool = False) -> R
     removed.export_tasks = await stores.exports.forget_before(cutoff, dry_run)
     for job in await stores.jobs.finished_before(cutoff):
         removed.objects += await _remove_objects(stores.objects, f"jobs/{job.job_id}/", dry_run)
-        removed.work_dirs += await _remove_work_dir(stores.work, job.job_id, dry_run)
+        runs = {job.job_id, job.engine_job_id, *(attempt.engine_job_id for attempt in job.attempts)}
+        for run in sorted(run for run in runs if run):  # each attempt ran in a work directory of its own
+            removed.work_dirs += await _remove_work_dir(stores.work, run, dry_run)
         removed.jobs.append(job.job_id)
         if not dry_run:
             await stores.jobs.mark_purged(job.job_id)
     removed.processed_messages = await stores.processed.forget_before(cutoff, dry_run)
     removed.finish_claims = await stores.jobs.forget_finishes_before(cutoff, dry_run)
+    discovery = await stores.discovery.clean_up(cutoff, dry_run)
+    removed.bucket_keys = discovery.bucket_keys
+    removed.discovery_documents = discovery.documents
+    removed.payload_objects = discovery.payload_objects
     return removed
 
 

@@ -2,7 +2,8 @@
 
 Each discovery replica arms an in-memory timer for the buckets its files joined, so a bucket closes within
 milliseconds of its quiet period. The timer state that matters lives in MongoDB (``closes_at`` of every
-open bucket), and every replica also sweeps the database for due buckets every ``sweep_interval_s``: when
+open bucket, mirrored on the watch list of open buckets), and every replica also sweeps that list for due
+buckets every ``sweep_interval_s``: when
 the replica that armed a timer dies, or everything restarts, the sweep closes the bucket. Whoever closes it,
 the closure is decided by a unique insert (``wm.buckets``), so ``bucket.ready`` is published once.
 """
@@ -74,7 +75,10 @@ class BucketTimers:
             await self._sleep_until_next(stop)
 
     async def _sweep_periodically(self, stop: asyncio.Event) -> None:
+        watching = False
         while not stop.is_set():
+            if not watching:  # once per start, retried while the database is out
+                watching = await self._watch_open()
             await self._guarded(self._sweep())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._sweep_interval)
@@ -87,6 +91,16 @@ class BucketTimers:
         await asyncio.wait(waiters, timeout=max(delay, 0.0), return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
             waiter.cancel()
+
+    async def _watch_open(self) -> bool:
+        try:
+            repaired = await self._store.watch_open()
+        except TransientError as exc:
+            log.warning("bucket_watch_deferred", error=str(exc))
+            return False
+        if repaired:
+            log.warning("unwatched_buckets_watched", buckets=repaired)
+        return True
 
     async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
         try:

@@ -160,10 +160,18 @@ async def test_job_outputs_arrive_at_storescp_and_orthanc_with_identical_pixels(
     assert await task_state(live_settings, "job-1.scp") is ExportState.succeeded
 
 
-async def test_a_destination_that_is_down_is_retried_then_the_task_fails(
+async def test_a_destination_that_stays_down_is_redelivered_until_its_window_ends_then_fails(
     live_settings: Settings, tmp_path: Path
 ) -> None:
-    settings = with_export(live_settings, retry_attempts=3, retry_initial_delay_s=0.2, acse_timeout_s=2.0)
+    settings = with_export(
+        live_settings,
+        retry_attempts=3,
+        retry_initial_delay_s=0.2,
+        acse_timeout_s=2.0,
+        redelivery_window_s=3.0,
+        redelivery_initial_delay_s=0.5,
+        redelivery_max_delay_s=1.0,
+    )
     files = await job_outputs(settings, tmp_path / "out")
     await add_sink(settings, "down", free_port(), "NOBODY")
     async with completions(settings) as seen, running_exporter(settings):
@@ -173,9 +181,12 @@ async def test_a_destination_that_is_down_is_retried_then_the_task_fails(
         elapsed = time.monotonic() - started
     assert event.status == "failed" and event.export_task_id == "job-1.down"
     errors = {r.error or "" for r in event.file_results if r.status == "failed"}
-    assert len(errors) == 1 and "gave up after 3 attempts" in errors.pop()
-    assert elapsed >= 0.2 + 0.4, "the two backoff delays between the three attempts"
-    assert await task_state(settings, "job-1.down") is ExportState.failed
+    error = errors.pop()
+    assert not errors and "gave up after 3 attempts" in error and "after the redelivery window" in error
+    assert elapsed >= 3.0, "redelivered (after backoff delays) until the redelivery window was over"
+    async with Database(settings.mongo) as database:
+        task = await ExportTasks(database).get("job-1.down")
+    assert task.state is ExportState.failed and task.retries >= 1
 
 
 async def test_a_rejected_association_fails_at_once_without_retries(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tests.support.cli import Cli
 from tests.support.exports import create_task, placeholder_files
+from tests.support.jobs import SLEEPER, job_finished, launch_job, pipeline_and_api
 from tests.support.services import settings_env
-from wm import exports, jobs
+from wm import bucket_index, buckets, exports, jobs
 from wm.adapters.mongo import PROCESSED_MESSAGES, Database, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
+from wm.discovery_retention import DiscoveryRetention
 from wm.domain.jobs import JobState
 from wm.engines.local import LocalEngine
 from wm.exports import ExportTasks
@@ -100,3 +103,73 @@ async def test_cleanup_removes_only_what_is_older_than_the_retention(
     assert sorted(claims) == ["job-new", "job-pending"]
     assert not LocalEngine(live_settings).job_dir("job-old").exists()
     assert LocalEngine(live_settings).job_dir("job-new").exists()
+
+
+DISCOVERY = (
+    buckets.BUCKETS,
+    buckets.FILES,
+    buckets.CLOSURES,
+    buckets.MEMBERSHIPS,
+    bucket_index.SLOTS,
+    bucket_index.WATCH,
+)
+
+
+async def study_footprint(database: Database, objects: ObjectStore, job_id: str) -> dict[str, int]:
+    """Everything kept of the study a job was made from: its discovery documents and its objects."""
+    job = await JobStore(database).get(job_id)
+    key = job.bucket_id.rsplit(".g", 1)[0]
+    mine = {"$regex": f"^{re.escape(key)}[.:]"}
+    counts = {
+        name: await database.collection(name).count_documents({"$or": [{"_id": mine}, {"bucket_id": mine}]})
+        for name in DISCOVERY
+    }
+    files = await database.collection(buckets.FILES).find({"bucket_id": mine}).to_list(None)
+    payloads = {str(doc["file"]["key"]).split("/")[1] for doc in files} or {"-"}
+    counts["payload objects"] = sum([len(await objects.list(f"payloads/{p}/")) for p in payloads])
+    counts["job objects"] = len(await objects.list(f"jobs/{job_id}/"))
+    return counts
+
+
+async def test_cleanup_removes_every_trace_of_an_old_study_and_nothing_of_a_running_job(
+    live_settings: Settings, tmp_path: Path
+) -> None:
+    settings = live_settings
+    async with pipeline_and_api(settings) as events:
+        done = await launch_job(settings, events, tmp_path, "mip")
+        await job_finished(events, done.job_id)
+        running = await launch_job(settings, events, tmp_path, "slow", command=SLEEPER)
+    cli = Cli(settings_env(settings))
+    async with (
+        Database(settings.mongo, (*buckets.INDEXES, *jobs.INDEXES)) as database,
+        ObjectStore(settings.object_store) as objects,
+    ):
+        (tmp_path / "leftover.dcm").write_bytes(b"half a file")
+        await objects.put_file("payloads/aborted/1.2.3/4.5.6/7.8.9.dcm", tmp_path / "leftover.dcm")
+        # Both studies' buckets closed, and the finished job ended, before the retention.
+        await database.collection(buckets.BUCKETS).update_many({}, {"$set": {"closed_at": OLD}})
+        await database.collection(jobs.JOBS).update_one({"_id": done.job_id}, {"$set": {"finished_at": OLD}})
+        old_before = await study_footprint(database, objects, done.job_id)
+        running_before = await study_footprint(database, objects, running.job_id)
+        cleaned = await cli("cleanup")
+        old_after = await study_footprint(database, objects, done.job_id)
+        running_after = await study_footprint(database, objects, running.job_id)
+        purged = (await database.collection(jobs.JOBS).find_one({"_id": done.job_id}) or {}).get("purged_at")
+        leftover_kept = len(await objects.list("payloads/aborted/"))
+        stores = DiscoveryRetention(database, objects)
+        later = await stores.clean_up(datetime.now(UTC) + timedelta(seconds=1))  # the leftover has aged
+        leftover_after = len(await objects.list("payloads/aborted/"))
+        running_later = await study_footprint(database, objects, running.job_id)
+    print(f"old study before: {old_before}\nold study after: {old_after}")
+    print(f"running job's study before/after: {running_before} / {running_after}")
+    assert cleaned.code == 0, cleaned.err
+    assert "removed bucket keys: 1" in cleaned.out, cleaned.out
+    assert all(old_before[name] > 0 for name in (buckets.BUCKETS, buckets.FILES, buckets.MEMBERSHIPS)), (
+        old_before
+    )
+    assert old_before["payload objects"] == 2 and old_before["job objects"] >= 3, old_before
+    assert set(old_after.values()) == {0}, old_after
+    assert purged is not None, "the job record stays for the history, marked purged"
+    assert running_after == running_before and running_before["payload objects"] == 2, running_before
+    assert leftover_kept == 1, "a leftover younger than the retention stays"
+    assert later.payload_objects == 1 and leftover_after == 0 and running_later == running_before

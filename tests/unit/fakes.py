@@ -16,9 +16,19 @@ from schemas.applications import ApplicationDefinition, SinkDefinition
 from schemas.events import Event, ExportOutcome, FileExportResult, FileRef, PayloadArrived
 from wm.domain.discovery import Candidate, Joined, Placement, closes_at, file_id
 from wm.domain.engines import EngineStatus, JobSpec
-from wm.domain.exports import ExportResult, ExportState, ExportTask, final_result
+from wm.domain.exports import (
+    ExportResult,
+    ExportState,
+    ExportTask,
+    RedeliveryPolicy,
+    final_result,
+    kept_results,
+    merge_results,
+    requested_event,
+)
 from wm.domain.jobs import TERMINAL, Job, JobTransition, next_state
 from wm.errors import NotFound, PermanentError, TransientError
+from wm.ports import EventPublisher
 
 
 def _now() -> datetime:
@@ -387,6 +397,56 @@ class FakeExportTasks(Outage):
             self.change(task_id, state=ExportState.pending, lease_owner=None, lease_expires_at=None)
             for task_id in expired
         ]
+
+
+class FakeExportRetries(Outage):
+    """Redelivery timers of deferred tasks, over the same tasks as ``FakeExportTasks``."""
+
+    def __init__(self, tasks: FakeExportTasks) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.timers: dict[str, datetime] = {}
+
+    async def defer(
+        self,
+        task: ExportTask,
+        owner: str,
+        results: list[FileExportResult],
+        reason: str,
+        policy: RedeliveryPolicy,
+    ) -> ExportTask | None:
+        self._maybe_fail()
+        now = _now()
+        since = task.retrying_since or now
+        due = policy.next_at(since, task.retries, now)
+        if due is None:
+            return None
+        kept = merge_results(task.files, kept_results(task.file_results), kept_results(results))
+        self.timers[task.export_task_id] = due
+        self.tasks.change(
+            task.export_task_id,
+            file_results=kept,
+            message=reason,
+            retrying_since=since,
+            retries=task.retries + 1,
+            retry_at=due,
+        )
+        await self.tasks.release(task.export_task_id, owner)
+        return await self.tasks.get(task.export_task_id)
+
+    async def due(self, now: datetime, limit: int = 100) -> list[tuple[str, datetime]]:
+        self._maybe_fail()
+        return sorted(((t, at) for t, at in self.timers.items() if at <= now), key=lambda item: item[1])[
+            :limit
+        ]
+
+    async def redeliver(self, task_id: str, due_at: datetime, bus: EventPublisher) -> bool:
+        task = await self.tasks.get(task_id)
+        if not task.is_final:
+            await bus.publish(requested_event(task), message_id=f"{task_id}.requested.retry{task.retries}")
+        if self.timers.get(task_id) == due_at:
+            del self.timers[task_id]
+        return not task.is_final
 
 
 class FakeSink:

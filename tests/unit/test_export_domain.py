@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -10,14 +10,17 @@ from schemas.events import ExportRequested, FileExportResult, FileRef, SinkRef
 from wm.domain.exports import (
     NO_RESULT,
     ExportState,
+    RedeliveryPolicy,
     complete_results,
     completed_event,
     completed_message_id,
     export_outcome,
+    kept_results,
     split_by_extension,
     split_evenly,
     summary,
     task_for,
+    unsent,
     wanted_by,
 )
 
@@ -136,3 +139,21 @@ def test_summary_counts_and_quotes_the_first_error() -> None:
         result("c", "skipped"),
     ]
     assert summary(results) == "1 succeeded, 1 failed, 1 skipped (first error: boom)"
+
+
+def test_a_retry_sends_only_the_files_without_a_success_and_keeps_the_rest() -> None:
+    files = [ref("a.dcm"), ref("b.dcm"), ref("c.dcm"), ref("d.txt")]
+    results = [result("a.dcm", "succeeded"), result("b.dcm", "failed"), result("d.txt", "skipped")]
+    assert [file.key for file in unsent(files, results)] == ["b.dcm", "c.dcm"]
+    assert [r.key for r in kept_results(results)] == ["a.dcm", "d.txt"]
+
+
+def test_redeliveries_back_off_exponentially_with_jitter_and_stop_at_the_end_of_the_window() -> None:
+    policy = RedeliveryPolicy(window_s=3600, initial_s=5, max_s=300)
+    for retries, base in [(0, 5), (1, 10), (2, 20), (5, 160), (6, 300), (20, 300)]:
+        delays = {policy.delay_s(retries) for _ in range(20)}
+        assert all(base <= delay <= min(base + 5, 300) for delay in delays), (retries, delays)
+        assert base == 300 or len(delays) > 1, "jittered"
+    since = datetime(2026, 1, 1, tzinfo=UTC)
+    assert policy.next_at(since, 3, since + timedelta(minutes=30)) is not None
+    assert policy.next_at(since, 3, since + timedelta(minutes=59, seconds=55)) is None, "past the window"

@@ -12,8 +12,8 @@ from consumers.exporter import ExporterDeps, give_up, handle, sweep_expired_leas
 from schemas.applications import SinkDefinition
 from schemas.events import ExportCompleted, ExportRequested
 from tests.unit.builders import export_requested, sink
-from tests.unit.fakes import FakeExportTasks, FakePublisher, FakeSink, FakeSinks
-from wm.domain.exports import ExportState, task_for
+from tests.unit.fakes import FakeExportRetries, FakeExportTasks, FakePublisher, FakeSink, FakeSinks
+from wm.domain.exports import ExportState, RedeliveryPolicy, task_for
 from wm.errors import Duplicate, TransientError
 from wm.sinks import UnknownSinkType
 
@@ -26,8 +26,16 @@ class World:
     def __init__(self, failing: tuple[str, ...] = ()) -> None:
         self.tasks, self.publisher = FakeExportTasks(), FakePublisher()
         self.sink = FakeSink(sink("pacs"), failing)
+        self.retries = FakeExportRetries(self.tasks)
         self.deps = ExporterDeps(
-            self.tasks, FakeSinks(sink("pacs")), self.open_sink, self.publisher, "test", 60
+            self.tasks,
+            FakeSinks(sink("pacs")),
+            self.open_sink,
+            self.publisher,
+            "test",
+            60,
+            self.retries,
+            RedeliveryPolicy(window_s=3600, initial_s=1, max_s=60),
         )
 
     def open_sink(self, definition: SinkDefinition) -> FakeSink:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self, TypeVar
@@ -166,6 +167,18 @@ class ObjectStore:
             response.close()
             response.release_conn()
 
+    async def keys_older_than(self, prefix: str, cutoff: datetime) -> list[str]:
+        """Keys under ``prefix`` whose object was last written before ``cutoff`` (retention)."""
+
+        def list_old() -> list[str]:
+            return [
+                str(obj.object_name)
+                for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                if obj.last_modified is not None and obj.last_modified < cutoff
+            ]
+
+        return await self._call(f"list {prefix}", list_old)
+
     async def list(self, prefix: str) -> list[FileRef]:
         """Every object under ``prefix``, recursively, sorted by key."""
 
@@ -184,15 +197,18 @@ class ObjectStore:
 
         return sorted(await self._call(f"list {prefix}", list_all), key=lambda ref: ref.key)
 
-    async def remove_prefix(self, prefix: str) -> int:
-        """Delete every object under ``prefix``; returns how many were removed."""
-        keys = [ref.key for ref in await self.list(prefix)]
+    async def remove_keys(self, keys: Sequence[str]) -> int:
+        """Delete these objects (a missing one is not an error); returns how many were asked for."""
 
         def remove() -> None:
             errors = list(self._client.remove_objects(self.bucket, (DeleteObject(key) for key in keys)))
             if errors:
-                raise TransientError(f"remove {prefix}: {len(errors)} objects not deleted: {errors[0]}")
+                raise TransientError(f"remove objects: {len(errors)} not deleted: {errors[0]}")
 
         if keys:
-            await self._call(f"remove {prefix}", remove)
+            await self._call("remove objects", remove)
         return len(keys)
+
+    async def remove_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``; returns how many were removed."""
+        return await self.remove_keys([ref.key for ref in await self.list(prefix)])

@@ -17,7 +17,15 @@ from wm import exports
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
-from wm.api import routes_aetitles, routes_apps, routes_exports, routes_jobs, routes_payloads, routes_sinks
+from wm.api import (
+    routes_aetitles,
+    routes_apps,
+    routes_export_admin,
+    routes_exports,
+    routes_jobs,
+    routes_payloads,
+    routes_sinks,
+)
 from wm.api.problems import install_problem_handlers
 from wm.auth import ApiKeys
 from wm.config import Settings
@@ -68,6 +76,7 @@ def create_app(settings: Settings, validator: EngineValidator | None = None) -> 
     for module in (routes_apps, routes_sinks, routes_aetitles, routes_jobs, routes_payloads):
         app.include_router(module.router)
     app.include_router(routes_exports.router)
+    app.include_router(routes_export_admin.router)
     return app
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from wm.cli import api, bus, cleanup, export_client, gateway, jobs, registry
+from wm.cli import api, bus, cleanup, export_client, exports, gateway, jobs, registry
 from wm.console import run_command
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app.add_typer(registry.aet_app, name="aet")
 app.add_typer(jobs.jobs_app, name="jobs")
 app.command("gateway")(gateway.gateway)
 app.command("export-client")(export_client.export_client)
+app.add_typer(exports.exports_app, name="exports")
 app.command("cleanup")(cleanup.cleanup)
 
 

@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 
-from wm import exports, jobs
+from wm import buckets, exports, jobs
 from wm.adapters.mongo import PROCESSED_MESSAGES_INDEXES, Database, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
+from wm.discovery_retention import DiscoveryRetention
 from wm.engines.local import LocalEngine
 from wm.errors import MwmError
 from wm.retention import Removed, Stores, clean_up, cutoff_for
@@ -22,7 +23,8 @@ def cleanup(
         bool, typer.Option("--dry-run", help="print what would be removed; remove nothing")
     ] = False,
 ) -> None:
-    """Remove export tasks, job files and processed-message keys older than the retention."""
+    """Remove export tasks, job files, discovery documents, received files and processed-message keys
+    older than the retention (nothing an unfinished job needs)."""
     settings = Settings()
     try:
         removed = asyncio.run(_clean_up(settings, dry_run))
@@ -35,7 +37,7 @@ def cleanup(
 
 
 async def _clean_up(settings: Settings, dry_run: bool) -> Removed:
-    indexes = (*exports.INDEXES, *jobs.INDEXES, PROCESSED_MESSAGES_INDEXES)
+    indexes = (*exports.INDEXES, *jobs.INDEXES, *buckets.INDEXES, PROCESSED_MESSAGES_INDEXES)
     async with Database(settings.mongo, indexes) as database, ObjectStore(settings.object_store) as objects:
         stores = Stores(
             exports.ExportTasks(database),
@@ -43,5 +45,6 @@ async def _clean_up(settings: Settings, dry_run: bool) -> Removed:
             objects,
             ProcessedMessages(database),
             LocalEngine(settings),
+            DiscoveryRetention(database, objects),
         )
         return await clean_up(stores, cutoff_for(settings.export.retention_days), dry_run)

@@ -5,7 +5,10 @@
        |                   +--+ lease expired or released: back to pending (claimable again)
        +--record_result (e.g. the exporter gave up before claiming)--> failed
 
-Final states accept nothing: a second final update leaves the first result in place.
+Final states accept nothing: a second final update leaves the first result in place. Two ways back to
+``pending`` keep what was sent: a destination that is unavailable (refused, aborted, timed out) defers the
+task to a delayed redelivery (``RedeliveryPolicy``, within a window); an operator's retry of a ``failed`` or
+``partial`` task (``mwm exports retry``) reopens it. Either way only the files not sent yet are sent again.
 
 How an outcome is decided (`export_outcome`, only through `final_result`), per file ``succeeded`` /
 ``failed`` / ``skipped``:
@@ -20,10 +23,12 @@ How an outcome is decided (`export_outcome`, only through `final_result`), per f
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import NamedTuple, TypeVar
 
+import tenacity
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import ExportCompleted, ExportOutcome, ExportRequested, FileExportResult, FileRef, SinkRef
@@ -89,6 +94,14 @@ class ExportTask(BaseModel):
     lease_expires_at: datetime | None = None
     lease_number: int = 0
     completion_published: bool = False
+    retries: int = 0
+    """Delayed redeliveries so far while the destination was unavailable (``RedeliveryPolicy``)."""
+    retrying_since: datetime | None = None
+    """When the destination was first found unavailable; the redelivery window counts from here."""
+    retry_at: datetime | None = None
+    """When the next delayed redelivery is due (None when none is waiting)."""
+    reruns: int = 0
+    """How many times an operator retried the task after it ended (``mwm exports retry``)."""
 
     @property
     def is_final(self) -> bool:
@@ -155,9 +168,12 @@ def summary(results: Sequence[FileExportResult]) -> str:
     return f"{text} (first error: {first_error})" if first_error else text
 
 
-def completed_message_id(task_id: str) -> str:
-    """The message id of a task's ``export.completed``: a re-publish is recognisably the same message."""
-    return f"{task_id}.completed"
+def completed_message_id(task_id: str, reruns: int = 0) -> str:
+    """The message id of a task's ``export.completed``: a re-publish is recognisably the same message.
+
+    A task an operator retried completes again under a message id of its own (``reruns``).
+    """
+    return f"{task_id}.completed" if reruns == 0 else f"{task_id}.completed.r{reruns}"
 
 
 def export_outcome(results: Iterable[FileExportResult]) -> ExportOutcome:
@@ -258,3 +274,43 @@ def split_evenly(items: Sequence[T], lanes: int, min_per_lane: int) -> list[list
         runs.append(list(items[start:end]))
         start = end
     return [run for run in runs if run]
+
+
+def unsent(files: Sequence[FileRef], results: Iterable[FileExportResult]) -> list[FileRef]:
+    """The files that still have to be sent: every one without a ``succeeded`` or ``skipped`` result."""
+    done = {result.key for result in results if result.status != "failed"}
+    return [file for file in files if file.key not in done]
+
+
+def kept_results(results: Iterable[FileExportResult]) -> list[FileExportResult]:
+    """The results a retry keeps: the files that got to their destination (or were meant to be skipped)."""
+    return [result for result in results if result.status != "failed"]
+
+
+@dataclass(frozen=True)
+class RedeliveryPolicy:
+    """How long and how often an export is tried again while its destination is unavailable.
+
+    Exponential backoff with additive jitter (``tenacity.wait_exponential_jitter``): the n-th redelivery
+    waits about ``initial_s * 2**(n-1)``, at most ``max_s``, plus up to ``initial_s`` of jitter, so the
+    exports of many tasks that failed together do not all come back at the same instant. After
+    ``window_s`` from the first failure the task fails.
+    """
+
+    window_s: float
+    initial_s: float
+    max_s: float
+
+    def delay_s(self, retries: int) -> float:
+        """The wait before redelivery number ``retries + 1``."""
+        wait = tenacity.wait_exponential_jitter(
+            multiplier=self.initial_s, max=self.max_s, jitter=self.initial_s
+        )
+        state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+        state.attempt_number = retries + 1
+        return float(wait(state))
+
+    def next_at(self, since: datetime, retries: int, now: datetime) -> datetime | None:
+        """When to try again; None once the window that started at ``since`` is over."""
+        due = now + timedelta(seconds=self.delay_s(retries))
+        return due if due < since + timedelta(seconds=self.window_s) else None

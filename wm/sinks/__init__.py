@@ -4,9 +4,12 @@ A sink subclasses `ExportSink` and implements ``_send``; the base class owns the
 every sink needs: files the sink's ``extensions`` leave out are reported ``skipped`` without being sent,
 and every file gets exactly one result (a file the sink forgot is ``failed``, "no result").
 
-A sink reports per-file failures in its results (a destination that stays down fails the files, after the
-sink's own bounded retries); it raises ``TransientError`` only when MWM's own services fail (object store
-down), so the consumer's runtime retries the whole task.
+A sink reports per-file failures in its results. A destination that stays unavailable through the sink's
+own short retries (refused, aborted, timed out) raises `DestinationUnavailable` with the results of the
+files it did send: the exporter tries the rest again later (a delayed redelivery, over
+``export.redelivery_window_s``), holding nothing while it waits. A permanent refusal (an association
+rejected) fails the files at once. ``TransientError`` means MWM's own services failed (object store down),
+so the consumer's runtime retries the whole task.
 
 Register a sink type in a package's ``pyproject.toml`` (MWM's own ``dicom`` sink is declared this way)::
 
@@ -24,16 +27,33 @@ from schemas.applications import SinkDefinition
 from schemas.events import FileExportResult, FileRef
 from wm.config import Settings
 from wm.domain.exports import ExportResult, final_result, split_by_extension
-from wm.errors import PermanentError
+from wm.errors import MwmError, PermanentError
 from wm.ports import FileSource
 
-__all__ = ["ENTRY_POINT_GROUP", "ExportSink", "FileSource", "UnknownSinkType", "load_sink", "sink_class"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "DestinationUnavailable",
+    "ExportSink",
+    "FileSource",
+    "UnknownSinkType",
+    "load_sink",
+    "sink_class",
+]
 
 ENTRY_POINT_GROUP = "mwm.sinks"
 
 
 class UnknownSinkType(PermanentError):
     """No sink implementation is registered for a sink's type."""
+
+
+class DestinationUnavailable(MwmError):
+    """The destination could not be reached for now; ``results``: the files dealt with before that."""
+
+    def __init__(self, reason: str, results: Sequence[FileExportResult]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.results = list(results)
 
 
 class ExportSink(ABC):
@@ -45,9 +65,15 @@ class ExportSink(ABC):
         self.objects = objects
 
     async def export(self, files: Sequence[FileRef]) -> ExportResult:
-        """Send the files this sink wants; the outcome, a result for every file of ``files`` (in order)."""
+        """Send the files this sink wants; the outcome, a result for every file of ``files`` (in order).
+
+        ``DestinationUnavailable`` (with the skipped files' results too) when the destination is down.
+        """
         wanted, skipped = split_by_extension(files, self.definition.extensions)
-        sent = await self._send(wanted) if wanted else []
+        try:
+            sent = await self._send(wanted) if wanted else []
+        except DestinationUnavailable as exc:
+            raise DestinationUnavailable(exc.reason, [*skipped, *exc.results]) from exc
         return final_result(files, [*skipped, *sent])
 
     @abstractmethod

@@ -16,7 +16,9 @@ For one export task, downloading and sending overlap:
 3. Each C-STORE response gives the file's result: Success or Warning -> succeeded, anything else -> failed.
 4. A transient failure (connection refused, association aborted, no response in time) is retried by the
    lane with exponential backoff, ``export.retry_attempts`` association attempts in all; the file in hand
-   is sent again. When every lane gave up, the files not sent fail with the reason. An association
+   is sent again. When a lane gave up (or the destination answered "out of resources", 0xA7xx), the sink
+   raises ``DestinationUnavailable`` with the results of the files that got through: the exporter sends
+   the rest again after a delay (``wm.export_retry``), over ``export.redelivery_window_s``. An association
    *rejected* by the destination (wrong AE titles, calling AE not recognised) stops the export at once and
    fails every file not sent: retrying cannot help, and a retry loop on rejection is how exports loop
    forever (MONAI Informatics Gateway #153, #200).
@@ -57,7 +59,7 @@ from schemas.events import FileExportResult, FileRef
 from wm.config import Settings
 from wm.domain.exports import lane_count
 from wm.errors import MwmError, NotFound, PermanentError
-from wm.sinks import ExportSink, FileSource
+from wm.sinks import DestinationUnavailable, ExportSink, FileSource
 
 log = structlog.get_logger("wm.sinks.dicom")
 
@@ -81,6 +83,8 @@ COMMON_STORAGE_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF Storage
 )
 """Proposed on every association besides the first file's class: most outputs need no second one."""
+OUT_OF_RESOURCES = "C-STORE status 0xA7"
+"""How the result of a file refused for lack of resources begins (0xA7xx, PS3.4 B.2.3: full for now)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ class Pipeline:
     """Set when the destination rejected the association: every lane stops."""
     gave_up: str | None = None
     """The reason of the last lane that gave up."""
+    unsent: set[str] = field(default_factory=set)
+    """Keys of the files a lane gave up on (the destination unavailable): worth sending again."""
 
     async def next(self) -> LocalFile | None:
         """The next file to send; None at the end of the feed or once the export is stopped."""
@@ -174,7 +180,13 @@ class DicomSink(ExportSink):
                 with contextlib.suppress(asyncio.CancelledError):
                     await download
         results = [*fetch_failures, *sent]
-        reason = pipeline.stopped or pipeline.gave_up or "export stopped"
+        if not pipeline.stopped:  # down or full for now: the files not sent go again later
+            kept = [r for r in results if not _worth_resending(r, pipeline.unsent)]
+            if pipeline.gave_up or len(kept) < len(results):
+                raise DestinationUnavailable(
+                    pipeline.gave_up or f"{self.destination} is out of resources", kept
+                )
+        reason = pipeline.stopped or "export stopped"
         reported = {result.key for result in results}
         return results + [_failure(file.key, reason) for file in files if file.key not in reported]
 
@@ -247,6 +259,7 @@ class DicomSink(ExportSink):
                 await asyncio.sleep(delay)
                 delay *= 2
         pipeline.gave_up = f"{problem} (gave up after {attempts} attempts)"
+        pipeline.unsent.update(item.ref.key for item in carried)
         return results + [_failure(item.ref.key, pipeline.gave_up) for item in carried]
 
     async def _pump(
@@ -330,6 +343,16 @@ def presentation_contexts(files: Sequence[LocalFile], common: bool = False) -> l
         pairs += [(sop_class, syntax) for sop_class in COMMON_STORAGE_CLASSES for syntax in syntaxes]
     unique = list(dict.fromkeys(pairs))[:MAX_PRESENTATION_CONTEXTS]
     return [build_context(sop_class, [syntax]) for sop_class, syntax in unique]
+
+
+def _worth_resending(result: FileExportResult, unsent: set[str]) -> bool:
+    """A failure worth sending again: the file never got through, or the destination was out of resources.
+
+    Every other failure status is the destination's verdict on the file.
+    """
+    if result.status != "failed":
+        return False
+    return result.key in unsent or (result.error or "").startswith(OUT_OF_RESOURCES)
 
 
 def _failure(key: str, error: str) -> FileExportResult:
