@@ -31,6 +31,7 @@ import functools
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -164,34 +165,41 @@ async def _announce(task: ExportTask, deps: ExporterDeps) -> None:
 
 async def sweep_expired_leases(deps: ExporterDeps, stop: asyncio.Event) -> None:
     """Background: give expired leases' tasks back, and re-request the ones this consumer exports."""
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), SWEEP_INTERVAL_S)
-        if stop.is_set():
-            return
-        try:
-            for task in await deps.tasks.expire():
-                if task.sink.type in SINK_TYPES:
-                    message_id = f"{task.export_task_id}.requested.lease{task.lease_number}"
-                    await deps.bus.publish(requested_event(task), message_id=message_id)
-                    log.warning("export_lease_expired", export_task_id=task.export_task_id)
-        except Exception as exc:  # a sweep that fails is tried again at the next interval
-            log.warning("export_sweep_failed", error=repr(exc))
+    await _periodically(stop, SWEEP_INTERVAL_S, functools.partial(_requeue_expired, deps), "export_sweep")
+
+
+async def _requeue_expired(deps: ExporterDeps) -> None:
+    for task in await deps.tasks.expire():
+        if task.sink.type in SINK_TYPES:
+            message_id = f"{task.export_task_id}.requested.lease{task.lease_number}"
+            await deps.bus.publish(requested_event(task), message_id=message_id)
+            log.warning("export_lease_expired", export_task_id=task.export_task_id)
 
 
 async def redeliver_due(deps: ExporterDeps, stop: asyncio.Event) -> None:
     """Background: request again the deferred tasks whose redelivery is due (`wm.export_retry`)."""
+    await _periodically(stop, REDELIVERY_SWEEP_S, functools.partial(_redeliver, deps), "export_redelivery")
+
+
+async def _redeliver(deps: ExporterDeps) -> None:
+    for task_id, due_at in await deps.retries.due(datetime.now(UTC)):
+        if await deps.retries.redeliver(task_id, due_at, deps.bus):
+            log.info("export_redelivered", export_task_id=task_id)
+
+
+async def _periodically(
+    stop: asyncio.Event, interval_s: float, step: Callable[[], Awaitable[None]], what: str
+) -> None:
+    """Run ``step`` every ``interval_s`` until ``stop``; a step that fails is tried at the next interval."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), REDELIVERY_SWEEP_S)
+            await asyncio.wait_for(stop.wait(), interval_s)
         if stop.is_set():
             return
         try:
-            for task_id, due_at in await deps.retries.due(datetime.now(UTC)):
-                if await deps.retries.redeliver(task_id, due_at, deps.bus):
-                    log.info("export_redelivered", export_task_id=task_id)
-        except Exception as exc:  # tried again at the next interval
-            log.warning("export_redelivery_failed", error=repr(exc))
+            await step()
+        except Exception as exc:
+            log.warning(f"{what}_failed", error=repr(exc))
 
 
 def build(services: Services) -> ExporterDeps:

@@ -30,9 +30,10 @@ import structlog
 from schemas.applications import DicomSinkArgs, SinkDefinition
 from schemas.events import FileExportResult
 from wm.config import Settings
-from wm.domain.exports import ExportTask, Lease
+from wm.domain.exports import ExportTask, Lease, failed_result
 from wm.errors import Conflict, MwmError, NotFound, PermanentError, TransientError
 from wm.leases import renewed
+from wm.sinks import DestinationUnavailable
 from wm.sinks.dicom import DicomSink
 
 log = structlog.get_logger("producers.export_client")
@@ -162,9 +163,17 @@ async def export_one(
     """Send the claimed task's files and report the results; the task is given back if that fails."""
     definition = SinkDefinition(name=options.sink, type="dicom", args=options.destination)
     sink = DicomSink(definition, settings, ApiFiles(api, claimed.task))
+    files = claimed.task.files
     try:
-        async with renewed(lambda: api.extend(claimed, options.lease_s), options.lease_s, "export lease"):
-            results = (await sink.export(claimed.task.files)).results
+        try:
+            async with renewed(lambda: api.extend(claimed, options.lease_s), options.lease_s, "export lease"):
+                results = (await sink.export(files)).results
+        except DestinationUnavailable as exc:  # this client does not wait: `mwm exports retry` sends the rest
+            reported = {result.key for result in exc.results}
+            results = [
+                *exc.results,
+                *failed_result([f for f in files if f.key not in reported], exc.reason).results,
+            ]
         return await api.finish(claimed, results)
     except BaseException:
         with contextlib.suppress(MwmError):

@@ -58,7 +58,9 @@ class RetrySettings(BaseModel):
 
     attempts: int = Field(10, ge=1, description="attempts before giving up (dead letter, terminal event)")
     initial_delay_s: float = Field(0.2, ge=0, description="first backoff delay")
-    max_delay_s: float = Field(10.0, ge=0, description="largest backoff delay (defaults: ~43 s in all)")
+    max_delay_s: float = Field(
+        10.0, ge=0, description="largest backoff delay (defaults: ~43 s in all, with jitter)"
+    )
 
 
 class ObservabilitySettings(BaseModel):

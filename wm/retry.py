@@ -9,6 +9,7 @@ from typing import TypeVar
 import structlog
 
 from wm.config import RetrySettings
+from wm.domain.backoff import delay_s
 from wm.errors import TransientError
 
 log = structlog.get_logger("wm.retry")
@@ -17,11 +18,10 @@ T = TypeVar("T")
 
 
 def backoff_delays(settings: RetrySettings) -> Iterator[float]:
-    """The waits between ``settings.attempts`` attempts: doubling from the first delay up to the largest."""
-    delay = settings.initial_delay_s
-    for _ in range(settings.attempts - 1):
-        yield delay
-        delay = min(delay * 2, settings.max_delay_s)
+    """The waits between ``settings.attempts`` attempts: doubling from the first delay up to the largest,
+    with jitter (``wm.domain.backoff``, the policy every layer shares)."""
+    for retry in range(1, settings.attempts):
+        yield delay_s(retry, settings.initial_delay_s, settings.max_delay_s)
 
 
 async def retrying(operation: Callable[[], Awaitable[T]], settings: RetrySettings, what: str) -> T:

@@ -7,14 +7,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tests.support.cli import Cli
+from tests.support.events import payload_arrived
 from tests.support.exports import create_task, placeholder_files
 from tests.support.jobs import SLEEPER, job_finished, launch_job, pipeline_and_api
 from tests.support.services import settings_env
 from wm import bucket_index, buckets, exports, jobs
 from wm.adapters.mongo import PROCESSED_MESSAGES, Database, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
+from wm.buckets import BucketStore
 from wm.config import Settings
 from wm.discovery_retention import DiscoveryRetention
+from wm.domain.discovery import Placement
 from wm.domain.jobs import JobState
 from wm.engines.local import LocalEngine
 from wm.exports import ExportTasks
@@ -173,3 +176,23 @@ async def test_cleanup_removes_every_trace_of_an_old_study_and_nothing_of_a_runn
     assert running_after == running_before and running_before["payload objects"] == 2, running_before
     assert leftover_kept == 1, "a leftover younger than the retention stays"
     assert later.payload_objects == 1 and leftover_after == 0 and running_later == running_before
+
+
+async def test_a_study_sent_again_after_its_buckets_were_removed_opens_a_new_generation(
+    live_settings: Settings,
+) -> None:
+    where = Placement("seg", 1, "StudyInstanceUID", "1.2.3.4", 0.0)
+    async with (
+        Database(live_settings.mongo, buckets.INDEXES) as database,
+        ObjectStore(live_settings.object_store) as objects,
+    ):
+        first = await BucketStore(database).add_file(where, payload_arrived(key="payloads/p1/a.dcm"))
+        closing = await BucketStore(database).close(first.bucket_id, datetime.now(UTC) + timedelta(seconds=1))
+        await BucketStore(database).mark_published(first.bucket_id)
+        removed = await DiscoveryRetention(database, objects).clean_up(
+            datetime.now(UTC) + timedelta(seconds=1)
+        )
+        again = await BucketStore(database).add_file(where, payload_arrived(key="payloads/p2/a.dcm"))
+    assert closing.closed and first.bucket_id == where.bucket_id(1)
+    assert removed.bucket_keys == 1
+    assert again.bucket_id == where.bucket_id(2), "a removed generation's id (and its job id) is never reused"

@@ -28,10 +28,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import NamedTuple, TypeVar
 
-import tenacity
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import ExportCompleted, ExportOutcome, ExportRequested, FileExportResult, FileRef, SinkRef
+from wm.domain.backoff import delay_s
 
 T = TypeVar("T")
 
@@ -291,7 +291,7 @@ def kept_results(results: Iterable[FileExportResult]) -> list[FileExportResult]:
 class RedeliveryPolicy:
     """How long and how often an export is tried again while its destination is unavailable.
 
-    Exponential backoff with additive jitter (``tenacity.wait_exponential_jitter``): the n-th redelivery
+    Exponential backoff with additive jitter (``wm.domain.backoff``): the n-th redelivery
     waits about ``initial_s * 2**(n-1)``, at most ``max_s``, plus up to ``initial_s`` of jitter, so the
     exports of many tasks that failed together do not all come back at the same instant. After
     ``window_s`` from the first failure the task fails.
@@ -303,12 +303,7 @@ class RedeliveryPolicy:
 
     def delay_s(self, retries: int) -> float:
         """The wait before redelivery number ``retries + 1``."""
-        wait = tenacity.wait_exponential_jitter(
-            multiplier=self.initial_s, max=self.max_s, jitter=self.initial_s
-        )
-        state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
-        state.attempt_number = retries + 1
-        return float(wait(state))
+        return delay_s(retries + 1, self.initial_s, self.max_s)
 
     def next_at(self, since: datetime, retries: int, now: datetime) -> datetime | None:
         """When to try again; None once the window that started at ``since`` is over."""

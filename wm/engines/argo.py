@@ -35,6 +35,7 @@ from argo_workflows.exceptions import ApiException
 from schemas.applications import ApplicationDefinition
 from schemas.events import FileRef
 from wm.config import ArgoSettings, Settings
+from wm.domain.backoff import delay_s
 from wm.engines import EnginePhase, EngineStatus, JobSpec
 from wm.engines.argo_workflow import Manifest, build_workflow, namespace_of, workflow_name
 from wm.errors import Conflict, MwmError, NotFound, PermanentError, TransientError
@@ -50,7 +51,8 @@ PHASES: dict[str, EnginePhase] = {
 """Argo's ``status.phase`` to the engine's phase."""
 
 BACKOFF_S = 0.1
-"""First delay between retries of a transient failure; doubles each time."""
+"""First delay between retries of a transient failure; doubles each time, plus jitter (wm.domain.backoff)."""
+MAX_BACKOFF_S = 5.0
 
 _COMPLETED = "cannot shutdown a completed workflow"
 _LOG_ARTIFACT = "main-logs"  # Argo's archived container log, not a result
@@ -153,7 +155,7 @@ class ArgoEngine:
             except TransientError:
                 if attempt == self._settings.argo.retries:
                     raise
-                await asyncio.sleep(BACKOFF_S * 2**attempt)
+                await asyncio.sleep(delay_s(attempt + 1, BACKOFF_S, MAX_BACKOFF_S))
         raise AssertionError("unreachable")
 
     async def validate(self, application: ApplicationDefinition) -> list[str]:
