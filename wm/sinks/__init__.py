@@ -13,7 +13,8 @@ Register a sink type in a package's ``pyproject.toml``::
     [project.entry-points."mwm.sinks"]
     dicom = "wm.sinks.dicom:DicomSink"
 
-The built-in ``dicom`` sink is found even when MWM runs from a source tree (no installed entry points).
+The built-in ``dicom`` and ``monai-ig`` sinks are found even when MWM runs from a source tree (no installed
+entry points).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from schemas.applications import SinkDefinition
 from schemas.events import FileExportResult, FileRef
@@ -32,7 +33,8 @@ from wm.domain.exports import complete_results, split_by_extension
 from wm.errors import PermanentError
 
 ENTRY_POINT_GROUP = "mwm.sinks"
-BUILT_IN: dict[str, str] = {"dicom": "wm.sinks.dicom:DicomSink"}
+S = TypeVar("S")
+BUILT_IN: dict[str, str] = {"dicom": "wm.sinks.dicom:DicomSink", "monai-ig": "wm.sinks.monai_ig:MonaiIgSink"}
 """Sink types shipped with MWM, as ``module:attribute``; installed entry points take precedence."""
 
 
@@ -69,6 +71,12 @@ class ExportSink(ABC):
 
 def sink_class(sink_type: str) -> type[ExportSink]:
     """The sink implementation registered for ``sink_type``; ``UnknownSinkType`` when there is none."""
+    return registered_sink(sink_type, ExportSink)  # type: ignore[type-abstract]
+
+
+def registered_sink(sink_type: str, kind: type[S]) -> type[S]:
+    """The class registered for ``sink_type``, which must be a ``kind`` (``ExportSink``, or a hand-off
+    sink such as ``wm.sinks.monai_ig.MonaiIgSink`` whose results arrive later on the bus)."""
     installed = {entry.name: entry.value for entry in entry_points(group=ENTRY_POINT_GROUP)}
     target = installed.get(sink_type) or BUILT_IN.get(sink_type)
     if target is None:
@@ -76,8 +84,8 @@ def sink_class(sink_type: str) -> type[ExportSink]:
         raise UnknownSinkType(f"no export sink of type {sink_type!r} (known: {', '.join(known)})")
     module_name, _, attribute = target.partition(":")
     loaded = getattr(importlib.import_module(module_name), attribute)
-    if not (isinstance(loaded, type) and issubclass(loaded, ExportSink)):
-        raise UnknownSinkType(f"entry point {sink_type!r} = {target!r} is not an ExportSink")
+    if not (isinstance(loaded, type) and issubclass(loaded, kind)):
+        raise UnknownSinkType(f"entry point {sink_type!r} = {target!r} is not a {kind.__name__}")
     return loaded
 
 
