@@ -50,8 +50,8 @@ class IgExports:
     async def begin(self, export: IgExport) -> None:
         """Record the hand-off before publishing it; ``Duplicate`` when the task was handed off already."""
         document = {"_id": export.export_task_id, **export.model_dump(exclude={"export_task_id"})}
-        # The keys are object keys: dots are fine in MongoDB values, not in field names.
-        document["sent"] = [[ig_key, mwm_key] for ig_key, mwm_key in export.sent.items()]
+        # Object keys hold dots, fine in values but not in field names; FerretDB refuses nested arrays.
+        document["sent"] = [{"ig": ig_key, "mwm": mwm_key} for ig_key, mwm_key in export.sent.items()]
         async with translated_errors("record IG export"):
             await self._collection.insert_one(document)
 
@@ -94,5 +94,5 @@ def _export(document: dict[str, object]) -> IgExport:
     sent = document.get("sent") or []
     assert isinstance(sent, list)
     return IgExport.model_validate(
-        {**document, "export_task_id": document["_id"], "sent": {ig: mwm for ig, mwm in sent}}
+        {**document, "export_task_id": document["_id"], "sent": {pair["ig"]: pair["mwm"] for pair in sent}}
     )

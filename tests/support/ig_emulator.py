@@ -363,7 +363,15 @@ class IgEmulator:
     def _store(
         self, destination: Destination, local: dict[str, Path], statuses: dict[str, int], errors: list[str]
     ) -> None:
-        datasets = {key: pydicom.dcmread(path) for key, path in local.items()}
+        datasets = {}
+        for key, path in local.items():
+            try:
+                datasets[key] = pydicom.dcmread(path)
+            except Exception as exc:  # upstream: not DICOM -> UnsupportedDataType
+                statuses[key] = UNSUPPORTED_DATA_TYPE
+                errors.append(f"{key}: not DICOM: {exc}")
+        if not datasets:
+            return
         ae = AE(ae_title=SCU_AE_TITLE)
         for dataset in datasets.values():
             ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
