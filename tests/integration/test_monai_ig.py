@@ -1,4 +1,4 @@
-"""MWM behind a MONAI Informatics Gateway (the emulator) on the real broker, object store and dcmtk storescp."""
+"""MWM behind a MONAI Informatics Gateway (the emulator) on the real broker, S3 and dcmtk storescp."""
 
 from __future__ import annotations
 

@@ -252,7 +252,10 @@ class IgEmulator:
         self, files: Sequence[Path], payload_id: str, calling_ae: str, workflows: Sequence[str]
     ) -> list[str]:
         """Store the files and their DICOM JSON as the IG does; their paths relative to the payload."""
-        metadata = {"FILESOURCE": calling_ae, "WORKFLOWS": ",".join(workflows)}
+        metadata: dict[str, str | list[str] | tuple[str]] = {
+            "FILESOURCE": calling_ae,
+            "WORKFLOWS": ",".join(workflows),
+        }
 
         def put(path: Path) -> str:
             dataset = pydicom.dcmread(path, stop_before_pixels=True)

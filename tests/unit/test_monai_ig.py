@@ -314,3 +314,16 @@ def test_a_delivery_the_ig_library_would_reject_is_invalid(changes: dict[str, An
         decode(cast(AbstractIncomingMessage, Delivery(body)), ExportCompleteEvent).export_task_id
         == "job-1.pacs"
     )
+
+
+def test_the_ig_messages_have_their_own_channels_and_schemas() -> None:
+    from schemas.generate import SCHEMA_DIR, asyncapi
+
+    document = asyncapi()
+    addresses = {channel["address"]: name for name, channel in document["channels"].items()}
+    for address in ("md.workflow.request", "md.export.request.{agent}", "md.export.complete"):
+        channel = document["channels"][addresses[address]]
+        assert channel["bindings"]["amqp"]["exchange"]["name"] == "monaideploy"
+    assert document["operations"]["sendIgExportRequestEvent"]["action"] == "send"
+    schema = json.loads((SCHEMA_DIR / "monai-ig.ExportRequestEvent.json").read_text())
+    assert "Target" in schema["properties"] and set(schema["required"]) >= {"files", "destinations"}
