@@ -7,8 +7,11 @@ import uuid
 from pathlib import Path
 
 import aio_pika
+import pydicom
 import pytest
 
+from consumers import discovery
+from producers.gateway import serving
 from schemas.events import ExportCompleted, ExportRequested, FileRef, JobLaunched, SinkRef
 from tests.support.ig_emulator import VERSIONS, Destination, IgEmulator, Version, properties
 from tests.support.ig_loop import IG_CONSUMERS, LOOP_CONSUMERS, add_ig_sink, ig_stack
@@ -21,6 +24,7 @@ from wm.config import Settings
 from wm.domain.exports import ExportState
 from wm.exports import ExportTasks
 from wm.testing.dicom import write_ct_study
+from wm.testing.peers import LOCALHOST, astorescu, free_port
 from wm.testing.peers.dcmtk import StoreSCP
 
 pytestmark = pytest.mark.integration
@@ -262,3 +266,35 @@ async def _handled_or_dead(settings: Settings, emulator: IgEmulator) -> None:
             return bool(queue.declaration_result.message_count)
 
         await wait_for(dead_lettered, 30, "the dead letter")
+
+
+async def test_the_ig_and_mwms_own_gateway_ingest_side_by_side(
+    live_settings: Settings, tmp_path: Path
+) -> None:
+    via_ig = write_ct_study(tmp_path / "ig", series=1, slices_per_series=3, seed=21, patient_id="VIA-IG")
+    via_gateway = write_ct_study(tmp_path / "gw", series=1, slices_per_series=3, seed=22, patient_id="VIA-GW")
+    async with StoreSCP(tmp_path / "pacs", aet="STORESCP") as scp:
+        pacs = {"PACS": Destination("STORESCP", scp.host, scp.port)}
+        async with ig_stack(live_settings, "0.4", pacs) as (ig_settings, emulator):
+            gateway = ig_settings.gateway.model_copy(update={"host": LOCALHOST, "port": free_port()})
+            settings = ig_settings.model_copy(update={"gateway": gateway})
+            await add_ig_sink(settings, "ig-pacs", ["PACS"])
+            application = mip_application(ae_title="MWM-MIP", quiet_period_s=1.0, sinks=["ig-pacs"])
+            application["ae_titles"] = ["MWM-MIP", "MONAI-MIP"]
+            await register(settings, application)
+            async with (
+                tap(settings, JobLaunched.event_type, ExportCompleted.event_type) as events,
+                consumers_running(settings, [*LOOP_CONSUMERS, discovery.CONSUMER]),
+                serving(settings) as (server, _),
+            ):
+                await emulator.send_study(via_ig.files, called_ae="MONAI-MIP")
+                host, port = server.address
+                result = await astorescu(host, port, "MWM-MIP", via_gateway.files, calling_aet="CT-SCANNER")
+                assert result.returncode == 0, result.stderr
+                completed = await events.wait_for(ExportCompleted, 2, 120)
+                received = await scp.await_files(2, timeout=10)
+    launched = events.of(JobLaunched)
+    assert len(launched) == 2 and {e.status for e in completed} == {"succeeded"}
+    assert {e.bucket_id.startswith("ig.") for e in launched} == {True, False}, "one job per ingest path"
+    patients = {str(pydicom.dcmread(path).PatientID) for path in received}
+    assert patients == {"VIA-IG", "VIA-GW"}
