@@ -293,6 +293,21 @@ class IgEmulator:
         """Receive ``files`` as one payload: upload them, then publish ``md.workflow.request``."""
         payload_id = payload_id or str(uuid.uuid4())
         paths = await self.upload(files, payload_id, calling_ae, workflows)
+        await self.publish_request(
+            payload_id, paths, calling_ae=calling_ae, called_ae=called_ae, workflows=workflows
+        )
+        return payload_id
+
+    async def publish_request(
+        self,
+        payload_id: str,
+        paths: Sequence[str],
+        *,
+        calling_ae: str = "MODALITY",
+        called_ae: str = "MONAI-MIP",
+        workflows: Sequence[str] = (),
+    ) -> str:
+        """Announce an uploaded payload: ``md.workflow.request``; returns its correlation id."""
         correlation_id = str(uuid.uuid4())
         body = workflow_request_body(
             self.version,
@@ -305,10 +320,9 @@ class IgEmulator:
             paths=paths,
             timestamp=datetime.now(UTC),
         )
-        await self.publish(
-            newtonsoft(body), "md.workflow.request", **properties("WorkflowRequestEvent", correlation_id)
-        )
-        return payload_id
+        props = properties("WorkflowRequestEvent", correlation_id)
+        await self.publish(newtonsoft(body), "md.workflow.request", **props)
+        return correlation_id
 
     async def publish(self, body: bytes, routing_key: str, **message_properties: Any) -> None:
         """Publish as the library does: persistent, confirmed, not mandatory."""
