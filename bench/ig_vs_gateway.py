@@ -116,9 +116,7 @@ async def run(payloads: int, slices: int, quiet_s: float, work: Path) -> tuple[l
             ):
                 for round_ in range(payloads + 1):  # round 0 warms up (connections, caches): not counted
                     ig = await via_ig(emulator, study.files, events)
-                    own = await via_gateway(
-                        server.address, study.files[0].parent, events, slices, quiet_s
-                    )
+                    own = await via_gateway(server.address, study.files[0].parent, events, slices, quiet_s)
                     print(f"round {round_}: ig {ig:.0f} ms, gateway {own:.0f} ms", file=sys.stderr)
                     if round_:
                         ig_ms.append(ig)
