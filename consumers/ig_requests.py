@@ -10,13 +10,12 @@ the same vhost keeps getting its copy.
   missing or incomplete. The candidate applications are those ``workflows`` names, else those mapped to
   the called AE title (``trigger.destination``, or the 0.3 ``called_aetitle``); their filters (calling
   AE title from ``trigger.source``) decide as for any file (``wm.domain.discovery``).
-- Effects: files in another bucket than MWM's are copied (server-side) to
-  ``payloads/<payload id>/<study>/<series>/<sop>.dcm``. Then, by default (``ig.regroup`` off), one
+- Effects: the files stay where the IG put them (the scheduler's staging copies them across buckets into
+  the job's input prefix). By default (``ig.regroup`` off), one
   ``BucketReady`` per matched application with all the files it accepted (message id = the bucket id,
   derived from the payload id): the request is a complete payload and waits no second quiet period. With
   ``ig.regroup``, one ``PayloadArrived`` per file instead: discovery groups them by its own rules.
-- Idempotency: ids derive from the payload id and keys; copies overwrite with the same bytes; the
-  scheduler creates one job per bucket id.
+- Idempotency: ids derive from the payload id and keys; the scheduler creates one job per bucket id.
 - Failure: a message lacking a required property or with a body that does not parse is dead-lettered at
   once with the reason (MWM's dead-letter queue ``<queue>.dead-letter`` on the IG's vhost); a file that
   is neither described nor readable DICOM dead-letters the request; store or broker outages are retried.
@@ -43,7 +42,7 @@ from wm.adapters import monai_ig
 from wm.adapters.objectstore import ObjectStore
 from wm.catalog import RegistryCatalog
 from wm.config import IgSettings, Settings
-from wm.dicom import object_key, read_identifiers
+from wm.dicom import read_identifiers
 from wm.domain.discovery import Candidate, Placement, placements
 from wm.domain.monai_ig import (
     RequestedFile,
@@ -52,7 +51,7 @@ from wm.domain.monai_ig import (
     identifiers_from_dicom_json,
     requested_files,
 )
-from wm.errors import NotFound, PermanentError
+from wm.errors import PermanentError
 from wm.ports import ApplicationCatalog, EventPublisher
 from wm.registry import INDEXES as REGISTRY_INDEXES
 from wm.runtime import Consumer, QueueSource, Services
@@ -116,12 +115,7 @@ async def _arrivals(request: WorkflowRequestEvent, deps: IgRequestDeps) -> list[
     if missing:
         raise PermanentError(f"{len(missing)} file(s) not in bucket {request.bucket!r}, first {missing[0]!r}")
     identifiers = await asyncio.gather(*(_identifiers(file, sizes, source, deps) for file in files))
-    refs = await asyncio.gather(
-        *(
-            _staged(request, file, ids, sizes[file.key], deps)
-            for file, ids in zip(files, identifiers, strict=True)
-        )
-    )
+    refs = [FileRef(bucket=request.bucket, key=file.key, size=sizes[file.key]) for file in files]
     dimse = request.trigger is None or request.trigger.data_service is DataService.DIMSE
     correlation_id = (
         request.correlation_id if _IDENTIFIER.match(request.correlation_id) else request.payload_id
@@ -158,20 +152,6 @@ async def _identifiers(
         path = Path(scratch) / "header.dcm"
         await source.download_file(file.key, path)
         return read_identifiers(path)
-
-
-async def _staged(
-    request: WorkflowRequestEvent, file: RequestedFile, ids: DicomIdentifiers, size: int, deps: IgRequestDeps
-) -> FileRef:
-    """The file in MWM's bucket: copied there when the IG's bucket is another one."""
-    if request.bucket == deps.objects.bucket:
-        return FileRef(bucket=request.bucket, key=file.key, size=size)
-    key = object_key(request.payload_id, ids)
-    try:
-        await deps.objects.copy(file.key, key, source_bucket=request.bucket)
-    except NotFound as exc:
-        raise PermanentError(f"{file.key!r} vanished from bucket {request.bucket!r}") from exc
-    return FileRef(bucket=deps.objects.bucket, key=key, size=size)
 
 
 def build(services: Services) -> IgRequestDeps:

@@ -89,8 +89,8 @@ async def test_the_full_loop_through_the_ig(
     assert all(key.startswith(f"mwm-exports/{completed.export_task_id}/") for key in request["files"])
     assert await export_state(settings, completed.export_task_id) is ExportState.succeeded
     async with ObjectStore(settings.object_store) as objects:
-        staged = await objects.list(f"payloads/{payload_id}/")
-    assert len(staged) == len(study.files), "the IG's files were copied into MWM's bucket"
+        staged = await objects.list(launched.input_prefix)
+    assert len(staged) == len(study.files), "staging copied the IG's files across buckets to the job"
 
 
 async def test_an_export_request_carries_the_properties_the_ig_requires(
