@@ -112,12 +112,14 @@ async def handle(event: BucketReady, deps: SchedulerDeps) -> None:
 
 
 async def stage(event: BucketReady, prefix: str, objects: ObjectStorage) -> None:
-    """Copy the bucket's files server-side under the job's input prefix, all in flight at once."""
+    """Copy the bucket's files server-side under the job's input prefix (from whichever bucket holds
+    them), all in flight at once."""
     await asyncio.gather(
         *(
             objects.copy(
                 member.file.key,
                 f"{prefix}{member.dicom.series_instance_uid}/{member.dicom.sop_instance_uid}.dcm",
+                source_bucket=member.file.bucket,  # an IG's files stay in its bucket until staged
             )
             for member in event.files
         )

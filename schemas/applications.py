@@ -121,23 +121,38 @@ class DicomSinkArgs(Definition):
     calling_ae_title: AeTitle = "MWM"
 
 
+class MonaiIgSinkArgs(Definition):
+    """Where a MONAI Informatics Gateway sends: its export agent and destinations registered in it."""
+
+    agent: Literal["monaiscu", "monaidicomweb"] = Field(
+        "monaiscu", description="the IG's export service: DIMSE SCU or DICOMweb STOW"
+    )
+    destinations: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(
+        min_length=1, description="destination names as registered in the IG (POST /config/destination)"
+    )
+    plug_in_assemblies: list[str] = Field(default_factory=list, description="IG outbound data plug-ins")
+
+
 class SinkDefinition(Definition):
     """An export sink (the seed's Sink.Create).
 
     ``dicom``: MWM sends the files itself by C-STORE to ``args``. ``external``: an export client (an
     Informatics Gateway) pulls the tasks through the Export API, or binds a queue to
-    ``mwm.export.requested.external``; it needs no ``args``.
+    ``mwm.export.requested.external``; it needs no ``args``. ``monai-ig``: MWM hands the files to a
+    MONAI Informatics Gateway (``md.export.request.<agent>``), which sends them to its ``destinations``.
     """
 
     name: Name
-    type: Literal["dicom", "external"] = "dicom"
+    type: Literal["dicom", "external", "monai-ig"] = "dicom"
     extensions: list[str] = Field(default_factory=lambda: [".dcm"], description="only files ending so export")
-    args: DicomSinkArgs | None = None
+    args: DicomSinkArgs | MonaiIgSinkArgs | None = None
 
     @model_validator(mode="after")
     def _args_match_type(self) -> SinkDefinition:
-        if self.type == "dicom" and self.args is None:
+        if self.type == "dicom" and not isinstance(self.args, DicomSinkArgs):
             raise ValueError("a dicom sink needs args (ae_title, host, port)")
+        if self.type == "monai-ig" and not isinstance(self.args, MonaiIgSinkArgs):
+            raise ValueError("a monai-ig sink needs args (agent, destinations)")
         return self
 
 

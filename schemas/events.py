@@ -174,8 +174,8 @@ class ExportRequested(Event):
         return f"{self.event_type}.{self.sink.type}"
 
     def must_route(self) -> bool:
-        """The built-in exporter serves ``dicom`` sinks; other sink types may have no queue (pull clients)."""
-        return self.sink.type == "dicom"
+        """MWM's consumers serve ``dicom`` and ``monai-ig`` sinks; others may have no queue (pull clients)."""
+        return self.sink.type in ("dicom", "monai-ig")
 
 
 FileExportStatus = Literal["succeeded", "failed", "skipped"]

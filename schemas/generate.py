@@ -14,6 +14,13 @@ from typing import Any
 import yaml
 
 from schemas.events import EVENT_TYPES, Event
+from schemas.monai_ig import (
+    IG_MESSAGES,
+    ExportCompleteEvent,
+    ExportRequestEvent,
+    IgMessage,
+    WorkflowRequestEvent,
+)
 
 SCHEMA_DIR = Path(__file__).parent / "jsonschema"
 ASYNCAPI_PATH = Path(__file__).parent / "asyncapi.yaml"
@@ -26,6 +33,68 @@ def json_schema(event: type[Event]) -> dict[str, Any]:
     schema["$id"] = f"https://mwm.example/schemas/{event.type_name()}.json"
     schema["title"] = event.__name__
     return schema
+
+
+IG_CHANNELS: dict[type[IgMessage], tuple[str, str]] = {
+    WorkflowRequestEvent: ("md.workflow.request", "receive"),
+    ExportRequestEvent: ("md.export.request.{agent}", "send"),
+    ExportCompleteEvent: ("md.export.complete", "receive"),
+}
+"""Each IG message's routing key on the IG's exchange, and whether MWM receives or sends it."""
+
+
+def ig_json_schema(message: type[IgMessage]) -> dict[str, Any]:
+    """The JSON Schema of an IG message's body, with the IG's property names (by alias)."""
+    schema = message.model_json_schema(by_alias=True, mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://mwm.example/schemas/{_ig_file(message)}"
+    schema["title"] = message.__name__
+    return schema
+
+
+def _ig_file(message: type[IgMessage]) -> str:
+    return f"monai-ig.{message.message_type}.json"
+
+
+def _ig_asyncapi(channels: dict[str, Any], operations: dict[str, Any], messages: dict[str, Any]) -> None:
+    """The IG's channels: its own exchange and wire format (``type`` = the C# class name)."""
+    for message, (address, action) in IG_CHANNELS.items():
+        name = f"Ig{message.__name__}"
+        messages[name] = {
+            "name": message.message_type,
+            "title": f"{message.__name__} (MONAI Informatics Gateway)",
+            "summary": (message.__doc__ or "").strip().splitlines()[0],
+            "contentType": "application/json",
+            "correlationId": {"location": "$message.header#/correlation_id"},
+            "headers": {"$ref": "#/components/schemas/AmqpProperties"},
+            "payload": {"$ref": f"./jsonschema/{_ig_file(message)}"},
+            "bindings": {"amqp": {"messageType": message.message_type, "deliveryMode": 2}},
+        }
+        channel: dict[str, Any] = {
+            "address": address,
+            "messages": {name: {"$ref": f"#/components/messages/{name}"}},
+            "bindings": {
+                "amqp": {
+                    "is": "routingKey",
+                    "exchange": {
+                        "name": "monaideploy",
+                        "type": "topic",
+                        "durable": True,
+                        "autoDelete": False,
+                    },
+                }
+            },
+        }
+        if "{agent}" in address:
+            channel["parameters"] = {
+                "agent": {"description": "the IG's export agent: monaiscu or monaidicomweb"}
+            }
+        channels[name] = channel
+        operations[f"{action}{name}"] = {
+            "action": action,
+            "channel": {"$ref": f"#/channels/{name}"},
+            "messages": [{"$ref": f"#/channels/{name}/messages/{name}"}],
+        }
 
 
 def _channel_address(event: type[Event]) -> str:
@@ -69,6 +138,7 @@ def asyncapi() -> dict[str, Any]:
             "channel": {"$ref": f"#/channels/{name}"},
             "messages": [{"$ref": f"#/channels/{name}/messages/{name}"}],
         }
+    _ig_asyncapi(channels, operations, messages)
     return {
         "asyncapi": "3.0.0",
         "info": {
@@ -116,6 +186,10 @@ def rendered_files() -> dict[Path, str]:
         + "\n"
         for event in EVENT_TYPES
     }
+    for message in IG_MESSAGES:
+        files[SCHEMA_DIR / _ig_file(message)] = (
+            json.dumps(ig_json_schema(message), indent=2, sort_keys=True) + "\n"
+        )
     files[ASYNCAPI_PATH] = yaml.safe_dump(asyncapi(), sort_keys=False, width=110)
     return files
 

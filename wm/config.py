@@ -164,6 +164,41 @@ class ExportSettings(BaseModel):
     retention_days: int = Field(7, ge=1, description="keep finished export tasks this long")
 
 
+class IgSettings(BaseModel):
+    """A MONAI Deploy Informatics Gateway (IG) in front of MWM: its broker, exchange, keys and bucket.
+
+    MWM reads ``md.workflow.request`` and ``md.export.complete`` through queues of its own
+    (``<bus.queue_prefix>.ig-requests``, ``.ig-completions``) and publishes export tasks to
+    ``<export_request_prefix>.<agent>``; it never declares a queue the gateway owns.
+    """
+
+    enabled: bool = Field(False, description="run the IG consumers (`mwm consume all` skips them when off)")
+    url: str = Field("", description="AMQP URL of the IG's broker; empty: the broker of `MWM_BUS__URL`")
+    vhost: str = Field("monaideploy", description="the IG's virtual host (replaces the URL's path)")
+    exchange: str = Field("monaideploy", description="the IG's topic exchange (`messaging.topics` there)")
+    dead_letter_exchange: str = Field(
+        "mwm.dead-letter", description="MWM's own dead-letter exchange on the IG's vhost (never the IG's)"
+    )
+    workflow_request_key: str = Field("md.workflow.request", description="routing key of workflow requests")
+    export_complete_key: str = Field("md.export.complete", description="routing key of export completions")
+    export_request_prefix: str = Field(
+        "md.export.request", description="export tasks go to `<prefix>.<agent>` (monaiscu, monaidicomweb)"
+    )
+    app_id: str = Field(
+        "16988a78-87b5-4168-a5c3-2cfc2bab8e54", description="AMQP `app_id` of what MWM publishes to the IG"
+    )
+    bucket: str = Field("monaideploy", description="the bucket the IG uploads to and exports from")
+    regroup: bool = Field(
+        False,
+        description="false: each matched application runs once on a request's files; "
+        "true: files go through discovery (buckets, quiet period)",
+    )
+    export_deadline_s: float = Field(
+        3600.0, gt=0, description="an export task with no completion from the IG by then fails"
+    )
+    sweep_interval_s: float = Field(5.0, gt=0, description="how often overdue IG export tasks are looked for")
+
+
 class Settings(BaseSettings):
     """All of MWM's settings. Environment: ``MWM_<SECTION>__<FIELD>``."""
 
@@ -180,6 +215,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     export: ExportSettings = ExportSettings()
     argo: ArgoSettings = ArgoSettings()
+    ig: IgSettings = IgSettings()
     work_dir: str = Field("/tmp/mwm", description="local scratch space (local engine work directories)")
 
 

@@ -105,8 +105,8 @@ class FileSource(Protocol):
 class ObjectStorage(Protocol):
     """The object-store operations of the scheduler and the monitor (``ObjectStore``)."""
 
-    async def copy(self, source_key: str, target_key: str) -> None:
-        """Copy an object server-side (idempotent: the same source to the same key)."""
+    async def copy(self, source_key: str, target_key: str, source_bucket: str | None = None) -> None:
+        """Copy an object server-side, from this bucket or ``source_bucket`` (idempotent)."""
         ...
 
     async def list(self, prefix: str) -> list[FileRef]:

@@ -32,7 +32,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 
 from schemas.events import EVENTS_BY_TYPE_NAME, Event
@@ -40,7 +40,7 @@ from wm import metrics
 from wm.adapters.mongo import PROCESSED_MESSAGES_INDEXES, Database, IndexSpec, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
-from wm.config import Settings
+from wm.config import BusSettings, Settings
 from wm.errors import Duplicate, InvalidMessage, PermanentError, TransientError
 from wm.observability import HTTP_PORT_VARIABLE, Check, listen, listen_observability, observability_app, serve
 from wm.retry import backoff_delays, retrying
@@ -68,20 +68,49 @@ class Services:
 
 
 @dataclass(frozen=True)
+class QueueSource:
+    """A queue on another broker than MWM's own bus (a MONAI Informatics Gateway's), with its own wire format.
+
+    ``bus`` gives the broker, exchange and dead-letter exchange the queue is declared on; ``decode`` turns a
+    delivery into the model a handler takes (raising ``InvalidMessage``).
+    """
+
+    bus: Callable[[Settings], BusSettings]
+    routing_keys: Callable[[Settings], tuple[str, ...]]
+    decode: Callable[[AbstractIncomingMessage], BaseModel]
+
+
+@dataclass(frozen=True)
 class Consumer(Generic[Deps]):
     """A consumer: its queue's bindings, a handler per event type, and how it builds its ports.
 
     ``background`` coroutines run beside the queue until the stop event is set (for example a sweeper).
+    ``source`` puts the queue on another broker (None: MWM's own bus and events). ``enabled_when``: a
+    process running every consumer (``mwm consume all``) runs this one only when it says so.
     """
 
     name: str
     routing_keys: tuple[str, ...]
-    handlers: Mapping[type[Event], Handler[Deps]]
+    handlers: Mapping[type[BaseModel], Handler[Deps]]
     build_deps: Callable[[Services], Deps]
     indexes: tuple[IndexSpec, ...] = ()
     on_give_up: GiveUpHook[Deps] | None = None
     background: tuple[BackgroundTask[Deps], ...] = ()
     prefetch: int | None = None
+    source: QueueSource | None = None
+    enabled_when: Callable[[Settings], bool] | None = None
+
+    def bus_settings(self, settings: Settings) -> BusSettings:
+        """Where this consumer's queue lives."""
+        return settings.bus if self.source is None else self.source.bus(settings)
+
+    def bindings(self, settings: Settings) -> tuple[str, ...]:
+        """The routing keys its queue is bound to."""
+        return self.routing_keys if self.source is None else self.source.routing_keys(settings)
+
+    def enabled(self, settings: Settings) -> bool:
+        """Whether a process running every consumer runs this one."""
+        return self.enabled_when is None or self.enabled_when(settings)
 
 
 @contextlib.asynccontextmanager
@@ -119,7 +148,7 @@ _SUCCEEDED = _Outcome("succeeded")
 _DUPLICATE = _Outcome("duplicate")
 
 
-def decode(message: AbstractIncomingMessage, accepted: Mapping[type[Event], object]) -> Event:
+def decode(message: AbstractIncomingMessage, accepted: Mapping[type[BaseModel], object]) -> Event:
     """The event in a delivery; ``InvalidMessage`` says precisely what is wrong with it."""
     if not message.message_id:
         raise InvalidMessage("missing AMQP property message_id")
@@ -145,6 +174,7 @@ class ConsumerRunner(Generic[Deps]):
     consumer: Consumer[Deps]
     services: Services
     deps: Deps = field(init=False)
+    _bus: Bus | None = field(default=None, init=False)
     _queue: AbstractRobustQueue | None = field(default=None, init=False)
     _channel: AbstractRobustChannel | None = field(default=None, init=False)
     _tag: str | None = field(default=None, init=False)
@@ -166,11 +196,14 @@ class ConsumerRunner(Generic[Deps]):
     async def start(self) -> None:
         """Declare the queue, start consuming and start the background tasks."""
         bus = self.services.bus
+        if self.consumer.source is not None:  # a broker of its own, closed in stop()
+            bus = await Bus(self.consumer.bus_settings(self.settings)).__aenter__()
+        self._bus = bus
         self._channel = await bus.connection.channel()
         assert self._channel is not None
         await self._channel.set_qos(prefetch_count=self.consumer.prefetch or self.settings.bus.prefetch)
         self._queue = await bus.declare_consumer_queue(
-            self._channel, self.consumer.name, self.consumer.routing_keys
+            self._channel, self.consumer.name, self.consumer.bindings(self.settings)
         )
         self._tag = await self._queue.consume(self._on_message)
         for task in self.consumer.background:
@@ -196,6 +229,8 @@ class ConsumerRunner(Generic[Deps]):
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._channel.close(), CANCEL_TIMEOUT_S)
+        if self._bus is not None and self._bus is not self.services.bus:
+            await self._bus.close()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # A task of our own, not aio-pika's: closing the channel (a broker restart) cancels the tasks aiormq
@@ -216,7 +251,8 @@ class ConsumerRunner(Generic[Deps]):
             "delivery_count": (message.headers or {}).get("x-delivery-count", 0),
         }
         try:
-            event = decode(message, self.consumer.handlers)
+            source = self.consumer.source
+            event = decode(message, self.consumer.handlers) if source is None else source.decode(message)
         except InvalidMessage as exc:
             structlog.contextvars.bind_contextvars(**context)
             outcome = _Outcome("dead_lettered", str(exc), "invalid")
@@ -233,7 +269,7 @@ class ConsumerRunner(Generic[Deps]):
             duration_ms=round(elapsed * 1000, 2),
         )
 
-    async def _outcome(self, event: Event, message: AbstractIncomingMessage) -> _Outcome:
+    async def _outcome(self, event: BaseModel, message: AbstractIncomingMessage) -> _Outcome:
         try:
             redelivered = bool(message.redelivered or (message.headers or {}).get("x-delivery-count"))
             return await self._handle_with_retries(event, str(message.message_id), redelivered)
@@ -244,7 +280,7 @@ class ConsumerRunner(Generic[Deps]):
             metrics.FAILED.labels(self.consumer.name, type(exc).__name__).inc()
             return _Outcome("dead_lettered", f"unexpected {type(exc).__name__}: {exc}", "bug")
 
-    async def _handle_with_retries(self, event: Event, message_id: str, redelivered: bool) -> _Outcome:
+    async def _handle_with_retries(self, event: BaseModel, message_id: str, redelivered: bool) -> _Outcome:
         name = self.consumer.name
         delays: Iterator[float] | None = None  # made on the first failure: most deliveries never need one
         for attempt in itertools.count(1):
@@ -272,7 +308,7 @@ class ConsumerRunner(Generic[Deps]):
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: itertools.count never ends")
 
-    async def _give_up(self, event: Event, reason: str) -> None:
+    async def _give_up(self, event: BaseModel, reason: str) -> None:
         if self.consumer.on_give_up is None:
             return
         try:
@@ -284,7 +320,8 @@ class ConsumerRunner(Generic[Deps]):
         name = self.consumer.name
         try:
             if outcome.kind == "dead_lettered":
-                await self.services.bus.dead_letter(message, name, outcome.reason)
+                assert self._bus is not None
+                await self._bus.dead_letter(message, name, outcome.reason)
                 metrics.DEAD_LETTERED.labels(name, outcome.cause).inc()
                 log.warning("dead_lettered", reason=outcome.reason)
             elif outcome.kind == "duplicate":
@@ -303,7 +340,7 @@ class ConsumerRunner(Generic[Deps]):
             log.warning("ack_lost", error=repr(exc))
 
 
-def _event_context(event: Event) -> dict[str, str]:
+def _event_context(event: BaseModel) -> dict[str, str]:
     """Log context an operator searches by: the study, and the ids the event is about."""
     fields = vars(event)  # not getattr: a missing attribute costs pydantic an exception
     context: dict[str, str] = {}

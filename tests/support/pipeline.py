@@ -116,9 +116,9 @@ async def consumers_running(settings: Settings, consumers: Sequence[Consumer[Any
     Their queues and bindings are declared first (as ``mwm topology declare`` does in a deployment), so
     events published inside the block are routed even before the consumers are up.
     """
-    async with Bus(settings.bus) as bus:
-        for consumer in consumers:
-            await bus.declare_consumer_queue(bus.channel, consumer.name, consumer.routing_keys)
+    for consumer in consumers:
+        async with Bus(consumer.bus_settings(settings)) as bus:
+            await bus.declare_consumer_queue(bus.channel, consumer.name, consumer.bindings(settings))
     stop = asyncio.Event()
     task = asyncio.create_task(run_consumers(settings, list(consumers), stop=stop))
     try:

@@ -176,7 +176,7 @@ class FakeObjects(Outage):
         self.objects[key] = FileRef(bucket=self.bucket, key=key, size=size)
         return self.objects[key]
 
-    async def copy(self, source_key: str, target_key: str) -> None:
+    async def copy(self, source_key: str, target_key: str, source_bucket: str | None = None) -> None:
         self._maybe_fail()
         source = self.objects.get(source_key)
         if source is None:

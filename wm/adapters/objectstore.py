@@ -8,6 +8,7 @@ become ``TransientError`` (store unreachable) or ``NotFound`` (no such key).
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -129,15 +130,24 @@ class ObjectStore:
         )
         return FileRef(bucket=self.bucket, key=key, size=await self.size(key), content_type=content_type)
 
-    async def copy(self, source_key: str, target_key: str) -> None:
-        """Copy an object inside the bucket (server-side: no bytes pass through MWM)."""
+    async def copy(self, source_key: str, target_key: str, source_bucket: str | None = None) -> None:
+        """Copy an object into this bucket, from it or from ``source_bucket`` (server-side: no bytes pass
+        through MWM)."""
         await self._call(
             f"copy {source_key}",
             self._client.copy_object,
             self.bucket,
             target_key,
-            CopySource(self.bucket, source_key),
+            CopySource(source_bucket or self.bucket, source_key),
         )
+
+    def in_bucket(self, bucket: str) -> ObjectStore:
+        """This store on another bucket of the same server, sharing connections and threads (the bucket
+        must exist: it is not created)."""
+        other = copy.copy(self)
+        other.bucket = bucket
+        other.settings = self.settings.model_copy(update={"bucket": bucket})
+        return other
 
     async def size(self, key: str) -> int:
         """The object's size; ``NotFound`` when it does not exist."""

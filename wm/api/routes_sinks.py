@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from schemas.applications import SinkDefinition
+from schemas.applications import DicomSinkArgs, SinkDefinition
 from wm.api.deps import ADMIN, READ, PageDep, RegistryDep
 from wm.errors import ValidationFailed
 from wm.registry import Page
@@ -49,7 +49,7 @@ async def delete_sink(name: str, registry: RegistryDep) -> Response:
 
 
 async def _check_echo(sink: SinkDefinition) -> None:
-    if sink.args is None:
+    if not isinstance(sink.args, DicomSinkArgs):
         raise ValidationFailed(
             [{"field": "echo", "message": f"a C-ECHO check needs a dicom sink, not {sink.type}"}]
         )

@@ -59,10 +59,12 @@ def consume(name: Annotated[str, typer.Argument(help="consumer name, or module:a
 
 def run_all() -> None:
     """Run every registered consumer in one process (a small site's deployment)."""
+    settings = _settings()
     consumers = [resolve_consumer(name) for name in available_consumers()]
+    consumers = [consumer for consumer in consumers if consumer.enabled(settings)]
     if not consumers:
         raise typer.BadParameter("no consumers are registered")
-    asyncio.run(run_consumers(_settings(), consumers))
+    asyncio.run(run_consumers(settings, consumers))
 
 
 topology_app = typer.Typer(help="The broker topology.", no_args_is_help=True)
@@ -77,12 +79,13 @@ def topology_declare(
     consumers = [resolve_consumer(name) for name in (names or available_consumers())]
 
     async def declare() -> None:
-        async with Bus(settings.bus) as bus:
-            for consumer in consumers:
-                await bus.declare_consumer_queue(bus.channel, consumer.name, consumer.routing_keys)
-                typer.echo(
-                    f"declared {queue_name(settings.bus, consumer.name)}: " + ", ".join(consumer.routing_keys)
-                )
+        for consumer in consumers:
+            if not consumer.enabled(settings):
+                continue
+            async with Bus(consumer.bus_settings(settings)) as bus:
+                keys = consumer.bindings(settings)
+                await bus.declare_consumer_queue(bus.channel, consumer.name, keys)
+                typer.echo(f"declared {queue_name(bus.settings, consumer.name)}: " + ", ".join(keys))
 
     asyncio.run(declare())
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from typing import TypeVar
 
 from schemas.applications import SinkDefinition
 from schemas.events import FileExportResult, FileRef
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "mwm.sinks"
+S = TypeVar("S")
 
 
 class UnknownSinkType(PermanentError):
@@ -83,14 +85,20 @@ class ExportSink(ABC):
 
 def sink_class(sink_type: str) -> type[ExportSink]:
     """The sink implementation registered for ``sink_type``; ``UnknownSinkType`` when there is none."""
+    return registered_sink(sink_type, ExportSink)  # type: ignore[type-abstract]
+
+
+def registered_sink(sink_type: str, kind: type[S]) -> type[S]:
+    """The class registered for ``sink_type``, which must be a ``kind`` (``ExportSink``, or a hand-off
+    sink such as ``wm.sinks.monai_ig.MonaiIgSink`` whose results arrive later on the bus)."""
     installed = {entry.name: entry for entry in entry_points(group=ENTRY_POINT_GROUP)}
     entry = installed.get(sink_type)
     if entry is None:
         known = ", ".join(sorted(installed)) or "none"
         raise UnknownSinkType(f"no export sink of type {sink_type!r} (installed: {known})")
     loaded = entry.load()
-    if not (isinstance(loaded, type) and issubclass(loaded, ExportSink)):
-        raise UnknownSinkType(f"entry point {sink_type!r} = {entry.value!r} is not an ExportSink")
+    if not (isinstance(loaded, type) and issubclass(loaded, kind)):
+        raise UnknownSinkType(f"entry point {sink_type!r} = {entry.value!r} is not a {kind.__name__}")
     return loaded
 
 

@@ -149,7 +149,7 @@ class DicomSink(ExportSink):
 
     def __init__(self, definition: SinkDefinition, settings: Settings, objects: FileSource) -> None:
         super().__init__(definition, settings, objects)
-        if definition.args is None:
+        if not isinstance(definition.args, DicomSinkArgs):
             raise PermanentError(f"dicom sink {definition.name!r} has no args (ae_title, host, port)")
         self.args: DicomSinkArgs = definition.args
         self.export_settings = settings.export

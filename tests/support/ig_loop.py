@@ -1,0 +1,67 @@
+"""MWM behind the IG emulator on the real services: settings, the emulator on a vhost of its own, clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from consumers import ig_completions, ig_exports, ig_requests, monitor, scheduler
+from schemas.applications import SinkDefinition
+from tests.support.ig_emulator import Destination, IgEmulator, Version, vhost
+from wm.adapters.mongo import Database
+from wm.config import Settings
+from wm.registry.sinks import Sinks
+from wm.runtime import Consumer
+
+IG_CONSUMERS: list[Consumer[Any]] = [ig_requests.CONSUMER, ig_exports.CONSUMER, ig_completions.CONSUMER]
+LOOP_CONSUMERS: list[Consumer[Any]] = [*IG_CONSUMERS, scheduler.CONSUMER, monitor.CONSUMER]
+
+
+def with_ig(settings: Settings, url: str, name: str, **changes: Any) -> Settings:
+    """``settings`` with the IG side on: the vhost ``name`` at ``url``, a bucket of its own."""
+    ig = settings.ig.model_copy(
+        update={
+            "enabled": True,
+            "url": url,
+            "vhost": name,
+            "bucket": f"{settings.object_store.bucket}-ig",
+            "sweep_interval_s": 0.5,
+            **changes,
+        }
+    )
+    return settings.model_copy(update={"ig": ig})
+
+
+@asynccontextmanager
+async def ig_stack(
+    settings: Settings, version: Version, destinations: dict[str, Destination] | None = None, **changes: Any
+) -> AsyncIterator[tuple[Settings, IgEmulator]]:
+    """The IG emulator of ``version`` on a vhost of its own, and MWM's settings pointing at it."""
+    name = f"ig-t-{uuid.uuid4().hex[:8]}"
+    async with vhost(settings, name) as url:
+        ig_settings = with_ig(settings, url, name, **changes)
+        emulator = IgEmulator(version, url, ig_settings, bucket=ig_settings.ig.bucket)
+        emulator.destinations.update(destinations or {})
+        try:
+            async with emulator:
+                yield ig_settings, emulator
+        finally:
+            await asyncio.to_thread(_remove_bucket, emulator)
+
+
+def _remove_bucket(emulator: IgEmulator) -> None:
+    for item in emulator.s3.list_objects(emulator.bucket, recursive=True):
+        emulator.s3.remove_object(emulator.bucket, str(item.object_name))
+    emulator.s3.remove_bucket(emulator.bucket)
+
+
+async def add_ig_sink(settings: Settings, name: str, destinations: list[str], **fields: Any) -> None:
+    """Create a ``monai-ig`` sink."""
+    definition = SinkDefinition.model_validate(
+        {"name": name, "type": "monai-ig", "args": {"destinations": destinations}, **fields}
+    )
+    async with Database(settings.mongo) as database:
+        await Sinks(database).create(definition)
