@@ -23,7 +23,8 @@ For one export task, downloading and sending overlap:
 
 Sockets run with TCP_NODELAY (set when the connection opens, before the association request), so no
 C-STORE waits on a delayed ACK. A C-STORE response that pynetdicom's association reactor takes by mistake
-goes back to the waiting ``send_c_store`` (`_keep_responses`), instead of a 30 s DIMSE timeout and abort.
+goes back to the waiting ``send_c_store`` (`wm.pynetdicom_patches.keep_responses`), instead of a 30 s DIMSE
+timeout and abort.
 
 Cost (issue #6, 324 CT slices, 164 MB, dcmtk storescp with its 16 KB maximum PDU): pynetdicom spends about
 2.2 s of CPU per study sending from local files (about 10,000 P-DATA PDUs through its DUL thread, one
@@ -57,6 +58,7 @@ from schemas.events import FileExportResult, FileRef
 from wm.config import Settings
 from wm.domain.exports import lane_count
 from wm.errors import MwmError, NotFound, PermanentError
+from wm.pynetdicom_patches import check_version, dul_socket, keep_responses
 from wm.sinks import ExportSink, FileSource
 
 log = structlog.get_logger("wm.sinks.dicom")
@@ -147,6 +149,7 @@ class DicomSink(ExportSink):
             raise PermanentError(f"dicom sink {definition.name!r} has no args (ae_title, host, port)")
         self.args: DicomSinkArgs = definition.args
         self.export_settings = settings.export
+        check_version()
         # Send files as stored, streamed from disk in PDU-sized chunks, never decoded into memory.
         _config.STORE_SEND_CHUNKED_DATASET = True
 
@@ -307,7 +310,7 @@ class DicomSink(ExportSink):
             return Session(problem=f"association rejected by {self.destination}: {reason}", rejected=True)
         if not assoc.is_established:
             return Session(problem=f"no association with {self.destination} (refused, aborted or timed out)")
-        _keep_responses(assoc)
+        keep_responses(assoc)
         return Session(assoc)
 
     def _application_entity(self) -> AE:
@@ -354,30 +357,9 @@ def _store_one(assoc: Association, item: LocalFile, message_id: int) -> FileExpo
     return FileExportResult(key=item.ref.key, status="failed", error=error)
 
 
-def _keep_responses(assoc: Association) -> None:
-    """Give a C-STORE response the association's reactor took back to the waiting ``send_c_store``.
-
-    In pynetdicom 3.0 ``send_c_store`` pauses the reactor thread by clearing a checkpoint and waiting for
-    its ``_is_paused`` flag, but the flag is also set just before a checkpoint the reactor passes straight
-    through: under load (GIL contention) the reactor then takes the response off the DIMSE queue, logs
-    "Received unexpected C-STORE service message" and drops it, and ``send_c_store`` waits out the DIMSE
-    timeout (30 s) and aborts (seen here in 5 of 12 exports of 324 files, on a loaded machine). Only one
-    request is outstanding at a time, so a response the reactor takes goes back on the queue for it.
-    """
-    serve = assoc._serve_request
-
-    def serve_or_requeue(msg: Any, context_id: int) -> None:
-        if msg.is_valid_response:
-            assoc.dimse.msg_queue.put((context_id, msg))
-        else:
-            serve(msg, context_id)
-
-    setattr(assoc, "_serve_request", serve_or_requeue)  # noqa: B010 (an instance override of a method)
-
-
 def _set_nodelay(event: Any) -> None:
     """EVT_CONN_OPEN: no Nagle delay on the association's socket."""
-    sock = event.assoc.dul.socket.socket
+    sock = dul_socket(event.assoc)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
