@@ -116,6 +116,9 @@ class BucketReady(Event):
     files: list[BucketFile] = Field(min_length=1)
     opened_at: datetime
     closed_at: datetime
+    possibly_incomplete: bool = Field(
+        False, description="a file came from an aborted association that was not retried in time"
+    )
 
 
 class JobLaunched(Event):
