@@ -51,7 +51,7 @@ def test_other_syntaxes_and_undefined_length_sequences(ct_file: Path, tmp_path: 
     item.CodeValue = "123"
     dataset.ReferencedImageSequence = Sequence([item])
     dataset["ReferencedImageSequence"].is_undefined_length = True
-    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
     path = tmp_path / "other.dcm"
     pydicom.dcmwrite(path, dataset, enforce_file_format=True)  # encoded as its transfer syntax says
     assert encoding_problem(path) is None
