@@ -61,6 +61,7 @@ class Batch:
     """(study, SOP instance) -> the file (a later copy replaces an earlier one)."""
     uploaded: dict[tuple[str, str], FileRef] = field(default_factory=dict)
     interrupted: bool = False
+    announcing: bool = False
 
 
 class Uploader:
@@ -122,8 +123,9 @@ class Uploader:
                 if held is not None:
                     other.uploaded.pop(key, None)
                     self._spool.remove(held)
-                    log.info("held_file_superseded", sop_uid=key[1], held_payload_id=other.session.payload_id)
-                    self._forget_if_done(other)
+                    log.debug(
+                        "held_file_superseded", sop_uid=key[1], held_payload_id=other.session.payload_id
+                    )
         batch = self._batches.setdefault(item.session.payload_id, Batch(item.session))
         replaced = batch.files.get(key)
         batch.files[key] = item
@@ -139,7 +141,15 @@ class Uploader:
         if session.state == "complete":
             studies = {study for study, _ in batch.files}
             for other in list(self._batches.values()):  # the retry came: release what it did not resend
-                if other.session.state == "aborted" and any(study in studies for study, _ in other.files):
+                if other.session.state == "aborted" and (
+                    not other.files or any(study in studies for study, _ in other.files)
+                ):
+                    log.info(
+                        "held_files_released_with_retry",
+                        correlation_id=other.session.payload_id,
+                        retry=session.payload_id,
+                        not_resent=len(other.files),
+                    )
                     self._release(other, interrupted=False)
             self._release(batch, interrupted=False)
         else:
@@ -154,9 +164,20 @@ class Uploader:
 
     def _release(self, batch: Batch, interrupted: bool) -> None:
         batch.session.state, batch.interrupted = "complete", interrupted
-        for key in list(batch.uploaded):
-            self._announce.put_nowait((batch, key))
+        self._announce_if_uploaded(batch)
         self._forget_if_done(batch)
+
+    def _announce_if_uploaded(self, batch: Batch) -> None:
+        """Announce a released batch once every file of it is uploaded: discovery gets the association's
+        files as one burst, not spread over the uploads (which a short quiet period could split)."""
+        if (
+            batch.session.state == "complete"
+            and not batch.announcing
+            and len(batch.uploaded) == len(batch.files)
+        ):
+            batch.announcing = True
+            for key in list(batch.uploaded):
+                self._announce.put_nowait((batch, key))
 
     async def _grace_timer(self) -> None:
         while True:
@@ -181,8 +202,7 @@ class Uploader:
             if batch is None or batch.files.get(key) is not item:
                 continue  # superseded while it was uploading
             batch.uploaded[key] = ref
-            if batch.session.state == "complete":
-                self._announce.put_nowait((batch, key))
+            self._announce_if_uploaded(batch)
 
     async def _upload(self, item: SpooledFile) -> FileRef:
         key = object_key(item.session.payload_id, item.ids)

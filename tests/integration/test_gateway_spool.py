@@ -110,7 +110,7 @@ async def test_a_full_spool_refuses_with_out_of_resources_and_loses_nothing_acce
 
 
 def send_raw(
-    address: tuple[str, int], files: Sequence[Path], abort_after: int | None = None
+    address: tuple[str, int], files: Sequence[Path], abort_after: int | None = None, called: str = AET
 ) -> list[tuple[int, str]]:
     """C-STORE ``files`` as their bytes are, pynetdicom streaming each from disk; (status, Error Comment)s.
 
@@ -119,7 +119,7 @@ def send_raw(
     _config.STORE_SEND_CHUNKED_DATASET = True  # the file's bytes as they are, never decoded
     ae = AE(ae_title=SENDER)
     ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    assoc = ae.associate(*address, ae_title=AET)
+    assoc = ae.associate(*address, ae_title=called)
     assert assoc.is_established
     statuses: list[tuple[int, str]] = []
     for index, path in enumerate(files):
