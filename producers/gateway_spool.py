@@ -115,7 +115,7 @@ class Spool:
     def accept(self, received: Path, session: SessionInfo, ids: DicomIdentifiers) -> SpooledFile:
         """Make the received file durable in the session's directory; the caller may then answer success."""
         with open(received, "rb") as stream:
-            os.fsync(stream.fileno())  # every fragment was flushed to the kernel as it arrived
+            os.fdatasync(stream.fileno())  # every fragment was flushed to the kernel as it arrived
         with self._lock:
             self._sequence += 1
             target = self.directory / session.payload_id / f"{self._sequence:08d}-{ids.sop_instance_uid}.dcm"
