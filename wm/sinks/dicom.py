@@ -6,8 +6,9 @@ For one export task, downloading and sending overlap:
    to a temporary directory removed when the task is done), reads each file's meta (SOP class, transfer
    syntax) and puts it on a bounded queue (`PREFETCH` files ahead of the senders). A file that is missing
    from the store or is not DICOM fails alone.
-2. As soon as the first file is there, ``export.associations_per_task`` lanes (only as many as get at
-   least ``export.files_per_association`` files each) open one association each and send files from the
+2. As soon as the first file is there, up to the sink's ``max_associations`` lanes (default 1: what the
+   destination accepts; at most ``export.associations_per_task``; only as many as get at least
+   ``export.files_per_association`` files each) open one association each and send files from the
    queue as they come. Presentation contexts are known up front: the first file's (SOP class, transfer
    syntax) and the common storage classes (CT, MR, SC, SEG, RT, SR, PDF) in its syntax and the two little
    endian ones, so files go as stored, never transcoded (pynetdicom streams them from the file). Files
@@ -162,7 +163,8 @@ class DicomSink(ExportSink):
         scratch_root = Path(self.settings.work_dir)
         await asyncio.to_thread(scratch_root.mkdir, parents=True, exist_ok=True)
         settings = self.export_settings
-        lanes = lane_count(len(files), settings.associations_per_task, settings.files_per_association)
+        most = min(self.args.max_associations, settings.associations_per_task)
+        lanes = lane_count(len(files), most, settings.files_per_association)
         pipeline = Pipeline()
         fetch_failures: list[FileExportResult] = []
         with (
