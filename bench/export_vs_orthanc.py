@@ -128,7 +128,7 @@ async def alternate(
     return mwm_times, orthanc_times, floor_times
 
 
-async def run(slices: int, rounds: int, associations: int) -> tuple[float, float, float]:
+async def run(slices: int, rounds: int, associations: int, max_pdu: int) -> tuple[float, float, float]:
     """Median seconds of (mwm, Orthanc, download floor)."""
     with tempfile.TemporaryDirectory(prefix="mwm-bench-") as scratch:
         root = Path(scratch)
@@ -138,7 +138,12 @@ async def run(slices: int, rounds: int, associations: int) -> tuple[float, float
             try:
                 refs = await upload(objects, study.files, "jobs/bench/outputs")
                 with (
-                    StoreSCP(root / "received", aet=SCP_AET, extra_args=["--fork"], verbose=False) as scp,
+                    StoreSCP(
+                        root / "received",
+                        aet=SCP_AET,
+                        extra_args=["--fork", "--max-pdu", str(max_pdu)],
+                        verbose=False,
+                    ) as scp,
                     Orthanc(aet="BENCHORTHANC") as orthanc,
                 ):
                     await astorescu(LOCALHOST, orthanc.dicom_port, orthanc.aet, root / "study", check=True)
@@ -160,9 +165,14 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=324)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--associations", type=int, default=1, help="the sink's max_associations")
+    parser.add_argument(
+        "--scp-max-pdu", type=int, default=16384, help="storescp's maximum PDU (dcmtk: 4096..131072)"
+    )
     options = parser.parse_args()
-    mwm, orthanc, floor = asyncio.run(run(options.slices, options.rounds, options.associations))
-    what = f"{options.slices}-slice CT, {options.associations} association(s)"
+    mwm, orthanc, floor = asyncio.run(
+        run(options.slices, options.rounds, options.associations, options.scp_max_pdu)
+    )
+    what = f"{options.slices}-slice CT, {options.associations} association(s), PDU {options.scp_max_pdu}"
     print(
         f"| export vs Orthanc ({what}) | mwm {mwm:.2f} s | Orthanc {orthanc:.2f} s "
         f"| ratio {mwm / orthanc:.2f} | target <= {TARGET_RATIO} |"
