@@ -43,7 +43,8 @@ from pynetdicom import evt
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from producers.gateway import STATUS, application_entity, disable_nagle  # noqa: E402
+from producers.gateway import STATUS  # noqa: E402
+from producers.gateway_ae import application_entity, disable_nagle  # noqa: E402
 from schemas.applications import CallingPeer  # noqa: E402
 from schemas.events import PayloadArrived  # noqa: E402
 from tests.support.pipeline import bound_queue  # noqa: E402

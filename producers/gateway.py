@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
 import uuid
@@ -54,11 +53,10 @@ from typing import Any
 import structlog
 from prometheus_client import Counter
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom import evt
 
 from producers.gateway_admission import REJECT, AeTitleDirectory, CachedDirectory, Rejection, admit
+from producers.gateway_ae import abort_all, application_entity, close_connection, disable_nagle, join_all
 from producers.gateway_spool import SessionInfo, Spool
 from producers.gateway_tls import TlsAssociationServer, ssl_context, start_tls_server
 from producers.gateway_uploader import Uploader
@@ -68,7 +66,7 @@ from wm.config import GatewaySettings, Settings
 from wm.dicom import InvalidDicom, read_identifiers
 from wm.dicom_encoding import encoding_problem
 from wm.errors import MwmError
-from wm.pynetdicom_patches import dul_socket, has_requested, receive_into
+from wm.pynetdicom_patches import has_requested, receive_into
 from wm.registry import Registry
 from wm.runtime import Services, health_app, open_services, serve_http, stop_on_signals
 
@@ -76,8 +74,6 @@ log = structlog.get_logger("producers.gateway")
 
 LOOKUP_TIMEOUT_S = 10.0
 """Longest an association request waits for its AE title mapping."""
-MAX_PDU_SIZE = 0
-"""Maximum PDU length we receive: 0 = unlimited, so senders use large PDUs (far fewer round trips)."""
 ERROR_COMMENT_LENGTH = 64
 """Error Comment (0000,0902) is LO: 64 characters at most."""
 
@@ -196,12 +192,12 @@ class Gateway:
             else:
                 close_connection(assoc)
                 silent.append(assoc)
-        await asyncio.to_thread(_join_all, draining, drain_timeout_s)
+        await asyncio.to_thread(join_all, draining, drain_timeout_s)
         left = [assoc for assoc in draining if assoc.is_alive()]
         # Not `AE.shutdown()`: it aborts every association thread, and an A-ABORT for a connection still
         # awaiting its request is an invalid event for pynetdicom's state machine (Sta2 + Evt15), which
         # raises in the DUL thread.
-        await asyncio.to_thread(_abort_all, left)
+        await asyncio.to_thread(abort_all, left)
         self._server = None
         closed_handshakes = server.closed_handshakes if isinstance(server, TlsAssociationServer) else 0
         log.info(
@@ -337,50 +333,6 @@ def response(status: STATUS, comment: str) -> Dataset:
     if status is not STATUS.SUCCESS:
         dataset.ErrorComment = comment[:ERROR_COMMENT_LENGTH]
     return dataset
-
-
-def _join_all(threads: list[threading.Thread], timeout_s: float) -> None:
-    """Wait for ``threads`` to end, ``timeout_s`` seconds at most in all."""
-    deadline = time.monotonic() + timeout_s
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-
-
-def _abort_all(associations: list[Association]) -> None:
-    for assoc in associations:
-        assoc.abort()
-
-
-def close_connection(assoc: Association) -> None:
-    """Shut down the connection under ``assoc``; its DUL thread then sees the peer gone and ends it.
-
-    A shutdown rather than a close: the DUL thread polls and reads the socket, and a descriptor closed under
-    another thread can be reused by a new one; the DUL closes it when it sees the end of the stream.
-    """
-    sock = dul_socket(assoc)
-    if sock is not None:
-        with contextlib.suppress(OSError):  # already closed, by the peer or by the DUL
-            sock.shutdown(socket.SHUT_RDWR)
-
-
-def disable_nagle(event: evt.Event) -> None:
-    """EVT_CONN_OPEN: set TCP_NODELAY, or every C-STORE response waits on a 40 ms delayed ACK."""
-    sock = dul_socket(event.assoc)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def application_entity(settings: GatewaySettings) -> AE:
-    """An AE accepting C-ECHO and every storage SOP class, in every transfer syntax (stored as sent)."""
-    ae = AE()
-    ae.maximum_associations = settings.max_associations
-    ae.acse_timeout = settings.acse_timeout_s
-    ae.maximum_pdu_size = MAX_PDU_SIZE
-    ae.add_supported_context(Verification)
-    for context in AllStoragePresentationContexts:
-        assert context.abstract_syntax is not None
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    return ae
 
 
 def spool_directory(settings: Settings) -> Path:

@@ -181,7 +181,7 @@ class Uploader:
 
     async def _grace_timer(self) -> None:
         while True:
-            await asyncio.sleep(min(1.0, self._grace_s / 4))
+            await asyncio.sleep(min(1.0, max(0.05, self._grace_s / 4)))
             now = self._clock()
             for batch in list(self._batches.values()):
                 ended = batch.session.ended_at

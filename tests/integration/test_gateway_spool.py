@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from prometheus_client import REGISTRY
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -51,6 +52,15 @@ def study(tmp_path: Path) -> GeneratedStudy:
     return write_ct_study(tmp_path / "study", series=2, slices_per_series=5, rows=64, columns=64, seed=43)
 
 
+STAGES = {"s3": "upload", "rabbitmq": "publish"}
+"""The uploader's stage that fails when the service is down."""
+
+
+def metric(name: str, labels: dict[str, str] | None = None) -> float:
+    """The current value of one of the gateway's metrics (0 when it has no sample yet)."""
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
 def sop_uids(paths: Sequence[Path]) -> list[str]:
     return sorted(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in paths)
 
@@ -66,11 +76,18 @@ async def test_with_a_service_down_every_store_succeeds_and_each_file_is_announc
     await map_ae_title(settings)
     async with serving(settings) as (gateway, _):
         services_command("stop", service)
+        failures_before = metric("mwm_gateway_upload_failures_total", {"stage": STAGES[service]})
         try:
             result = await send(gateway, study.files, extra_args=["-v"])
             assert gateway.spool.files == len(study.files), "the files wait in the spool"
+            await asyncio.sleep(1.0)  # at least one upload or publish attempt fails meanwhile
+            assert metric("mwm_gateway_spool_files") == len(study.files)
+            spooled = spool_directory(settings).glob("*/*.dcm")
+            assert metric("mwm_gateway_spool_bytes") == sum(path.stat().st_size for path in spooled) > 0
+            assert metric("mwm_gateway_spool_oldest_age_seconds") >= 1.0
         finally:
             services_command("start", service)
+        assert metric("mwm_gateway_upload_failures_total", {"stage": STAGES[service]}) > failures_before
         assert result.returncode == 0, result.stderr
         assert result.stderr.count("Received Store Response (Success)") == len(study.files), result.stderr
         # Bound once the broker is back (a restart drops exclusive queues); until then the announcements,
