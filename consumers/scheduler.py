@@ -85,6 +85,7 @@ async def handle(event: BucketReady, deps: SchedulerDeps) -> None:
         input_prefix=input_prefix(job_id),
         output_prefix=output_prefix(job_id),
         deadline=datetime.now(UTC) + timedelta(seconds=application.map.timeout_s),
+        possibly_incomplete=event.possibly_incomplete,
     )
     # Staging runs beside the job insert: the copies are idempotent (same files, same keys), and a job that
     # exists already (a duplicate bucket.ready) had exactly these files staged.

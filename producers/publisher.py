@@ -96,11 +96,13 @@ class PayloadPublisher:
         source: Source = "external",
         application_ids: Sequence[str] = (),
         message_id: str | None = None,
+        interrupted: bool = False,
     ) -> str:
         """Announce one stored file; returns the message id once the broker confirmed it.
 
         ``payload_id`` groups the files of one association or upload and is the default
-        ``correlation_id``. ``application_ids``, when given, bypass AE title matching.
+        ``correlation_id``. ``application_ids``, when given, bypass AE title matching. ``interrupted``: the
+        file's association was aborted and not retried (its study may be incomplete).
         """
         event = build_payload_arrived(
             payload_id=payload_id,
@@ -111,6 +113,7 @@ class PayloadPublisher:
             called_ae_title=called_ae_title,
             source=source,
             application_ids=list(application_ids),
+            interrupted=interrupted,
         )
         return await self._bus.publish(event, message_id=message_id or file_message_id(event.file))
 

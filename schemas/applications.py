@@ -119,6 +119,12 @@ class DicomSinkArgs(Definition):
     host: Annotated[str, StringConstraints(min_length=1, max_length=253)]
     port: int = Field(ge=1, le=65535)
     calling_ae_title: AeTitle = "MWM"
+    max_associations: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="parallel associations the destination accepts (one export sends over up to this many)",
+    )
 
 
 class MonaiIgSinkArgs(Definition):

@@ -89,6 +89,11 @@ class PayloadArrived(Event):
     application_ids: list[Identifier] = Field(
         default_factory=list, description="explicit target applications; bypasses AE title matching"
     )
+    interrupted: bool = Field(
+        False,
+        description="the file came in an association that was aborted and not retried within the grace "
+        "period: its study may be incomplete",
+    )
 
 
 class BucketFile(Contract):
@@ -111,6 +116,9 @@ class BucketReady(Event):
     files: list[BucketFile] = Field(min_length=1)
     opened_at: datetime
     closed_at: datetime
+    possibly_incomplete: bool = Field(
+        False, description="a file came from an aborted association that was not retried in time"
+    )
 
 
 class JobLaunched(Event):

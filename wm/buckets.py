@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+from prometheus_client import Counter
 from pymongo import ASCENDING, IndexModel
 from pymongo.errors import BulkWriteError
 
@@ -48,7 +50,7 @@ from schemas.events import BucketFile, BucketReady, PayloadArrived
 from wm import bucket_index
 from wm.adapters.mongo import DUPLICATE_KEY, Database, Document, IndexSpec, translated_errors
 from wm.bucket_index import BucketSlots, BucketWatch
-from wm.domain.discovery import Joined, Placement, bucket_ready, closes_at, file_id
+from wm.domain.discovery import Joined, Placement, after_earlier_generations, bucket_ready, closes_at, file_id
 from wm.errors import Duplicate
 
 BUCKETS = "buckets"
@@ -57,6 +59,10 @@ CLOSURES = "bucket_closures"
 MEMBERSHIPS = "bucket_memberships"
 KEYS = "bucket_keys"
 """Per bucket key whose generations retention removed: the generation to start from (``_id`` = key)."""
+DUPLICATE_INSTANCES = Counter(
+    "mwm_discovery_duplicate_instances_total", "Instances resent after their study's job ran (not run again)"
+)
+log = structlog.get_logger("wm.buckets")
 OPEN_HINTS = 10_000  # bucket keys remembered per replica; past this the hints start over
 
 INDEXES = (
@@ -158,6 +164,7 @@ class BucketStore:
             "arrived_at": arrived_at,
             "file": event.file.model_dump(mode="json"),
             "dicom": event.dicom.model_dump(mode="json"),
+            "interrupted": event.interrupted,
         }
         try:
             await self._files.insert_one(document)
@@ -294,7 +301,7 @@ class BucketStore:
         """Secure every file heading here and store the event in one ordered write (the seal)."""
         bucket_id = bucket["_id"]
         heading_here = await self._heading_for(bucket_id)
-        event = _event(bucket, heading_here, now)
+        event = await self._event(bucket, heading_here, now)
         memberships = [_membership(doc["_id"], bucket_id, "closer") for doc in heading_here]
         seal = {"_id": seal_id(bucket_id), "bucket_id": bucket_id, "event": _dump(event)}
         try:
@@ -323,7 +330,7 @@ class BucketStore:
         ids = [membership_id(doc["_id"], bucket_id) for doc in heading_here]
         decided = await asyncio.gather(*(self._memberships.find_one({"_id": mid}) for mid in ids))
         won_ids = {doc["file_id"] for doc in decided if doc is not None and doc["winner"] == "closer"}
-        event = _event(bucket, [doc for doc in heading_here if doc["_id"] in won_ids], now)
+        event = await self._event(bucket, [doc for doc in heading_here if doc["_id"] in won_ids], now)
         try:
             await self._memberships.insert_one(
                 {"_id": seal_id(bucket_id), "bucket_id": bucket_id, "event": _dump(event)}
@@ -333,6 +340,45 @@ class BucketStore:
                 raise
             return await self._sealed(bucket_id)  # sealed first elsewhere: that seal is the truth
         return event
+
+    async def _event(self, bucket: Document, files: list[Document], now: datetime) -> BucketReady | None:
+        """The bucket's ``bucket.ready`` with these member files (None when it has nothing to run).
+
+        A later generation runs on the whole study when it brings a new instance, and on nothing when it
+        only repeats instances an earlier generation ran on (`after_earlier_generations`).
+        """
+        if not files:
+            return None
+        files = sorted(files, key=lambda doc: doc["arrived_at"])
+        members = [BucketFile.model_validate({"file": f["file"], "dicom": f["dicom"]}) for f in files]
+        incomplete = any(f.get("interrupted") for f in files)
+        earlier = await self._last_run(bucket)
+        if earlier is not None:
+            members, duplicates = after_earlier_generations(earlier.files, members)
+            incomplete = incomplete or earlier.possibly_incomplete
+            if duplicates:
+                DUPLICATE_INSTANCES.inc(duplicates)
+                log.warning(
+                    "resent_instances",
+                    bucket_id=bucket["_id"],
+                    duplicates=duplicates,
+                    new=len(members) - len(earlier.files) if members else 0,
+                    runs_again=bool(members),
+                )
+            if not members:
+                return None
+        placement = _placement(bucket)
+        opened_at, correlation_id = bucket["opened_at"], bucket["correlation_id"]
+        return bucket_ready(bucket["_id"], placement, correlation_id, members, opened_at, now, incomplete)
+
+    async def _last_run(self, bucket: Document) -> BucketReady | None:
+        """The ``bucket.ready`` of the latest earlier generation that ran (it holds the whole study)."""
+        placement = _placement(bucket)
+        for generation in range(int(bucket.get("generation", 1)) - 1, 0, -1):
+            seal = await self._memberships.find_one({"_id": seal_id(placement.bucket_id(generation))})
+            if seal is not None and seal["event"]:
+                return BucketReady.model_validate(seal["event"])
+        return None
 
     async def _sealed(self, bucket_id: str) -> BucketReady | None:
         seal = await self._memberships.find_one({"_id": seal_id(bucket_id)})
@@ -367,16 +413,6 @@ class BucketStore:
                     event = await self._seal(bucket, closure["claimed_at"]) if bucket else None
                 results.append((bucket_id, event))
             return results
-
-
-def _event(bucket: Document, files: list[Document], now: datetime) -> BucketReady | None:
-    """The bucket's ``bucket.ready`` with these member files (None when no file is left in it)."""
-    if not files:
-        return None
-    members = [BucketFile.model_validate({"file": f["file"], "dicom": f["dicom"]}) for f in files]
-    return bucket_ready(
-        bucket["_id"], _placement(bucket), bucket["correlation_id"], members, bucket["opened_at"], now
-    )
 
 
 def _dump(event: BucketReady | None) -> dict[str, Any] | None:

@@ -112,7 +112,17 @@ class GatewaySettings(BaseModel):
     max_associations: int = Field(
         25, ge=1, description="concurrent associations; with TLS, also connections in their handshake"
     )
-    queue_size: int = Field(64, ge=1, description="files buffered for upload before back-pressure")
+    spool_dir: str = Field(
+        "",
+        description="received files wait here for their upload (a persistent volume); empty: work_dir/spool",
+    )
+    spool_max_bytes: int = Field(
+        10 * 1024**3, ge=1, description="above this many spooled bytes a C-STORE is refused with 0xA700"
+    )
+    upload_workers: int = Field(8, ge=1, description="spooled files uploaded to the object store at a time")
+    abort_grace_s: float = Field(
+        180.0, ge=0, description="the files of an aborted association wait this long for the sender's retry"
+    )
     acse_timeout_s: float = Field(
         10.0,
         gt=0,

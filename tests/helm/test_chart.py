@@ -70,6 +70,11 @@ def of_kind(docs: tuple[Manifest, ...], kind: str) -> list[Manifest]:
     return [doc for doc in docs if doc["kind"] == kind]
 
 
+def workloads(docs: tuple[Manifest, ...]) -> list[Manifest]:
+    """The Deployments and the StatefulSets (the gateway, for its spool volume)."""
+    return [doc for doc in docs if doc["kind"] in ("Deployment", "StatefulSet")]
+
+
 def component(doc: Manifest) -> str:
     labels: dict[str, str] = doc["metadata"]["labels"]
     return labels["app.kubernetes.io/component"]
@@ -83,7 +88,7 @@ def containers(deployment: Manifest) -> list[Manifest]:
 def consumer_deployments(docs: tuple[Manifest, ...]) -> dict[str, Manifest]:
     return {
         component(d).removeprefix("consumer-"): d
-        for d in of_kind(docs, "Deployment")
+        for d in workloads(docs)
         if component(d).startswith("consumer-")
     }
 
@@ -110,7 +115,7 @@ def test_lint_passes_for_default_and_full_values() -> None:
 
 
 def test_one_deployment_per_consumer_plus_api_and_gateway(manifests: tuple[Manifest, ...]) -> None:
-    components = sorted(component(d) for d in of_kind(manifests, "Deployment"))
+    components = sorted(component(d) for d in workloads(manifests))
     assert components == sorted(["api", "gateway", *(f"consumer-{name}" for name in CONSUMERS)])
 
 
@@ -123,7 +128,7 @@ def test_consumers_run_mwm_consume_name(manifests: tuple[Manifest, ...]) -> None
 
 
 def test_api_and_gateway_commands_and_ports(manifests: tuple[Manifest, ...]) -> None:
-    deployments = {component(d): d for d in of_kind(manifests, "Deployment")}
+    deployments = {component(d): d for d in workloads(manifests)}
     (api,) = containers(deployments["api"])
     (gateway,) = containers(deployments["gateway"])
     assert [*api["command"], *api["args"]] == ["mwm", "api"]
@@ -136,7 +141,7 @@ def test_api_and_gateway_commands_and_ports(manifests: tuple[Manifest, ...]) -> 
 
 
 def test_every_container_has_liveness_and_readiness_probes(manifests: tuple[Manifest, ...]) -> None:
-    for deployment in of_kind(manifests, "Deployment"):
+    for deployment in workloads(manifests):
         for container in containers(deployment):
             liveness = container["livenessProbe"]["httpGet"]
             readiness = container["readinessProbe"]["httpGet"]
@@ -145,7 +150,7 @@ def test_every_container_has_liveness_and_readiness_probes(manifests: tuple[Mani
 
 
 def test_pods_run_as_non_root_with_a_read_only_root(manifests: tuple[Manifest, ...]) -> None:
-    for deployment in of_kind(manifests, "Deployment"):
+    for deployment in workloads(manifests):
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] != 0
@@ -170,7 +175,7 @@ def test_config_map_holds_the_non_secret_settings(manifests: tuple[Manifest, ...
     assert data["MWM_OBSERVABILITY__LOG_FORMAT"] == "json"
     assert data["MWM_OBSERVABILITY__HTTP_HOST"] == "0.0.0.0"
     assert data["MWM_WORK_DIR"] == "/var/lib/mwm/work"
-    for deployment in of_kind(manifests, "Deployment"):
+    for deployment in workloads(manifests):
         for container in containers(deployment):
             assert {"configMapRef": {"name": config_map["metadata"]["name"]}} in container["envFrom"]
 
@@ -195,7 +200,7 @@ def test_full_values_put_every_credential_in_the_secret(full_manifests: tuple[Ma
         "MWM_ARGO__TOKEN",
         "MWM_API__BOOTSTRAP_ADMIN_KEY",
     }
-    for deployment in of_kind(full_manifests, "Deployment"):
+    for deployment in workloads(full_manifests):
         env = {e["name"]: e for e in containers(deployment)[0]["env"]}
         assert env["MWM_BUS__URL"]["valueFrom"]["secretKeyRef"]["name"] == "mwm-secrets"
 
@@ -205,7 +210,7 @@ def test_existing_secret_creates_no_secret() -> None:
     assert result.returncode == 0, result.stderr
     docs = tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
     assert of_kind(docs, "Secret") == []
-    for deployment in of_kind(docs, "Deployment"):
+    for deployment in workloads(docs):
         refs = {
             e["valueFrom"]["secretKeyRef"]["name"]
             for e in containers(deployment)[0]["env"]
@@ -257,7 +262,7 @@ def test_pod_disruption_budgets_only_when_enabled(
 ) -> None:
     assert of_kind(default_manifests, "PodDisruptionBudget") == []
     pdbs = of_kind(full_manifests, "PodDisruptionBudget")
-    deployments = of_kind(full_manifests, "Deployment")
+    deployments = workloads(full_manifests)
     assert sorted(component(p) for p in pdbs) == sorted(component(d) for d in deployments)
     for pdb in pdbs:
         (deployment,) = [d for d in deployments if component(d) == component(pdb)]
@@ -345,3 +350,21 @@ def _all_names(docs: tuple[Manifest, ...]) -> Iterator[str]:
 def test_resource_names_are_unique(manifests: tuple[Manifest, ...]) -> None:
     names = list(_all_names(manifests))
     assert len(names) == len(set(names))
+
+
+def test_the_gateway_is_a_stateful_set_with_its_spool_on_a_persistent_volume(
+    manifests: tuple[Manifest, ...],
+) -> None:
+    (gateway,) = of_kind(manifests, "StatefulSet")
+    assert component(gateway) == "gateway"
+    (claim,) = gateway["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "spool"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    (container,) = containers(gateway)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert mounts["spool"] == env["MWM_GATEWAY__SPOOL_DIR"] == "/var/lib/mwm/spool"
+    assert int(env["MWM_GATEWAY__SPOOL_MAX_BYTES"]) < 20 * 1024**3
+    services = {s["metadata"]["name"] for s in of_kind(manifests, "Service")}
+    assert gateway["spec"]["serviceName"] in services

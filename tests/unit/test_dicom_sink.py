@@ -8,7 +8,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
-from wm.sinks.dicom import _keep_responses
+from wm.pynetdicom_patches import keep_responses
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -28,7 +28,7 @@ def guarded_association() -> tuple[Association, list[C_STORE]]:
     assoc = Association(AE(), "requestor")
     served: list[C_STORE] = []
     setattr(assoc, "_serve_request", lambda msg, context_id: served.append(msg))  # noqa: B010
-    _keep_responses(assoc)
+    keep_responses(assoc)
     return assoc, served
 
 

@@ -43,6 +43,9 @@ class JobView(BaseModel):
     message: str
     outputs: list[FileRef]
     cancel_requested: bool
+    possibly_incomplete: bool = Field(
+        description="the study may be incomplete: an aborted association's files, not resent in time"
+    )
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None

@@ -5,11 +5,17 @@ StudyInstanceUID by default). It stays open while files keep arriving and closes
 after the last one. A file that arrives after its bucket closed opens the next *generation* of that
 bucket: a new bucket, processed as its own job. Bucket ids are derived from the business key, so every
 replica computes the same id for the same bucket.
+
+Complete studies: an instance sent twice (same SOP Instance UID) counts once, its latest copy
+(`latest_per_instance`). A later generation (the study resent, or more of it sent, after its job ran) runs
+only when it brings an instance the earlier generations did not have, and then on the whole study
+(`after_earlier_generations`); one that brings none is a set of duplicates, counted, and runs nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -110,6 +116,27 @@ def closes_at(last_file_at: datetime, quiet_period_s: float) -> datetime:
     return last_file_at + timedelta(seconds=quiet_period_s)
 
 
+def latest_per_instance(files: Sequence[BucketFile]) -> list[BucketFile]:
+    """One file per SOP Instance UID, the last of ``files`` (given in arrival order) that carries it."""
+    return list({file.dicom.sop_instance_uid: file for file in files}.values())
+
+
+def after_earlier_generations(
+    earlier: Sequence[BucketFile], arrived: Sequence[BucketFile]
+) -> tuple[list[BucketFile], int]:
+    """What a later generation runs on, and how many of its instances the earlier ones had already.
+
+    ``earlier``: the files the last generation that ran had (the whole study so far); ``arrived``: this
+    generation's files, in arrival order. Nothing (an empty list) when every arrived instance is known.
+    """
+    arrived = latest_per_instance(arrived)
+    known = {file.dicom.sop_instance_uid for file in earlier}
+    duplicates = sum(file.dicom.sop_instance_uid in known for file in arrived)
+    if duplicates == len(arrived):
+        return [], duplicates
+    return latest_per_instance([*earlier, *arrived]), duplicates
+
+
 def bucket_ready(
     bucket_id: str,
     placement: Placement,
@@ -117,9 +144,16 @@ def bucket_ready(
     files: list[BucketFile],
     opened_at: datetime,
     closed_at: datetime,
+    possibly_incomplete: bool = False,
 ) -> BucketReady:
-    """The event a closed bucket emits; files in a stable order (series, then SOP instance)."""
-    ordered = sorted(files, key=lambda f: (f.dicom.series_instance_uid, f.dicom.sop_instance_uid, f.file.key))
+    """The event a closed bucket emits; one file per instance, in a stable order (series, SOP instance).
+
+    ``files`` come in arrival order: an instance sent twice is the later copy.
+    """
+    ordered = sorted(
+        latest_per_instance(files),
+        key=lambda f: (f.dicom.series_instance_uid, f.dicom.sop_instance_uid, f.file.key),
+    )
     return BucketReady(
         correlation_id=correlation_id,
         bucket_id=bucket_id,
@@ -130,4 +164,5 @@ def bucket_ready(
         files=ordered,
         opened_at=opened_at,
         closed_at=closed_at,
+        possibly_incomplete=possibly_incomplete,
     )

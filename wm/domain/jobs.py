@@ -132,6 +132,8 @@ class Job(BaseModel):
     message: str = ""
     outputs: list[FileRef] = Field(default_factory=list)
     cancel_requested: bool = False
+    possibly_incomplete: bool = False
+    """Its bucket had files of an aborted association that was not retried in time (`BucketReady`)."""
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
     finished_at: datetime | None = None

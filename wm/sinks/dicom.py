@@ -6,8 +6,9 @@ For one export task, downloading and sending overlap:
    to a temporary directory removed when the task is done), reads each file's meta (SOP class, transfer
    syntax) and puts it on a bounded queue (`PREFETCH` files ahead of the senders). A file that is missing
    from the store or is not DICOM fails alone.
-2. As soon as the first file is there, ``export.associations_per_task`` lanes (only as many as get at
-   least ``export.files_per_association`` files each) open one association each and send files from the
+2. As soon as the first file is there, up to the sink's ``max_associations`` lanes (default 1: what the
+   destination accepts; at most ``export.associations_per_task``; only as many as get at least
+   ``export.files_per_association`` files each) open one association each and send files from the
    queue as they come. Presentation contexts are known up front: the first file's (SOP class, transfer
    syntax) and the common storage classes (CT, MR, SC, SEG, RT, SR, PDF) in its syntax and the two little
    endian ones, so files go as stored, never transcoded (pynetdicom streams them from the file). Files
@@ -25,7 +26,8 @@ For one export task, downloading and sending overlap:
 
 Sockets run with TCP_NODELAY (set when the connection opens, before the association request), so no
 C-STORE waits on a delayed ACK. A C-STORE response that pynetdicom's association reactor takes by mistake
-goes back to the waiting ``send_c_store`` (`_keep_responses`), instead of a 30 s DIMSE timeout and abort.
+goes back to the waiting ``send_c_store`` (`wm.pynetdicom_patches.keep_responses`), instead of a 30 s DIMSE
+timeout and abort.
 
 Cost (issue #6, 324 CT slices, 164 MB, dcmtk storescp with its 16 KB maximum PDU): pynetdicom spends about
 2.2 s of CPU per study sending from local files (about 10,000 P-DATA PDUs through its DUL thread, one
@@ -59,6 +61,7 @@ from schemas.events import FileExportResult, FileRef
 from wm.config import Settings
 from wm.domain.exports import lane_count
 from wm.errors import MwmError, NotFound, PermanentError
+from wm.pynetdicom_patches import check_version, dul_socket, keep_responses
 from wm.sinks import DestinationUnavailable, ExportSink, FileSource
 
 log = structlog.get_logger("wm.sinks.dicom")
@@ -153,6 +156,7 @@ class DicomSink(ExportSink):
             raise PermanentError(f"dicom sink {definition.name!r} has no args (ae_title, host, port)")
         self.args: DicomSinkArgs = definition.args
         self.export_settings = settings.export
+        check_version()
         # Send files as stored, streamed from disk in PDU-sized chunks, never decoded into memory.
         _config.STORE_SEND_CHUNKED_DATASET = True
 
@@ -165,7 +169,8 @@ class DicomSink(ExportSink):
         scratch_root = Path(self.settings.work_dir)
         await asyncio.to_thread(scratch_root.mkdir, parents=True, exist_ok=True)
         settings = self.export_settings
-        lanes = lane_count(len(files), settings.associations_per_task, settings.files_per_association)
+        most = min(self.args.max_associations, settings.associations_per_task)
+        lanes = lane_count(len(files), most, settings.files_per_association)
         pipeline = Pipeline()
         fetch_failures: list[FileExportResult] = []
         with (
@@ -320,7 +325,7 @@ class DicomSink(ExportSink):
             return Session(problem=f"association rejected by {self.destination}: {reason}", rejected=True)
         if not assoc.is_established:
             return Session(problem=f"no association with {self.destination} (refused, aborted or timed out)")
-        _keep_responses(assoc)
+        keep_responses(assoc)
         return Session(assoc)
 
     def _application_entity(self) -> AE:
@@ -377,30 +382,9 @@ def _store_one(assoc: Association, item: LocalFile, message_id: int) -> FileExpo
     return FileExportResult(key=item.ref.key, status="failed", error=error)
 
 
-def _keep_responses(assoc: Association) -> None:
-    """Give a C-STORE response the association's reactor took back to the waiting ``send_c_store``.
-
-    In pynetdicom 3.0 ``send_c_store`` pauses the reactor thread by clearing a checkpoint and waiting for
-    its ``_is_paused`` flag, but the flag is also set just before a checkpoint the reactor passes straight
-    through: under load (GIL contention) the reactor then takes the response off the DIMSE queue, logs
-    "Received unexpected C-STORE service message" and drops it, and ``send_c_store`` waits out the DIMSE
-    timeout (30 s) and aborts (seen here in 5 of 12 exports of 324 files, on a loaded machine). Only one
-    request is outstanding at a time, so a response the reactor takes goes back on the queue for it.
-    """
-    serve = assoc._serve_request
-
-    def serve_or_requeue(msg: Any, context_id: int) -> None:
-        if msg.is_valid_response:
-            assoc.dimse.msg_queue.put((context_id, msg))
-        else:
-            serve(msg, context_id)
-
-    setattr(assoc, "_serve_request", serve_or_requeue)  # noqa: B010 (an instance override of a method)
-
-
 def _set_nodelay(event: Any) -> None:
     """EVT_CONN_OPEN: no Nagle delay on the association's socket."""
-    sock = event.assoc.dul.socket.socket
+    sock = dul_socket(event.assoc)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 

@@ -133,13 +133,17 @@ Call with a dict:
 {{- $v := $root.Values }}
 {{- $spec := .spec }}
 apiVersion: apps/v1
-kind: Deployment
+kind: {{ if .volumeClaim }}StatefulSet{{ else }}Deployment{{ end }}
 metadata:
   name: {{ printf "%s-%s" (include "mwm.fullname" $root) .component }}
   namespace: {{ $root.Release.Namespace }}
   labels:
     {{- include "mwm.componentLabels" (dict "root" $root "component" .component) | nindent 4 }}
 spec:
+  {{- with .volumeClaim }}
+  serviceName: {{ .serviceName }}
+  podManagementPolicy: Parallel
+  {{- end }}
   {{- if .manageReplicas }}
   replicas: {{ $spec.replicas }}
   {{- end }}
@@ -199,6 +203,9 @@ spec:
                 name: {{ include "mwm.configMapName" $root }}
           env:
             {{- include "mwm.secretEnv" $root | trim | nindent 12 }}
+            {{- with .env }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
             {{- with $spec.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -219,6 +226,10 @@ spec:
               mountPath: {{ $v.workDir.path }}
             - name: tmp
               mountPath: /tmp
+            {{- with .volumeClaim }}
+            - name: {{ .name }}
+              mountPath: {{ .mountPath }}
+            {{- end }}
       volumes:
         - name: work
           emptyDir:
@@ -244,6 +255,19 @@ spec:
       topologySpreadConstraints:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+  {{- with .volumeClaim }}
+  volumeClaimTemplates:
+    - metadata:
+        name: {{ .name }}
+      spec:
+        accessModes: ["ReadWriteOnce"]
+        {{- with .storageClassName }}
+        storageClassName: {{ . }}
+        {{- end }}
+        resources:
+          requests:
+            storage: {{ .size }}
+  {{- end }}
 {{- end }}
 
 {{/*
