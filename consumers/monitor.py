@@ -7,7 +7,8 @@ Queue ``mwm.monitor``, bound to ``mwm.job.launched``.
 - Background (every replica): jobs in ``launched``/``running`` whose next check is due are asked for
   their engine status every ``monitor.poll_interval_s``. A job past its deadline is cancelled and ends
   ``timed_out``; a job whose cancel was requested is cancelled.
-- Effects at the end: the job's state and outputs (listed from its output prefix); ``JobFinished``
+- Effects at the end: the job's state and outputs (listed from its output prefix; a success without
+  any says so in the job's message and a warning); ``JobFinished``
   (message id ``<job id>.finished``); on success one export task per sink of the application and
   ``ExportRequested`` on ``mwm.export.requested.<sink type>`` (message id = export task id).
 - Idempotency: one replica wins the finish (unique insert); a finish whose claimer died is taken over
@@ -161,6 +162,12 @@ async def finish(job: Job, outcome: JobOutcome, message: str, deps: MonitorDeps)
     if not await deps.jobs.claim_finish(job.job_id):
         return
     outputs = await deps.objects.list(job.output_prefix) if outcome == "succeeded" else []
+    if outcome == "succeeded" and not outputs:
+        # Not an error (an application may only check its input), but no export follows: say so.
+        message = "; ".join(
+            filter(None, [message, f"no outputs under {job.output_prefix}: nothing to export"])
+        )
+        log.warning("job_succeeded_without_outputs", job_id=job.job_id, output_prefix=job.output_prefix)
     transition = _OUTCOME_TRANSITION[outcome]
     job = await deps.jobs.apply(job.job_id, transition, current=job, message=message, outputs=outputs)
     log.info(
