@@ -140,6 +140,9 @@ class ArgoSettings(BaseModel):
         "mwm-workflow",
         description="pods' `serviceAccountName` unless the application names one (the chart's); empty: none",
     )
+    unschedulable_timeout_s: float = Field(
+        600.0, gt=0, description="a pod no node can take for this long fails the job (could not be scheduled)"
+    )
 
 
 class ExportSettings(BaseModel):

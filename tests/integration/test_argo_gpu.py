@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from tests.integration.test_argo_engine import _pods, application, job, wait_status
-from tests.support.argo_stack import ArgoStack, Executor, argo_stack
+from tests.support.argo_stack import ArgoStack, Executor, argo_stack, workflow_path
 from wm.config import Settings
 from wm.engines.argo import ArgoEngine
 
@@ -63,10 +63,26 @@ async def test_a_gpu_application_lands_only_on_the_gpu_node(
 
 
 async def test_a_gpu_job_no_node_can_take_fails_saying_it_could_not_be_scheduled(
+    live_settings: Settings, stack: ArgoStack, gpu_node: str
+) -> None:
+    engine = ArgoEngine(stack.settings(live_settings, unschedulable_timeout_s=3.0))
+    try:
+        spec = job(application(gpu=4, timeout_s=120))  # the node has 2
+        engine_job_id = await engine.launch(spec)
+        seen = await wait_status(engine, engine_job_id, timeout_s=60)
+    finally:
+        engine.close()
+    assert seen[-1].phase == "failed", seen
+    assert "could not be scheduled in" in seen[-1].message and "nvidia.com/gpu" in seen[-1].message, seen
+    assert any(s.phase == "pending" and "Insufficient nvidia.com/gpu" in s.message for s in seen), seen
+    async with stack.kube() as kube:
+        stored = await kube.get(workflow_path(stack.namespace, spec.job_id))
+    assert stored is not None and stored["spec"].get("shutdown") in ("Stop", "Terminate"), "not left running"
+
+
+async def test_one_still_unscheduled_at_its_deadline_fails_saying_so(
     engine: ArgoEngine, gpu_node: str
 ) -> None:
-    engine_job_id = await engine.launch(job(application(gpu=4, timeout_s=5)))  # the node has 2
-    seen = await wait_status(engine, engine_job_id, timeout_s=60)
-    final = seen[-1]
-    assert final.phase == "failed", seen
-    assert "could not be scheduled" in final.message and "nvidia.com/gpu" in final.message, final
+    engine_job_id = await engine.launch(job(application(gpu=4, timeout_s=3)))
+    final = (await wait_status(engine, engine_job_id, timeout_s=60))[-1]
+    assert (final.phase, final.message) == ("failed", "could not be scheduled: Step exceeded its deadline")

@@ -1,0 +1,87 @@
+"""The full pipeline on the Argo engine: a study in, an Argo workflow, the result at a ``storescp``."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+
+import pydicom
+import pytest
+import yaml
+from pytest_bdd import given, parsers, scenarios, then
+
+from tests.features.conftest import Stack, eventually, start_mwm
+from tests.features.test_flows import create_sink, jobs_succeed, receiver_listening, send_studies
+from tests.support.argo_stack import ArgoStack, Executor, argo_stack
+
+scenarios("argo_engine.feature")
+
+__all__ = ["jobs_succeed", "receiver_listening", "send_studies"]  # steps shared with test_flows
+
+StartExecutor = Callable[[ArgoStack, str], None]
+
+
+@pytest.fixture
+def executor(stack: Stack) -> Iterator[StartExecutor]:
+    """Starts ``Executor`` (what Argo's executor does) in a thread of its own for the scenario."""
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    async def report(argo: ArgoStack, selector: str) -> None:
+        async with Executor(argo, stack.settings, selector=selector).running():
+            await asyncio.to_thread(stop.wait)
+
+    def start(argo: ArgoStack, selector: str) -> None:
+        thread = threading.Thread(target=lambda: asyncio.run(report(argo, selector)), daemon=True)
+        thread.start()
+        threads.append(thread)
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+
+
+@given(
+    parsers.parse(
+        'MWM is running with the Argo application "{app}" on the AE title "{ae_title}" '
+        'exporting to "{receiver}"'
+    )
+)
+def mwm_on_argo(stack: Stack, executor: StartExecutor, app: str, ae_title: str, receiver: str) -> None:
+    argo = argo_stack()
+    stack.env.update(
+        {
+            "MWM_ARGO__SERVER_URL": argo.argo_url,
+            "MWM_ARGO__TOKEN": argo.admin_token,
+            "MWM_ARGO__NAMESPACE": argo.namespace,
+            "MWM_MONITOR__POLL_INTERVAL_S": "0.5",
+        }
+    )
+    sink = receiver.lower()
+    create_sink(stack, sink, receiver, stack.receiver(receiver))
+    definition = {
+        "name": app,
+        "version": "1.0.0",
+        "ae_titles": [ae_title],
+        "discovery": {"quiet_period_s": 1.0, "filters": {"modalities": ["CT"]}},
+        "map": {"image": "registry/echo:1", "timeout_s": 300},
+        "engine": {"name": "argo"},
+        "sinks": [sink],
+    }
+    path = stack.work / f"{app}.yaml"
+    path.write_text(yaml.safe_dump(definition))
+    stack.cli("apps", "register", str(path))
+    executor(argo, f"mwm.application={app}")
+    start_mwm(stack)
+
+
+@then(parsers.parse('the receiver "{receiver}" gets the {count:d} images of that study back'))
+def receiver_gets_the_study(stack: Stack, receiver: str, count: int) -> None:
+    scp, _ = stack.receivers[receiver]
+    eventually(lambda: len(scp.received_files()) >= count, 120, f"{count} files at {receiver}")
+    received = [pydicom.dcmread(path) for path in scp.received_files()]
+    [study] = stack.context["studies"].values()
+    assert len(received) == count
+    assert {ds.SOPInstanceUID for ds in received} == {pydicom.dcmread(p).SOPInstanceUID for p in study.files}
