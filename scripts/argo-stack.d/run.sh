@@ -143,7 +143,7 @@ start_one() { # service
             --listen-client-urls="http://127.0.0.1:$ETCD_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
             --listen-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
             --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
-            --initial-cluster="mwm=http://127.0.0.1:$ETCD_PEER_PORT" --listen-metrics-urls=""
+            --initial-cluster="mwm=http://127.0.0.1:$ETCD_PEER_PORT"
         ;;
     apiserver)
         # No node-lifecycle controller runs, so the not-ready taint would never be lifted
@@ -170,7 +170,7 @@ start_one() { # service
     kwok)
         # Never enable kwok's ClusterExec: Argo's `kill` would run on this machine.
         spawn kwok -- "$bin" --kubeconfig="$KUBECONFIG_FILE" --config="$HERE/kwok-stages.yaml" \
-            --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
+            --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
             --node-ip=127.0.0.1 --cidr=10.0.0.1/24 --server-address="127.0.0.1:$KWOK_PORT"
         ;;
     controller)
