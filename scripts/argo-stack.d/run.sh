@@ -18,7 +18,7 @@ ARGO_PORT=$((2746 + OFFSET))
 KWOK_PORT=$((10247 + OFFSET))
 CONTROLLER_HEALTH_PORT=6060 # fixed upstream: one Argo stack per machine
 API_URL="https://127.0.0.1:$API_PORT"
-ARGO_URL="http://127.0.0.1:$ARGO_PORT"
+ARGO_URL="https://127.0.0.1:$ARGO_PORT"
 KUBECONFIG_FILE="$STATE/kubeconfig"
 SERVICES=(etcd apiserver scheduler controller-manager kwok controller server)
 
@@ -127,7 +127,7 @@ ready() { # service: does it answer?
     kwok) [ "$(kubectl get node kwok-node-0 -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" = True ] ;;
     controller) curl -fsS "http://127.0.0.1:$CONTROLLER_HEALTH_PORT/healthz" ;;
     # The first POST answered 503 even after /api/v1/version did: a list call is the real readiness.
-    server) curl -fsS -H "Authorization: Bearer $(admin_token)" "$ARGO_URL/api/v1/workflows/$NAMESPACE" ;;
+    server) curl -fsS --cacert "$STATE/pki/ca.crt" -H "Authorization: Bearer $(admin_token)" "$ARGO_URL/api/v1/workflows/$NAMESPACE" ;;
     esac
 }
 
@@ -184,8 +184,9 @@ start_one() { # service
         ;;
     server)
         # Client mode: every request carries a Kubernetes bearer token, checked by the API server (RBAC).
+        # TLS with a certificate of the stack's CA (the secret made in bootstrap), as in a cluster.
         spawn server -- "$bin" server --kubeconfig="$KUBECONFIG_FILE" --namespace="$NAMESPACE" \
-            --auth-mode=client --secure=false --port="$ARGO_PORT"
+            --auth-mode=client --secure=true --tls-certificate-secret-name=argo-server-tls --port="$ARGO_PORT"
         ;;
     esac
     wait_for "$name" ready "$name"
@@ -205,12 +206,15 @@ stop_one() { # service
     rm -f "$STATE/run/$1.pid"
 }
 
-# CRDs, the namespace, the fake node, the controller's config map (idempotent).
+# CRDs, the namespace, the fake node, the controller's config map, the Argo Server's TLS secret
+# (idempotent).
 bootstrap() {
     kubectl apply --server-side --force-conflicts -f "$ARGO_DIR/crds" >>"$STATE/logs/bootstrap.log" 2>&1 &&
         kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f - >>"$STATE/logs/bootstrap.log" 2>&1 &&
         kubectl apply -f "$HERE/node.yaml" >>"$STATE/logs/bootstrap.log" 2>&1 &&
-        sed "s/namespace: argo/namespace: $NAMESPACE/" "$HERE/wfc-configmap.yaml" | kubectl apply -f - >>"$STATE/logs/bootstrap.log" 2>&1 ||
+        sed "s/namespace: argo/namespace: $NAMESPACE/" "$HERE/wfc-configmap.yaml" | kubectl apply -f - >>"$STATE/logs/bootstrap.log" 2>&1 &&
+        kubectl -n "$NAMESPACE" create secret tls argo-server-tls --cert="$STATE/pki/apiserver.crt" \
+            --key="$STATE/pki/apiserver.key" --dry-run=client -o yaml | kubectl apply -f - >>"$STATE/logs/bootstrap.log" 2>&1 ||
         die "bootstrap failed: $(tail -n 10 "$STATE/logs/bootstrap.log")"
     kubectl wait --for=condition=Established crd --all --timeout=60s >>"$STATE/logs/bootstrap.log" 2>&1 ||
         die "CRDs not established: $(tail -n 10 "$STATE/logs/bootstrap.log")"
@@ -227,6 +231,7 @@ MWM_ARGO_STACK_KUBECONFIG=$KUBECONFIG_FILE
 MWM_ARGO_STACK_KUBECTL=$K8S_DIR/kubectl
 MWM_ARGO_STACK_KEDA_CRDS=$KEDA_DIR
 MWM_ARGO_STACK_ARGO_URL=$ARGO_URL
+MWM_ARGO_STACK_ARGO_CA=$STATE/pki/ca.crt
 EOF
 }
 

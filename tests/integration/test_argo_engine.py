@@ -319,3 +319,14 @@ async def test_cleanup_deletes_the_workflow_and_its_pods(
         ):
             assert time.monotonic() < give_up, "the workflow's pods outlived it (garbage collector)"
             await asyncio.sleep(0.2)
+
+
+async def test_the_servers_certificate_is_verified_with_the_configured_ca(
+    argo_settings: Settings, stack: ArgoStack
+) -> None:
+    untrusting = ArgoEngine(stack.settings(argo_settings, ca_cert="", retries=0))
+    try:
+        with pytest.raises(TransientError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusting.status(f"{stack.namespace}/any")
+    finally:
+        untrusting.close()

@@ -28,9 +28,11 @@ def stack() -> ArgoStack:
 
 @pytest.fixture
 def settings_on_argo(live_settings: Settings, stack: ArgoStack) -> Settings:
-    """The test's settings with the Argo engine on the stack and a quick monitor."""
+    """The test's settings with the Argo engine on the stack, a quick monitor and the production retry
+    budget (it outlasts an Argo Server restart, as it does a broker's)."""
     on_argo = stack.settings(live_settings)
-    return on_argo.model_copy(update={"monitor": on_argo.monitor.model_copy(update={"poll_interval_s": 0.5})})
+    monitor_settings = on_argo.monitor.model_copy(update={"poll_interval_s": 0.5})
+    return on_argo.model_copy(update={"monitor": monitor_settings, "retry": Settings().retry})
 
 
 def argo_application(name: str, ae_title: str) -> dict[str, Any]:

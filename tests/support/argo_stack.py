@@ -66,11 +66,13 @@ class ArgoStack:
     kubectl: str
     keda_crds: Path
     argo_url: str
+    argo_ca: str
 
     def settings(self, settings: Settings, **argo: Any) -> Settings:
         """``settings`` with the engine pointed at this stack's Argo Server (admin token, quick retries)."""
         values = {
             "server_url": self.argo_url,
+            "ca_cert": self.argo_ca,
             "token": self.admin_token,
             "namespace": self.namespace,
             "retries": 2,
@@ -101,6 +103,7 @@ def _stack() -> ArgoStack | str:
         kubectl=values["MWM_ARGO_STACK_KUBECTL"],
         keda_crds=Path(values["MWM_ARGO_STACK_KEDA_CRDS"]),
         argo_url=values["MWM_ARGO_STACK_ARGO_URL"],
+        argo_ca=values["MWM_ARGO_STACK_ARGO_CA"],
     )
     return stack if stack.admin_token else "no admin token: the stack was never started"
 
@@ -112,7 +115,9 @@ def argo_stack() -> ArgoStack:
         pytest.fail(f"Argo stack unavailable ({stack}); start it with `bash scripts/argo-stack up`")
     probe = f"{stack.argo_url}/api/v1/workflows/{stack.namespace}"
     try:
-        answer = httpx.get(probe, headers={"Authorization": f"Bearer {stack.admin_token}"}, timeout=10)
+        answer = httpx.get(
+            probe, headers={"Authorization": f"Bearer {stack.admin_token}"}, verify=stack.argo_ca, timeout=10
+        )
     except httpx.HTTPError as error:
         pytest.fail(f"Argo Server at {stack.argo_url} unreachable ({error}): `bash scripts/argo-stack up`")
     if answer.status_code != 200:
