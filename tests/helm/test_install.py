@@ -13,6 +13,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -78,11 +79,15 @@ class Release:
 
 
 def install(stack: ArgoStack, *values: str) -> Release:
-    """``helm install --wait`` into a namespace of its own, the Argo objects into the stack's namespace."""
+    """``helm install`` into a namespace of its own, the Argo objects into the stack's namespace.
+
+    Without ``--wait``: the full values' LoadBalancer Service never gets an address here (no cloud); the
+    pods are waited for by the tests.
+    """
     namespace = f"mwm-{uuid.uuid4().hex[:8]}"
     result = run_helm(
         "install", RELEASE, str(CHART), f"--kubeconfig={stack.kubeconfig}", "--namespace", namespace,
-        "--create-namespace", "--wait", "--timeout", "180s", "--set", f"argo.namespace={stack.namespace}",
+        "--create-namespace", "--timeout", "180s", "--set", f"argo.namespace={stack.namespace}",
         *values,
     )  # fmt: skip
     assert result.returncode == 0, f"helm install {values} was refused: {result.stderr}"
@@ -144,9 +149,24 @@ async def engine_token(release: Release) -> str:
     return str(answer["status"]["token"])
 
 
-async def test_every_object_is_admitted_and_the_pods_run_on_kwok_nodes(release: Release) -> None:
+async def running_pods(release: Release) -> list[dict[str, Any]]:
+    """The release's pods once every Deployment has all its pods running."""
     async with release.stack.kube() as kube:
-        pods = await kube.items(f"/api/v1/namespaces/{release.namespace}/pods")
+
+        async def all_running() -> bool:
+            deployments = await kube.items(f"/apis/apps/v1/namespaces/{release.namespace}/deployments")
+            return bool(deployments) and all(
+                (d.get("status") or {}).get("readyReplicas") == d["spec"].get("replicas", 1)
+                for d in deployments
+            )
+
+        await wait_for(all_running, 120, "every Deployment's pods to run", interval=0.5)
+        return await kube.items(f"/api/v1/namespaces/{release.namespace}/pods")
+
+
+async def test_every_object_is_admitted_and_the_pods_run_on_kwok_nodes(release: Release) -> None:
+    pods = await running_pods(release)
+    async with release.stack.kube() as kube:
         scaled = await kube.items(f"/apis/keda.sh/v1alpha1/namespaces/{release.namespace}/scaledobjects")
     assert pods, "no MWM pod was created"
     assert all(pod["spec"].get("nodeName", "").startswith("kwok-") for pod in pods), pods

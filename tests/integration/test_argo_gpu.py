@@ -52,7 +52,8 @@ async def test_a_gpu_application_lands_only_on_the_gpu_node(
 ) -> None:
     specs = [job(application(gpu=1)) for _ in range(2)]
     ids = [await engine.launch(spec) for spec in specs]
-    async with Executor(stack, stack.settings(live_settings), selector="mwm.application=liver-seg").running():
+    selector = f"mwm.job-id in ({','.join(spec.job_id for spec in specs)})"
+    async with Executor(stack, stack.settings(live_settings), selector=selector).running():
         for engine_job_id in ids:
             assert (await wait_status(engine, engine_job_id))[-1].phase == "succeeded"
     for spec in specs:
