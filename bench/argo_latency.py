@@ -44,7 +44,13 @@ from scheduler_latency import APPLICATION, arrival, finish_delay, percentile, re
 
 from consumers import monitor, scheduler  # noqa: E402
 from schemas.events import BucketReady, JobFinished, JobLaunched  # noqa: E402
-from tests.support.argo_stack import ArgoStack, Executor, argo_stack, workflow_path  # noqa: E402
+from tests.support.argo_stack import (  # noqa: E402
+    ArgoStack,
+    Executor,
+    argo_stack,
+    forget_workflows,
+    workflow_path,
+)
 from tests.support.pipeline import (  # noqa: E402
     consumers_running,
     mip_application,
@@ -136,6 +142,8 @@ async def one_engine(work: Path, buckets: int, stack: ArgoStack | None) -> Laten
             definition["map"] = {"image": "registry/bench:1", "timeout_s": 300}
             definition["engine"] = {"name": "argo"}
         await register(settings, definition)
+        if stack:
+            await forget_workflows(stack, APPLICATION)
         return await measure(settings, await ready_events(settings, work / "studies", buckets), stack)
     finally:
         await cleanup(settings)

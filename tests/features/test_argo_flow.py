@@ -13,7 +13,7 @@ from pytest_bdd import given, parsers, scenarios, then
 
 from tests.features.conftest import Stack, eventually, start_mwm
 from tests.features.test_flows import create_sink, jobs_succeed, receiver_listening, send_studies
-from tests.support.argo_stack import ArgoStack, Executor, argo_stack
+from tests.support.argo_stack import ArgoStack, Executor, argo_stack, forget_workflows
 
 scenarios("argo_engine.feature")
 
@@ -51,6 +51,7 @@ def executor(stack: Stack) -> Iterator[StartExecutor]:
 )
 def mwm_on_argo(stack: Stack, executor: StartExecutor, app: str, ae_title: str, receiver: str) -> None:
     argo = argo_stack()
+    stack.run_async(forget_workflows(argo, app))
     stack.env.update(
         {
             "MWM_ARGO__SERVER_URL": argo.argo_url,

@@ -168,6 +168,11 @@ class Kube:
         if answer.status_code != 404:
             answer.raise_for_status()
 
+    async def delete_all(self, path: str, selector: str) -> None:
+        """Delete every object of the collection ``path`` matching the label selector."""
+        answer = await self._client.request("DELETE", path, params={"labelSelector": selector})
+        answer.raise_for_status()
+
     async def merge_patch(self, path: str, patch: Json) -> Json:
         """A JSON merge patch of the object at ``path``."""
         answer = await self._client.patch(
@@ -185,6 +190,16 @@ class Kube:
 def workflow_path(namespace: str, name: str = "") -> str:
     """API path of the workflows of ``namespace`` (or of one)."""
     return f"{ARGO_GROUP}/namespaces/{namespace}/workflows" + (f"/{name}" if name else "")
+
+
+async def forget_workflows(stack: ArgoStack, application: str) -> None:
+    """Delete the workflows an earlier run left of ``application``.
+
+    Job ids derive from the study (``job_id_for``), so a rerun on a fresh database would otherwise meet
+    its predecessor's workflow (kept for the TTL) and take it for its own.
+    """
+    async with stack.kube() as kube:
+        await kube.delete_all(workflow_path(stack.namespace), f"mwm.application={application}")
 
 
 Produce = Callable[[str, str, ObjectStore], Awaitable[None]]
