@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import ssl
 import statistics
 import sys
 import tempfile
@@ -76,7 +77,7 @@ async def succeeded_seen(stack: ArgoStack) -> AsyncIterator[dict[str, float]]:
     async def watch() -> None:
         async with httpx.AsyncClient(
             base_url=stack.kube_url,
-            verify=stack.kube_ca,
+            verify=ssl.create_default_context(cafile=stack.kube_ca),
             headers={"Authorization": f"Bearer {stack.admin_token}"},
             timeout=httpx.Timeout(10, read=None),
         ) as client:

@@ -185,7 +185,8 @@ start_one() { # service
     server)
         # Client mode: every request carries a Kubernetes bearer token, checked by the API server (RBAC).
         # TLS with a certificate of the stack's CA (the secret made in bootstrap), as in a cluster.
-        spawn server -- "$bin" server --kubeconfig="$KUBECONFIG_FILE" --namespace="$NAMESPACE" \
+        # Client mode builds each request's REST config from $KUBECONFIG (the flag is not enough).
+        spawn server KUBECONFIG="$KUBECONFIG_FILE" -- "$bin" server --kubeconfig="$KUBECONFIG_FILE" --namespace="$NAMESPACE" \
             --auth-mode=client --secure=true --tls-certificate-secret-name=argo-server-tls --port="$ARGO_PORT"
         ;;
     esac

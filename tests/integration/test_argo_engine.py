@@ -205,17 +205,7 @@ async def test_a_failed_pod_fails_the_job_with_the_controllers_message(
         job(application(namespace=stack.namespace, workflow_template=template))
     )
     final = (await wait_status(engine, engine_job_id))[-1]
-    assert (final.phase, final.message) == ("failed", "Error (exit code 1)")
-
-
-async def test_a_step_past_its_active_deadline_is_failed_by_the_controller(
-    engine: ArgoEngine, stack: ArgoStack
-) -> None:
-    template = await workflow_template(stack, {"kwok.test/delay": "600s"})
-    app = application(timeout_s=3, namespace=stack.namespace, workflow_template=template)
-    engine_job_id = await engine.launch(job(app))
-    final = (await wait_status(engine, engine_job_id))[-1]
-    assert final.phase == "failed" and "deadline" in final.message.lower(), final
+    assert (final.phase, final.message) == ("failed", "main: Error (exit code 1)")
 
 
 async def test_cancel_stops_then_terminates_and_leaves_finished_or_missing_ones_alone(
@@ -289,7 +279,8 @@ async def test_the_server_refuses_a_missing_or_wrong_token(
     try:
         with pytest.raises(PermanentError, match="401"):
             await anonymous.launch(spec)
-        [problem] = await anonymous.validate(application())
+        # (Argo's lint needs no credentials; reading a WorkflowTemplate does.)
+        [problem] = await anonymous.validate(application(namespace=stack.namespace, workflow_template="any"))
         assert "401" in problem
     finally:
         anonymous.close()

@@ -102,3 +102,27 @@ async def test_a_job_that_succeeds_without_outputs_says_so(
         [finished] = await events.wait_for(JobFinished, 1, 90)
     assert finished.status == "succeeded" and finished.outputs == []
     assert "no outputs under" in finished.message and "nothing to export" in finished.message
+
+
+async def test_a_job_past_its_deadline_times_out_and_its_workflow_is_terminated(
+    settings_on_argo: Settings, stack: ArgoStack, tmp_path: Path
+) -> None:
+    """No executor reports the step's outputs, so the workflow runs on until MWM's deadline ends it.
+
+    (The workflow's own ``activeDeadlineSeconds`` is enforced on a running pod by the kubelet, which kwok
+    does not imitate: the monitor's deadline is what ends the job here, as it does when Argo is slow.)
+    """
+    settings = settings_on_argo
+    app = f"slow-{uuid.uuid4().hex[:8]}"
+    definition = argo_application(app, "MWM-SLOW")
+    definition["map"]["timeout_s"] = 4
+    await register(settings, definition)
+    study = write_ct_study(tmp_path / "s", series=1, slices_per_series=1, seed=11)
+    async with tap(settings, JobFinished.event_type) as events, consumers_running(settings, CONSUMERS):
+        await arrive(settings, study.files, called_ae="MWM-SLOW")
+        [finished] = await events.wait_for(JobFinished, 1, 90)
+    assert finished.status == "timed_out" and "deadline" in finished.message, finished
+    async with stack.kube() as kube:
+        [workflow] = await kube.items(workflow_path(stack.namespace), f"mwm.application={app}")
+    assert workflow["spec"].get("shutdown") == "Terminate"
+    assert workflow["status"]["phase"] in ("Failed", "Running")  # Failed once the controller saw it

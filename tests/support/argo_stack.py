@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -116,7 +117,10 @@ def argo_stack() -> ArgoStack:
     probe = f"{stack.argo_url}/api/v1/workflows/{stack.namespace}"
     try:
         answer = httpx.get(
-            probe, headers={"Authorization": f"Bearer {stack.admin_token}"}, verify=stack.argo_ca, timeout=10
+            probe,
+            headers={"Authorization": f"Bearer {stack.admin_token}"},
+            verify=ssl.create_default_context(cafile=stack.argo_ca),
+            timeout=10,
         )
     except httpx.HTTPError as error:
         pytest.fail(f"Argo Server at {stack.argo_url} unreachable ({error}): `bash scripts/argo-stack up`")
@@ -131,7 +135,7 @@ class Kube:
     def __init__(self, stack: ArgoStack, token: str) -> None:
         self._client = httpx.AsyncClient(
             base_url=stack.kube_url,
-            verify=stack.kube_ca,
+            verify=ssl.create_default_context(cafile=stack.kube_ca),
             headers={"Authorization": f"Bearer {token}"},
             timeout=20,
         )

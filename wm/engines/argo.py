@@ -214,8 +214,12 @@ class ArgoEngine:
         manifest = build_workflow(job, self._settings, datetime.now(UTC))
         namespace, name = namespace_of(job.application, self._settings), workflow_name(job.job_id)
         body = {"namespace": namespace, "workflow": manifest}
-        with contextlib.suppress(Conflict):  # launched before (a redelivery, a crash after submit): same one
+        try:
             await self._call(self._workflows.create_workflow, namespace, body)
+        except Conflict:  # launched before (a redelivery, a crash after submit): the same one
+            pass
+        except NotFound as error:  # what the workflow refers to (its WorkflowTemplate) does not exist
+            raise PermanentError(f"argo server rejected the workflow: {error}") from error
         return f"{namespace}/{name}"
 
     async def status(self, engine_job_id: str) -> EngineStatus:
