@@ -141,7 +141,7 @@ async def one_engine(work: Path, buckets: int, stack: ArgoStack | None) -> Laten
         definition = mip_application(APPLICATION, command=["true"])
         if stack:
             definition["map"] = {"image": "registry/bench:1", "timeout_s": 300}
-            definition["engine"] = {"name": "argo"}
+            definition["engine"] = {"name": "argo", "argo": {}}
         await register(settings, definition)
         if stack:
             await forget_workflows(stack, APPLICATION)

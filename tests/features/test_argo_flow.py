@@ -68,7 +68,7 @@ def mwm_on_argo(stack: Stack, executor: StartExecutor, app: str, ae_title: str, 
         "ae_titles": [ae_title],
         "discovery": {"quiet_period_s": 1.0, "filters": {"modalities": ["CT"]}},
         "map": {"image": "registry/echo:1", "timeout_s": 300},
-        "engine": {"name": "argo"},
+        "engine": {"name": "argo", "argo": {}},
         "sinks": [sink],
     }
     path = stack.work / f"{app}.yaml"

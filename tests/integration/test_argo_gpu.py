@@ -75,15 +75,7 @@ async def test_a_gpu_job_no_node_can_take_fails_saying_it_could_not_be_scheduled
         engine.close()
     assert seen[-1].phase == "failed", seen
     assert "could not be scheduled in" in seen[-1].message and "nvidia.com/gpu" in seen[-1].message, seen
-    assert any(s.phase == "pending" and "Insufficient nvidia.com/gpu" in s.message for s in seen), seen
+    assert any(not s.terminal and "Insufficient nvidia.com/gpu" in s.message for s in seen), seen
     async with stack.kube() as kube:
         stored = await kube.get(workflow_path(stack.namespace, spec.job_id))
     assert stored is not None and stored["spec"].get("shutdown") in ("Stop", "Terminate"), "not left running"
-
-
-async def test_one_still_unscheduled_at_its_deadline_fails_saying_so(
-    engine: ArgoEngine, gpu_node: str
-) -> None:
-    engine_job_id = await engine.launch(job(application(gpu=4, timeout_s=3)))
-    final = (await wait_status(engine, engine_job_id, timeout_s=60))[-1]
-    assert (final.phase, final.message) == ("failed", "could not be scheduled: Step exceeded its deadline")

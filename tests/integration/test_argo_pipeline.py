@@ -43,7 +43,7 @@ def argo_application(name: str, ae_title: str) -> dict[str, Any]:
         "ae_titles": [ae_title],
         "discovery": {"quiet_period_s": 0.5, "filters": {"modalities": ["CT"]}},
         "map": {"image": "registry/echo:1", "timeout_s": 300},
-        "engine": {"name": "argo"},
+        "engine": {"name": "argo", "argo": {}},
     }
 
 

@@ -33,3 +33,15 @@ def test_pods_that_got_a_node_or_merely_wait_are_not() -> None:
     assert unscheduled_pod(workflow(phase="Running")) is None
     assert unscheduled_pod({"status": {"nodes": {"wf": {"type": "Steps", "phase": "Failed"}}}}) is None
     assert unscheduled_pod({}) is None
+
+
+def test_a_pod_node_without_a_start_of_its_own_counts_from_the_workflows() -> None:
+    found = unscheduled_pod(
+        {
+            "status": {
+                "startedAt": STARTED,
+                "nodes": {"wf": {"type": "Pod", "phase": "Pending", "message": WAITING}},
+            }
+        }
+    )
+    assert found == (WAITING, datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))

@@ -137,7 +137,8 @@ def unscheduled_pod(workflow: Manifest) -> tuple[str, datetime] | None:
         message = str(node.get("message") or "")
         waiting = node.get("phase") == "Pending" and message.startswith(_UNSCHEDULABLE)
         if waiting or node.get("phase") in ("Failed", "Error"):
-            started = str(node.get("startedAt") or "")
+            # A pod node that never ran has no startedAt of its own: the workflow's start is the bound.
+            started = str(node.get("startedAt") or (workflow.get("status") or {}).get("startedAt") or "")
             return message, datetime.fromisoformat(started) if started else datetime.now(UTC)
     return None
 
