@@ -8,16 +8,23 @@ from collections.abc import Callable, Iterator
 
 import pydicom
 import pytest
-import yaml
-from pytest_bdd import given, parsers, scenarios, then
+from pytest_bdd import given, parsers, scenarios, then, when
 
 from tests.features.conftest import Stack, eventually, start_mwm
 from tests.features.test_flows import create_sink, jobs_succeed, receiver_listening, send_studies
 from tests.support.argo_stack import ArgoStack, Executor, argo_stack, forget_workflows
+from tests.support.pipeline import register
 
 scenarios("argo_engine.feature")
 
-__all__ = ["jobs_succeed", "receiver_listening", "send_studies"]  # steps shared with test_flows
+# The steps shared with test_flows, registered for this module's scenarios too.
+given(parsers.parse('a DICOM receiver "{ae_title}" is listening'))(receiver_listening)
+when(
+    parsers.parse(
+        'the modality "{caller}" sends {count:d} CT studies of {series:d} series each to "{ae_title}"'
+    )
+)(send_studies)
+then(parsers.parse('{count:d} jobs of "{app}" succeed, one per StudyInstanceUID'))(jobs_succeed)
 
 StartExecutor = Callable[[ArgoStack, str], None]
 
@@ -57,6 +64,7 @@ def mwm_on_argo(stack: Stack, executor: StartExecutor, app: str, ae_title: str, 
             "MWM_ARGO__SERVER_URL": argo.argo_url,
             "MWM_ARGO__TOKEN": argo.admin_token,
             "MWM_ARGO__NAMESPACE": argo.namespace,
+            "MWM_ARGO__CA_CERT": argo.argo_ca,
             "MWM_MONITOR__POLL_INTERVAL_S": "0.5",
         }
     )
@@ -71,9 +79,9 @@ def mwm_on_argo(stack: Stack, executor: StartExecutor, app: str, ae_title: str, 
         "engine": {"name": "argo", "argo": {}},
         "sinks": [sink],
     }
-    path = stack.work / f"{app}.yaml"
-    path.write_text(yaml.safe_dump(definition))
-    stack.cli("apps", "register", str(path))
+    # Through the registry with the engine on the stack (the API process the fixture started has the
+    # default Argo settings).
+    stack.run_async(register(argo.settings(stack.settings), definition))
     executor(argo, f"mwm.application={app}")
     start_mwm(stack)
 
