@@ -7,7 +7,8 @@ Queue ``mwm.monitor``, bound to ``mwm.job.launched``.
 - Background (every replica): jobs in ``launched``/``running`` whose next check is due are asked for
   their engine status every ``monitor.poll_interval_s``. A job past its deadline is cancelled and ends
   ``timed_out``; a job whose cancel was requested is cancelled.
-- Effects at the end: the job's state and outputs (listed from its output prefix); ``JobFinished`` (message id
+- Effects at the end: the job's state and outputs (listed from its output prefix; a success without
+  any says so in the job's message and a warning); ``JobFinished`` (message id
   ``<job id>.finished``, ``.a<n>`` added for a retried job's attempt n); on success one export task per sink
   of the application and ``ExportRequested`` on ``mwm.export.requested.<sink type>`` (message id = export task
   id).
@@ -191,6 +192,12 @@ def _renewing_finish(job: Job, deps: MonitorDeps) -> contextlib.AbstractAsyncCon
 
 async def _record_end(job: Job, outcome: JobOutcome, message: str, deps: MonitorDeps) -> None:
     outputs = await deps.objects.list(job.output_prefix) if outcome == "succeeded" else []
+    if outcome == "succeeded" and not outputs:
+        # Not an error (an application may only check its input), but no export follows: say so.
+        message = "; ".join(
+            filter(None, [message, f"no outputs under {job.output_prefix}: nothing to export"])
+        )
+        log.warning("job_succeeded_without_outputs", job_id=job.job_id, output_prefix=job.output_prefix)
     transition = _OUTCOME_TRANSITION[outcome]
     job = await deps.jobs.apply(job.job_id, transition, current=job, message=message, outputs=outputs)
     log.info(

@@ -146,6 +146,17 @@ class ArgoSettings(BaseModel):
     ttl_after_failure_s: int = Field(86400, ge=0, description="workflow `ttlStrategy.secondsAfterFailure`")
     retries: int = Field(3, ge=0, description="retries of a transient Argo Server failure inside the engine")
     artifact_secret: str = Field("mwm-s3", description="k8s secret holding `accessKey`/`secretKey` for S3")
+    artifact_endpoint: str = Field(
+        "",
+        description="S3 host:port as the workflow pods reach it (artifacts); empty: `object_store.endpoint`",
+    )
+    workflow_service_account: str = Field(
+        "mwm-workflow",
+        description="pods' `serviceAccountName` unless the application names one (the chart's); empty: none",
+    )
+    unschedulable_timeout_s: float = Field(
+        600.0, gt=0, description="a pod no node can take for this long fails the job (could not be scheduled)"
+    )
 
 
 class ExportSettings(BaseModel):

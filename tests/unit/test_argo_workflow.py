@@ -133,7 +133,22 @@ def test_ttl_strategy_and_service_account_from_settings_and_application(settings
     spec = build_workflow(job(app), settings, NOW)["spec"]
     assert spec["ttlStrategy"] == {"secondsAfterSuccess": 3600, "secondsAfterFailure": 86400}
     assert spec["serviceAccountName"] == "mwm-runner"
-    assert "serviceAccountName" not in build_workflow(job(), settings, NOW)["spec"]
+    assert build_workflow(job(), settings, NOW)["spec"]["serviceAccountName"] == "mwm-workflow"
+    no_default = settings.model_copy(
+        update={"argo": settings.argo.model_copy(update={"workflow_service_account": ""})}
+    )
+    assert "serviceAccountName" not in build_workflow(job(), no_default, NOW)["spec"]
+
+
+def test_artifacts_name_the_endpoint_the_pods_reach_when_one_is_set(settings: Settings) -> None:
+    for_pods = settings.model_copy(
+        update={"argo": settings.argo.model_copy(update={"artifact_endpoint": "minio.storage:9000"})}
+    )
+    generated = template(build_workflow(job(), for_pods, NOW))
+    endpoints = {
+        a["s3"]["endpoint"] for a in generated["inputs"]["artifacts"] + generated["outputs"]["artifacts"]
+    }
+    assert endpoints == {"minio.storage:9000"} != {settings.object_store.endpoint}
 
 
 def test_template_mode_refers_to_the_template_with_artifact_arguments(settings: Settings) -> None:

@@ -11,8 +11,12 @@ is built in ``wm.engines.argo_workflow``.
   ``settings.argo.retries`` times with a short doubling backoff, then raised); 404 ``NotFound``; 409 and
   "cannot shutdown a completed workflow" (a 500 from Argo) ``Conflict``; other 4xx ``PermanentError``.
 - ``status`` maps ``status.phase``; a workflow that is gone (404, for example after its TTL) is
-  ``error``. Its ``outputs`` name the workflow's output artifacts (S3 key prefixes, unarchived, size 0):
-  the caller lists the files themselves from the object store.
+  ``error``. A pod no node can take (the scheduler's ``Unschedulable``, e.g. too few ``nvidia.com/gpu``)
+  does not wait forever: after ``settings.argo.unschedulable_timeout_s`` the workflow is stopped and
+  terminated and the job fails "could not be scheduled" with the scheduler's reason; one the controller
+  failed first (its ``activeDeadlineSeconds``) fails with the same words. Its ``outputs`` name the
+  workflow's output artifacts (S3 key prefixes, unarchived, size 0): the caller lists the files
+  themselves from the object store.
 - ``cancel`` stops (exit handlers run) and then terminates the workflow; gone or finished is not an error.
 """
 
@@ -55,6 +59,7 @@ BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
 
 _COMPLETED = "cannot shutdown a completed workflow"
+_UNSCHEDULABLE = "Unschedulable"  # Argo's pod node message prefix for the scheduler's PodScheduled=False
 _LOG_ARTIFACT = "main-logs"  # Argo's archived container log, not a result
 T = TypeVar("T")
 
@@ -122,6 +127,22 @@ def artifact_outputs(workflow: Manifest, default_bucket: str) -> list[FileRef]:
         FileRef(bucket=bucket, key=key, size=0, content_type="application/octet-stream")
         for bucket, key in keys
     ]
+
+
+def unscheduled_pod(workflow: Manifest) -> tuple[str, datetime] | None:
+    """(message, since) of a pod node no node was found for: the scheduler's reason while it waits, the
+    controller's once it failed it (a pod node without ``hostNodeName`` never ran anywhere)."""
+    nodes = (workflow.get("status") or {}).get("nodes") or {}
+    for node in nodes.values():
+        if (node or {}).get("type") != "Pod" or node.get("hostNodeName"):
+            continue
+        message = str(node.get("message") or "")
+        waiting = node.get("phase") == "Pending" and message.startswith(_UNSCHEDULABLE)
+        if waiting or node.get("phase") in ("Failed", "Error"):
+            # A pod node that never ran has no startedAt of its own: the workflow's start is the bound.
+            started = str(node.get("startedAt") or (workflow.get("status") or {}).get("startedAt") or "")
+            return message, datetime.fromisoformat(started) if started else datetime.now(UTC)
+    return None
 
 
 class ArgoEngine:
@@ -196,8 +217,12 @@ class ArgoEngine:
         manifest = build_workflow(job, self._settings, datetime.now(UTC))
         namespace, name = namespace_of(job.application, self._settings), workflow_name(job.job_id)
         body = {"namespace": namespace, "workflow": manifest}
-        with contextlib.suppress(Conflict):  # launched before (a redelivery, a crash after submit): same one
+        try:
             await self._call(self._workflows.create_workflow, namespace, body)
+        except Conflict:  # launched before (a redelivery, a crash after submit): the same one
+            pass
+        except NotFound as error:  # what the workflow refers to (its WorkflowTemplate) does not exist
+            raise PermanentError(f"argo server rejected the workflow: {error}") from error
         return f"{namespace}/{name}"
 
     async def status(self, engine_job_id: str) -> EngineStatus:
@@ -209,9 +234,20 @@ class ArgoEngine:
             return EngineStatus("error", f"workflow {name} not found in namespace {namespace}")
         status = workflow.get("status") or {}
         phase = PHASES.get(status.get("phase") or "", "error")
+        message = status.get("message") or ""
+        unplaced = unscheduled_pod(workflow)
+        if unplaced and phase in ("pending", "running"):
+            pod_message, since = unplaced
+            waited = (datetime.now(UTC) - since).total_seconds()
+            if waited < self._settings.argo.unschedulable_timeout_s:
+                return EngineStatus(phase, pod_message)
+            await self.cancel(engine_job_id)
+            return EngineStatus("failed", f"could not be scheduled in {waited:.0f} s: {pod_message}")
+        if unplaced and phase in ("failed", "error"):
+            return EngineStatus(phase, f"could not be scheduled: {unplaced[0]}")
         bucket = self._settings.object_store.bucket
         outputs = artifact_outputs(workflow, bucket) if phase == "succeeded" else []
-        return EngineStatus(phase, status.get("message") or "", outputs)
+        return EngineStatus(phase, message, outputs)
 
     async def cancel(self, engine_job_id: str) -> None:
         """Stop, then terminate the workflow; one that is gone or already finished is left as it is."""

@@ -4,14 +4,19 @@ Two shapes:
 
 - generated (no ``engine.argo.workflow_template``): one container template ``map`` running
   ``map.image`` with ``map.command`` as its ``args`` (like ``docker run IMAGE ARGS...``, so the image's
-  entrypoint stays), the application's environment plus the MAP paths, limits for cpu, memory and
+  entrypoint stays: the MAP specification lets a MAP start its application through its ENTRYPOINT, CMD
+  or both, and puts the packager's method of accessing the packaged files (``show``, ``export``) in
+  front of the application, so replacing the entrypoint with ``command`` could bypass it), the
+  application's environment plus the MAP paths, limits for cpu, memory and
   ``nvidia.com/gpu``; the input artifact ``input`` (the job's input prefix, a directory) at
   ``/var/monai/input`` and the output artifact ``output`` from ``/var/monai/output`` to the job's output
   prefix, unarchived so each file becomes one object;
 - template (``workflow_template`` set): ``workflowTemplateRef`` to that WorkflowTemplate, with the
   arguments ``input`` / ``output`` (artifacts at the same S3 keys) and the parameter ``job-id``.
 
-Both carry the labels ``mwm.job-id``, ``mwm.correlation-id`` and ``mwm.application``, an
+Both carry the labels ``mwm.job-id``, ``mwm.correlation-id`` and ``mwm.application``, the
+``serviceAccountName`` the application names or else ``settings.argo.workflow_service_account`` (the
+chart's ``<release>-workflow``, with what Argo's executor needs; empty: the namespace's default), an
 ``activeDeadlineSeconds`` (the application's timeout, shortened so it never runs past the job's
 deadline) and a TTL strategy. The name is derived from the job id, so a second launch of the same job
 collides (409) instead of starting a twin.
@@ -77,12 +82,16 @@ def active_deadline_s(job: JobSpec, now: datetime) -> int:
 
 
 def s3_location(key: str, settings: Settings) -> Manifest:
-    """An S3 artifact location in the MWM bucket; credentials from the artifact secret."""
+    """An S3 artifact location in the MWM bucket; credentials from the artifact secret.
+
+    The endpoint is the one the workflow pods reach (``argo.artifact_endpoint``), which in another
+    namespace or cluster is often not MWM's own ``object_store.endpoint``.
+    """
     store, secret = settings.object_store, settings.argo.artifact_secret
     return {
         "key": key.rstrip("/"),
         "bucket": store.bucket,
-        "endpoint": store.endpoint,
+        "endpoint": settings.argo.artifact_endpoint or store.endpoint,
         "insecure": not store.secure,
         "accessKeySecret": {"name": secret, "key": "accessKey"},
         "secretKeySecret": {"name": secret, "key": "secretKey"},
@@ -173,8 +182,9 @@ def build_workflow(job: JobSpec, settings: Settings, now: datetime) -> Manifest:
             "secondsAfterFailure": settings.argo.ttl_after_failure_s,
         },
     }
-    if options and options.service_account:
-        spec["serviceAccountName"] = options.service_account
+    service_account = (options and options.service_account) or settings.argo.workflow_service_account
+    if service_account:
+        spec["serviceAccountName"] = service_account
     if options and options.workflow_template:
         spec.update(_template_ref_spec(job, settings, options.workflow_template))
     else:
