@@ -5,6 +5,8 @@ spool (`producers.gateway_spool`). ``gateway.upload_workers`` uploads run at a t
 an upload or publish that fails (object store or broker down) is counted
 (``mwm_gateway_upload_failures_total``) and retried after a backoff that every worker shares, so once the
 service is back the whole backlog flows at once instead of trickling out of staggered timers.
+While an association is receiving, uploads wait (at most `UPLOAD_DEFER_S` after a file was spooled): the
+receive and the uploads share one GIL, and the modality's time is what the gateway answers for.
 
 Complete studies: a file is announced only once its association has *ended well* (A-RELEASE). The files of
 an association that was aborted (A-ABORT, the connection lost, the gateway killed) are uploaded but held
