@@ -5,6 +5,8 @@ spool (`producers.gateway_spool`). ``gateway.upload_workers`` uploads run at a t
 an upload or publish that fails (object store or broker down) is counted
 (``mwm_gateway_upload_failures_total``) and retried after a backoff that every worker shares, so once the
 service is back the whole backlog flows at once instead of trickling out of staggered timers.
+While an association is receiving, uploads wait (at most `UPLOAD_DEFER_S` after a file was spooled): the
+receive and the uploads share one GIL, and the modality's time is what the gateway answers for.
 
 Complete studies: a file is announced only once its association has *ended well* (A-RELEASE). The files of
 an association that was aborted (A-ABORT, the connection lost, the gateway killed) are uploaded but held
@@ -25,6 +27,7 @@ upload overwrites and a re-announcement is a duplicate that MWM's consumers drop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +53,8 @@ SPOOL_FILES = Gauge("mwm_gateway_spool_files", "Accepted files not yet uploaded 
 SPOOL_OLDEST = Gauge("mwm_gateway_spool_oldest_age_seconds", "Age of the oldest file in the spool")
 BACKOFF_S = (0.1, 2.0)
 """First and largest shared backoff after a failed upload or announcement."""
+UPLOAD_DEFER_S = 10.0
+"""While an association is receiving, a file's upload waits up to this long after it was spooled."""
 
 
 @dataclass
@@ -88,6 +93,10 @@ class Uploader:
         self._resume_at = 0.0
         self._delay_s = BACKOFF_S[0]
         self._tasks: list[asyncio.Task[None]] = []
+        self._receiving: set[str] = set()
+        """Payload ids of the associations still receiving files."""
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         SPOOL_BYTES.set_function(lambda: spool.bytes)
         SPOOL_FILES.set_function(lambda: spool.files)
         SPOOL_OLDEST.set_function(spool.oldest_age_s)
@@ -126,6 +135,9 @@ class Uploader:
                     log.debug(
                         "held_file_superseded", sop_uid=key[1], held_payload_id=other.session.payload_id
                     )
+        if item.session.state == "open":
+            self._receiving.add(item.session.payload_id)
+            self._quiet.clear()
         batch = self._batches.setdefault(item.session.payload_id, Batch(item.session))
         replaced = batch.files.get(key)
         batch.files[key] = item
@@ -135,6 +147,9 @@ class Uploader:
 
     def ended(self, session: SessionInfo) -> None:
         """The association ended (its state is set): announce its files, or hold them for a retry."""
+        self._receiving.discard(session.payload_id)
+        if not self._receiving:
+            self._quiet.set()
         batch = self._batches.get(session.payload_id)
         if batch is None:
             return
@@ -196,6 +211,7 @@ class Uploader:
     async def _upload_worker(self) -> None:
         while True:
             item = await self._uploads.get()
+            await self._defer_while_receiving(item)
             key = (item.ids.study_instance_uid, item.ids.sop_instance_uid)
             ref = await self._retrying("upload", self._upload, item)
             batch = self._batches.get(item.session.payload_id)
@@ -203,6 +219,18 @@ class Uploader:
                 continue  # superseded while it was uploading
             batch.uploaded[key] = ref
             self._announce_if_uploaded(batch)
+
+    async def _defer_while_receiving(self, item: SpooledFile) -> None:
+        """Let the associations receive first, for up to `UPLOAD_DEFER_S` after ``item`` was spooled.
+
+        Receiving and uploading share one GIL: measured here, uploads running during a 324-slice study
+        doubled the modality's time, more than uploading after it costs the announcements (which wait for
+        the association's end anyway). The bound keeps a stream of associations from starving the uploads.
+        """
+        left = item.spooled_at + UPLOAD_DEFER_S - self._clock()
+        if left > 0 and not self._quiet.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._quiet.wait(), left)
 
     async def _upload(self, item: SpooledFile) -> FileRef:
         key = object_key(item.session.payload_id, item.ids)
