@@ -57,7 +57,6 @@ install_promtool() {
     (
         cd "$tmp"
         go mod init promtoolbuild >/dev/null 2>&1
-        go mod download -json "github.com/prometheus/prometheus@$promtool_version" >/dev/null
         replace="$(go mod download -json "github.com/prometheus/prometheus@$promtool_version" |
             sed -n 's/.*"GoMod": "\(.*\)",*/\1/p' | xargs grep -h '^replace ' || true)"
         printf 'require github.com/prometheus/prometheus %s\n%s\n' "$promtool_version" "$replace" >> go.mod

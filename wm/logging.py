@@ -76,6 +76,12 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
     root.setLevel(level.upper())
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for own_handlers in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        # A uvicorn started with its default log config gave these loggers plain-text handlers of their own.
+        named = logging.getLogger(own_handlers)
+        for old in named.handlers[:]:
+            named.removeHandler(old)
+        named.propagate = True
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread

@@ -17,6 +17,7 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 
+from wm.adapters.rabbitmq import Bus
 from wm.api.app import create_app
 from wm.config import Settings
 from wm.errors import TransientError
@@ -91,9 +92,9 @@ async def _serve(settings: Settings, listener: socket.socket) -> None:
     log.info("stopped")
 
 
-def _connected(bus: object) -> Check:
+def _connected(bus: Bus) -> Check:
     async def check() -> bool:
-        return bool(getattr(bus, "is_connected", False))
+        return bus.is_connected
 
     return check
 
