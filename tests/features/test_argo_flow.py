@@ -12,7 +12,7 @@ from pytest_bdd import given, parsers, scenarios, then, when
 
 from tests.features.conftest import Stack, eventually, start_mwm
 from tests.features.test_flows import create_sink, jobs_succeed, receiver_listening, send_studies
-from tests.support.argo_stack import ArgoStack, Executor, argo_stack, forget_workflows
+from tests.support.argo_stack import ArgoStack, Executor, argo_application, argo_stack, forget_workflows
 from tests.support.pipeline import register
 
 scenarios("argo_engine.feature")
@@ -70,15 +70,7 @@ def mwm_on_argo(stack: Stack, executor: StartExecutor, app: str, ae_title: str, 
     )
     sink = receiver.lower()
     create_sink(stack, sink, receiver, stack.receiver(receiver))
-    definition = {
-        "name": app,
-        "version": "1.0.0",
-        "ae_titles": [ae_title],
-        "discovery": {"quiet_period_s": 1.0, "filters": {"modalities": ["CT"]}},
-        "map": {"image": "registry/echo:1", "timeout_s": 300},
-        "engine": {"name": "argo", "argo": {}},
-        "sinks": [sink],
-    }
+    definition = argo_application(app, ae_title, sinks=[sink])
     # Through the registry with the engine on the stack (the API process the fixture started has the
     # default Argo settings).
     stack.run_async(register(argo.settings(stack.settings), definition))

@@ -11,7 +11,15 @@ import pytest
 
 from consumers import discovery, monitor, scheduler
 from schemas.events import JobFinished, JobLaunched
-from tests.support.argo_stack import ArgoStack, Executor, argo_stack, no_outputs, stack_command, workflow_path
+from tests.support.argo_stack import (
+    ArgoStack,
+    Executor,
+    argo_application,
+    argo_stack,
+    no_outputs,
+    stack_command,
+    workflow_path,
+)
 from tests.support.pipeline import arrive, consumers_running, register, tap
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
@@ -33,18 +41,6 @@ def settings_on_argo(live_settings: Settings, stack: ArgoStack) -> Settings:
     on_argo = stack.settings(live_settings)
     monitor_settings = on_argo.monitor.model_copy(update={"poll_interval_s": 0.5})
     return on_argo.model_copy(update={"monitor": monitor_settings, "retry": Settings().retry})
-
-
-def argo_application(name: str, ae_title: str) -> dict[str, Any]:
-    """An application run by Argo (the image never runs: the ``Executor`` does its work)."""
-    return {
-        "name": name,
-        "version": "1.0.0",
-        "ae_titles": [ae_title],
-        "discovery": {"quiet_period_s": 0.5, "filters": {"modalities": ["CT"]}},
-        "map": {"image": "registry/echo:1", "timeout_s": 300},
-        "engine": {"name": "argo", "argo": {}},
-    }
 
 
 async def test_ten_concurrent_jobs_survive_an_argo_server_restart(
