@@ -68,7 +68,8 @@ async def test_a_broker_restart_in_the_middle_of_the_ig_loop_loses_nothing(
                 assert not await export_tasks(settings), "the restart came after the job's end"
 
                 async def task_final() -> bool:
-                    return all(task.is_final for task in await export_tasks(settings))
+                    tasks = await export_tasks(settings)
+                    return bool(tasks) and all(task.is_final for task in tasks)
 
                 await wait_for(task_final, 240, "the export task's end")
                 received = await scp.await_files(2, timeout=30)
