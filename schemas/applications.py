@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from schemas.events import AeTitle, Uid
 
@@ -139,6 +148,17 @@ class MonaiIgSinkArgs(Definition):
     plug_in_assemblies: list[str] = Field(default_factory=list, description="IG outbound data plug-ins")
 
 
+UNION_TAGS = frozenset({"DicomSinkArgs", "MonaiIgSinkArgs"})
+"""Tags of the sink ``args`` union: they appear in validation error locations, not in field paths."""
+
+
+def _args_kind(args: object) -> str:
+    """Which sink args a value is: a MONAI IG's names ``destinations`` (or ``agent``), a C-STORE SCP not."""
+    if isinstance(args, dict):
+        return "MonaiIgSinkArgs" if {"destinations", "agent"} & set(args) else "DicomSinkArgs"
+    return type(args).__name__
+
+
 class SinkDefinition(Definition):
     """An export sink (the seed's Sink.Create).
 
@@ -151,7 +171,14 @@ class SinkDefinition(Definition):
     name: Name
     type: Literal["dicom", "external", "monai-ig"] = "dicom"
     extensions: list[str] = Field(default_factory=lambda: [".dcm"], description="only files ending so export")
-    args: DicomSinkArgs | MonaiIgSinkArgs | None = None
+    args: (
+        Annotated[
+            Annotated[DicomSinkArgs, Tag("DicomSinkArgs")]
+            | Annotated[MonaiIgSinkArgs, Tag("MonaiIgSinkArgs")],
+            Discriminator(_args_kind),
+        ]
+        | None
+    ) = None
 
     @model_validator(mode="after")
     def _args_match_type(self) -> SinkDefinition:

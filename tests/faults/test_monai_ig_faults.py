@@ -27,7 +27,7 @@ from wm.jobs import JOBS
 from wm.testing.dicom import write_ct_study
 from wm.testing.peers.dcmtk import StoreSCP
 
-JOB_SLEEP_S = 20  # longer than a RabbitMQ restart here
+JOB_SLEEP_S = 15  # the job ends during or just after the restart: its events travel after it
 
 
 async def export_tasks(settings: Settings) -> list[ExportTask]:
@@ -65,10 +65,10 @@ async def test_a_broker_restart_in_the_middle_of_the_ig_loop_loses_nothing(
 
                 await wait_for(job_created, 240, "the job")
                 await restart_rabbitmq()
-                assert not await export_tasks(settings), "the restart came after the job's end"
 
                 async def task_final() -> bool:
-                    return all(task.is_final for task in await export_tasks(settings))
+                    tasks = await export_tasks(settings)
+                    return bool(tasks) and all(task.is_final for task in tasks)
 
                 await wait_for(task_final, 240, "the export task's end")
                 received = await scp.await_files(2, timeout=30)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from schemas.applications import ApplicationDefinition
+from schemas.applications import UNION_TAGS, ApplicationDefinition
 from wm.config import Settings
 from wm.engines import available_engines, load_engine
 from wm.errors import PermanentError
@@ -100,6 +100,8 @@ def field_path(loc: Sequence[int | str]) -> str:
     """``("sinks", 1)`` -> ``sinks[1]``; ``("map", "cpu")`` -> ``map.cpu``; ``()`` -> ``(root)``."""
     path = ""
     for part in loc:
+        if part in UNION_TAGS:
+            continue  # which member of a union (``DicomSinkArgs``): a model's name, not a field's
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path or "(root)"
 
