@@ -22,18 +22,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 
 from schemas.monai_ig import ExportCompleteEvent
 from wm import exports, ig_exports
-from wm.adapters import monai_ig
 from wm.config import Settings
 from wm.domain.monai_ig import completion_result
 from wm.errors import NotFound
 from wm.exports import ExportTasks, announce_completion
 from wm.ig_exports import IgExports
+from wm.ig_queues import ig_queue
 from wm.ports import EventPublisher
-from wm.runtime import Consumer, QueueSource, Services
+from wm.runtime import Consumer, Services
 
 log = structlog.get_logger("consumers.ig_completions")
 
@@ -79,10 +78,6 @@ def build(services: Services) -> IgCompletionDeps:
     return IgCompletionDeps(ExportTasks(services.database), IgExports(services.database), services.bus)
 
 
-def _decode(message: AbstractIncomingMessage) -> ExportCompleteEvent:
-    return monai_ig.decode(message, ExportCompleteEvent)
-
-
 def _keys(settings: Settings) -> tuple[str, ...]:
     return (settings.ig.export_complete_key,)
 
@@ -93,6 +88,6 @@ CONSUMER = Consumer[IgCompletionDeps](
     handlers={ExportCompleteEvent: handle},
     build_deps=build,
     indexes=(*exports.INDEXES, *ig_exports.INDEXES),
-    source=QueueSource(bus=monai_ig.ig_bus_settings, routing_keys=_keys, decode=_decode),
+    source=ig_queue(ExportCompleteEvent, _keys),
     enabled_when=lambda settings: settings.ig.enabled,
 )

@@ -30,14 +30,13 @@ import structlog
 from schemas.events import ExportRequested
 from schemas.monai_ig import ExportRequestEvent
 from wm import exports, ig_exports
-from wm.adapters.monai_ig import IgPublisher
-from wm.adapters.objectstore import ObjectStore
 from wm.config import IgSettings, Settings
 from wm.domain.exports import failed_result, final_result, task_for
 from wm.errors import Duplicate, NotFound, PermanentError, TransientError
 from wm.exports import ExportTasks, announce_completion
 from wm.ig_exports import IgExport, IgExports, deadline_after
-from wm.ports import EventPublisher
+from wm.ig_queues import ig_publisher
+from wm.ports import BucketObjects, EventPublisher, IgTaskPublisher
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer, Services
 from wm.sinks import registered_sink
@@ -57,8 +56,8 @@ class IgExportDeps:
     tasks: ExportTasks
     handoffs: IgExports
     sinks: Sinks
-    objects: ObjectStore
-    ig: IgPublisher
+    objects: BucketObjects
+    ig: IgTaskPublisher
     bus: EventPublisher
     settings: Settings
 
@@ -188,7 +187,7 @@ def build(services: Services) -> IgExportDeps:
         IgExports(services.database),
         Sinks(services.database),
         services.objects,
-        IgPublisher(services.settings),
+        ig_publisher(services.settings),
         services.bus,
         services.settings,
     )

@@ -32,14 +32,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 
 from producers.publisher import file_message_id
 from schemas.events import BucketFile, DicomIdentifiers, FileRef, PayloadArrived
 from schemas.monai_ig import DataService, WorkflowRequestEvent
 from wm import metrics
-from wm.adapters import monai_ig
-from wm.adapters.objectstore import ObjectStore
 from wm.catalog import RegistryCatalog
 from wm.config import IgSettings, Settings
 from wm.dicom import read_identifiers
@@ -52,9 +49,10 @@ from wm.domain.monai_ig import (
     requested_files,
 )
 from wm.errors import PermanentError
-from wm.ports import ApplicationCatalog, EventPublisher
+from wm.ig_queues import ig_queue
+from wm.ports import ApplicationCatalog, BucketObjects, EventPublisher
 from wm.registry import INDEXES as REGISTRY_INDEXES
-from wm.runtime import Consumer, QueueSource, Services
+from wm.runtime import Consumer, Services
 
 log = structlog.get_logger("consumers.ig_requests")
 
@@ -67,7 +65,7 @@ class IgRequestDeps:
     """The ports the IG request consumer uses."""
 
     catalog: ApplicationCatalog
-    objects: ObjectStore
+    objects: BucketObjects
     publisher: EventPublisher
     settings: IgSettings
     work_dir: Path
@@ -136,7 +134,7 @@ async def _arrivals(request: WorkflowRequestEvent, deps: IgRequestDeps) -> list[
 
 
 async def _identifiers(
-    file: RequestedFile, sizes: dict[str, int], source: ObjectStore, deps: IgRequestDeps
+    file: RequestedFile, sizes: dict[str, int], source: BucketObjects, deps: IgRequestDeps
 ) -> DicomIdentifiers:
     """From the ``.dcm.json`` when it has them all, else from the DICOM header."""
     if file.metadata_key is not None and file.metadata_key in sizes:
@@ -163,10 +161,6 @@ def build(services: Services) -> IgRequestDeps:
     return IgRequestDeps(catalog, services.objects, services.bus, settings.ig, work_dir)
 
 
-def _decode(message: AbstractIncomingMessage) -> WorkflowRequestEvent:
-    return monai_ig.decode(message, WorkflowRequestEvent)
-
-
 def _keys(settings: Settings) -> tuple[str, ...]:
     return (settings.ig.workflow_request_key,)
 
@@ -177,6 +171,6 @@ CONSUMER = Consumer[IgRequestDeps](
     handlers={WorkflowRequestEvent: handle},
     build_deps=build,
     indexes=REGISTRY_INDEXES,
-    source=QueueSource(bus=monai_ig.ig_bus_settings, routing_keys=_keys, decode=_decode),
+    source=ig_queue(WorkflowRequestEvent, _keys),
     enabled_when=lambda settings: settings.ig.enabled,
 )

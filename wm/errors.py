@@ -18,6 +18,8 @@ Adapters translate library exceptions to these at the edge.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class MwmError(Exception):
     """Base class of every error MWM raises on purpose."""
@@ -33,6 +35,15 @@ class PermanentError(MwmError):
 
 class InvalidMessage(PermanentError):
     """A bus message that fails validation (not JSON, wrong schema, missing properties)."""
+
+    @classmethod
+    def from_validation(cls, what: str, exc: ValidationError) -> InvalidMessage:
+        """The body did not validate as ``what``: every failing field, with its path, in one reason."""
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+            for error in exc.errors(include_url=False)
+        )
+        return cls(f"{what} failed validation: {problems}")
 
 
 class ValidationFailed(PermanentError):

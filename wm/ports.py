@@ -8,13 +8,14 @@ import-linter contract (``[tool.importlinter]`` in ``pyproject.toml``) keeps it 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
 from schemas.applications import ApplicationDefinition, SinkDefinition
 from schemas.events import Event, ExportOutcome, FileExportResult, FileRef, PayloadArrived
+from schemas.monai_ig import IgMessage
 from wm.domain.discovery import Candidate, Joined, Placement
 from wm.domain.engines import EngineStatus, JobSpec
 from wm.domain.exports import ExportResult, ExportTask, RedeliveryPolicy
@@ -111,6 +112,44 @@ class ObjectStorage(Protocol):
 
     async def list(self, prefix: str) -> list[FileRef]:
         """The objects under ``prefix``."""
+        ...
+
+
+class BucketObjects(Protocol):
+    """One bucket of the object store as the IG consumers read and fill it (``ObjectStore``)."""
+
+    bucket: str
+
+    def in_bucket(self, bucket: str) -> BucketObjects:
+        """The same store on another bucket of the same server."""
+        ...
+
+    async def copy(self, source_key: str, target_key: str, source_bucket: str | None = None) -> None:
+        """Copy an object server-side, from this bucket or ``source_bucket`` (idempotent)."""
+        ...
+
+    async def list(self, prefix: str) -> list[FileRef]:
+        """The objects under ``prefix``."""
+        ...
+
+    def stream(self, key: str, chunk_size: int = ...) -> AsyncIterator[bytes]:
+        """The object's bytes, chunk by chunk."""
+        ...
+
+    async def download_file(self, key: str, path: Path) -> None:
+        """Download the object ``key`` to the local file ``path``."""
+        ...
+
+
+class IgTaskPublisher(Protocol):
+    """Publishes to a MONAI Informatics Gateway's exchange (``wm.adapters.monai_ig.IgPublisher``)."""
+
+    async def publish(self, body: IgMessage, routing_key: str, correlation_id: str) -> str:
+        """Publish ``body`` with the properties the IG requires; the message id it went out with."""
+        ...
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep the connection to the IG's broker until ``stop`` is set."""
         ...
 
 

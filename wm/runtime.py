@@ -160,11 +160,7 @@ def decode(message: AbstractIncomingMessage, accepted: Mapping[type[BaseModel], 
     try:
         return event_class.model_validate_json(message.body)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
-            for error in exc.errors(include_url=False)
-        )
-        raise InvalidMessage(f"{event_class.type_name()} failed validation: {problems}") from exc
+        raise InvalidMessage.from_validation(event_class.type_name(), exc) from exc
 
 
 @dataclass

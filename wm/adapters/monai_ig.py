@@ -62,11 +62,7 @@ def decode(message: AbstractIncomingMessage, model: type[M]) -> M:
     try:
         return model.model_validate_json(message.body)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
-            for error in exc.errors(include_url=False)
-        )
-        raise InvalidMessage(f"{model.message_type} failed validation: {problems}") from exc
+        raise InvalidMessage.from_validation(model.message_type, exc) from exc
 
 
 def message_for(body: IgMessage, correlation_id: str, app_id: str) -> aio_pika.Message:
