@@ -44,9 +44,9 @@ from schemas.events import BucketReady  # noqa: E402
 from tests.support.pipeline import arrive, consumers_running, mip_application, register, tap  # noqa: E402
 from tests.support.services import cleanup, settings_env  # noqa: E402
 from wm.adapters.mongo import Database  # noqa: E402
-from wm.buckets import BUCKETS, FILES  # noqa: E402
 from wm.config import Settings  # noqa: E402
 from wm.logging import configure_logging  # noqa: E402
+from wm.stores.buckets import BUCKETS, FILES  # noqa: E402
 from wm.testing.dicom import write_ct_study  # noqa: E402
 
 APPLICATION = "bench-discovery"

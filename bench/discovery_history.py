@@ -4,7 +4,8 @@
 
 Two databases on the real MongoDB-wire server, one empty, one holding ``--buckets`` closed (and published)
 buckets of ``--files-per-bucket`` files each (20,000 files by default): their bucket, file, slot, closure,
-membership and seal documents, in the shapes ``wm.buckets`` writes. On each, ``--rounds`` new studies of
+membership and seal documents, in the shapes ``wm.stores.buckets`` writes. On each, ``--rounds`` new studies
+of
 ``--study-files`` files are added through ``BucketStore.add_file`` and closed with ``BucketStore.close``
 (the closure: bucket look-up, closure insert, reading the bucket's files, the seal); the sweep
 (``BucketStore.due`` and ``BucketStore.unpublished``, what each replica runs every second) is timed 20
@@ -38,12 +39,12 @@ from bus_hop import bench_settings, wait_for_services  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
 
 from tests.support.events import payload_arrived  # noqa: E402
-from wm import bucket_index, buckets  # noqa: E402
 from wm.adapters.mongo import Database  # noqa: E402
-from wm.buckets import BucketStore, membership_id, seal_id  # noqa: E402
 from wm.config import Settings  # noqa: E402
 from wm.domain.discovery import Placement  # noqa: E402
 from wm.logging import configure_logging  # noqa: E402
+from wm.stores import bucket_index, buckets  # noqa: E402
+from wm.stores.buckets import BucketStore, membership_id, seal_id  # noqa: E402
 
 SWEEPS = 20
 BATCH = 1000

@@ -8,7 +8,7 @@ Queue ``mwm.discovery``, bound to ``mwm.payload.arrived``.
   decide whether and where the file goes (``wm.domain.discovery``).
 - Effects: the file joins the open bucket of each (application revision, grouping value) and the bucket's
   quiet-period timer is re-armed. The background timer closes due buckets and publishes ``BucketReady``
-  (``wm.timers``).
+  (``wm.service_layer.timers``).
 - Idempotency: a file's id in a bucket is its bucket key plus object key; a redelivered event adds nothing.
 - Failure: a file that matches nothing is acknowledged, logged and counted (``mwm_unmatched_files_total``),
   never requeued. A database outage is retried by the runtime, then dead-lettered.
@@ -22,13 +22,15 @@ from dataclasses import dataclass
 import structlog
 
 from schemas.events import PayloadArrived
-from wm import buckets, metrics, timers
-from wm.buckets import BucketStore
-from wm.catalog import RegistryCatalog
+from wm import metrics
 from wm.domain.discovery import placements
 from wm.ports import ApplicationCatalog, BucketRecords, QuietPeriodTimers
 from wm.registry import INDEXES as REGISTRY_INDEXES
 from wm.runtime import Consumer, Services
+from wm.service_layer import timers
+from wm.stores import buckets
+from wm.stores.buckets import BucketStore
+from wm.stores.catalog import RegistryCatalog
 
 log = structlog.get_logger("consumers.discovery")
 

@@ -18,7 +18,8 @@ Queue ``mwm.exporter``, bound to ``mwm.export.requested.dicom``.
 - Failure: destination problems are per-file results, never requeues. A destination unavailable through the
   sink's short retries defers the task: its lease is given back, the delivery acknowledged, and a timer
   requests it again after a backoff with jitter, over ``export.redelivery_window_s``; only the files not sent
-  yet go again (``wm.export_retry``). A rejected association fails at once. An unknown sink (or sink type)
+  yet go again (``wm.stores.export_retry``). A rejected association fails at once. An unknown sink (or sink
+  type)
   fails the task. MWM's own services down: ``TransientError``, retried by the runtime, then ``give_up`` marks
   the task failed and publishes ``ExportCompleted(failed)``, so nothing waits forever.
 """
@@ -39,7 +40,6 @@ import structlog
 
 from schemas.applications import SinkDefinition
 from schemas.events import ExportRequested
-from wm import export_retry, exports
 from wm.domain.exports import (
     ExportResult,
     ExportTask,
@@ -52,8 +52,6 @@ from wm.domain.exports import (
     unsent,
 )
 from wm.errors import Duplicate, NotFound, PermanentError
-from wm.export_retry import REDELIVERY_SWEEP_S, ExportRetries
-from wm.exports import ExportTasks, announce_completion
 from wm.leases import renewed
 from wm.ports import (
     EventPublisher,
@@ -66,6 +64,9 @@ from wm.ports import (
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer, Services
 from wm.sinks import DestinationUnavailable, load_sink
+from wm.stores import export_retry, exports
+from wm.stores.export_retry import REDELIVERY_SWEEP_S, ExportRetries
+from wm.stores.exports import ExportTasks, announce_completion
 
 log = structlog.get_logger("consumers.exporter")
 
@@ -107,7 +108,7 @@ async def handle(event: ExportRequested, deps: ExporterDeps) -> None:
             await deps.tasks.release(task.export_task_id, owner)
         raise
     if final is None:
-        return  # deferred: a timer requests it again (`wm.export_retry`)
+        return  # deferred: a timer requests it again (`wm.stores.export_retry`)
     log.info(
         "export_finished",
         outcome=final.state,
@@ -177,7 +178,7 @@ async def _requeue_expired(deps: ExporterDeps) -> None:
 
 
 async def redeliver_due(deps: ExporterDeps, stop: asyncio.Event) -> None:
-    """Background: request again the deferred tasks whose redelivery is due (`wm.export_retry`)."""
+    """Background: request again the deferred tasks whose redelivery is due (`wm.stores.export_retry`)."""
     await _periodically(stop, REDELIVERY_SWEEP_S, functools.partial(_redeliver, deps), "export_redelivery")
 
 

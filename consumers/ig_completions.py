@@ -5,7 +5,7 @@ with ``ig.export_complete_key``: MWM's own queue beside a Workflow Manager's.
 
 - In: ``ExportCompleteEvent`` (``status`` by name or integer, ``file_statuses`` integers or names, or
   absent as from IG 0.3.0-0.3.1).
-- Decisions: the task must be one MWM handed to the IG (``wm.ig_exports``) under the same workflow
+- Decisions: the task must be one MWM handed to the IG (``wm.stores.ig_exports``) under the same workflow
   instance id (MWM's job id); a completion for any other task is a Workflow Manager's: acknowledged and
   ignored. ``wm.domain.monai_ig.completion_result`` maps the statuses to MWM's outcome and a result per
   file (the IG keys mapped back to MWM's).
@@ -24,15 +24,15 @@ from dataclasses import dataclass
 import structlog
 
 from schemas.monai_ig import ExportCompleteEvent
-from wm import exports, ig_exports
 from wm.config import Settings
 from wm.domain.monai_ig import completion_result
 from wm.errors import NotFound
-from wm.exports import ExportTasks, announce_completion
-from wm.ig_exports import IgExports
 from wm.ig_queues import ig_queue
 from wm.ports import EventPublisher
 from wm.runtime import Consumer, Services
+from wm.stores import exports, ig_exports
+from wm.stores.exports import ExportTasks, announce_completion
+from wm.stores.ig_exports import IgExports
 
 log = structlog.get_logger("consumers.ig_completions")
 

@@ -6,7 +6,7 @@ Queue ``<bus.queue_prefix>.ig-exports`` on MWM's bus, bound to ``mwm.export.requ
 - Effect: the task (created from the event when missing) is taken in progress under a lease as long as
   the deadline; its files are placed in the IG's bucket (server-side copies, for files that live
   elsewhere) under de-duplicated keys (``wm.sinks.monai_ig``); the hand-off is recorded
-  (``wm.ig_exports``) and then one ``ExportRequestEvent`` is published to
+  (``wm.stores.ig_exports``) and then one ``ExportRequestEvent`` is published to
   ``<ig.export_request_prefix>.<agent>`` on the IG's exchange, with the properties the IG requires.
 - Emits: nothing on MWM's bus until the end: ``consumers.ig_completions`` records the IG's completion;
   the background sweep fails a task whose completion has not come by ``ig.export_deadline_s`` (the IG
@@ -29,18 +29,18 @@ import structlog
 
 from schemas.events import ExportRequested
 from schemas.monai_ig import ExportRequestEvent
-from wm import exports, ig_exports
 from wm.config import IgSettings, Settings
 from wm.domain.exports import failed_result, final_result, task_for
 from wm.errors import Duplicate, NotFound, PermanentError, TransientError
-from wm.exports import ExportTasks, announce_completion
-from wm.ig_exports import IgExport, IgExports, deadline_after
 from wm.ig_queues import ig_publisher
 from wm.ports import BucketObjects, EventPublisher, IgTaskPublisher
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer, Services
 from wm.sinks import registered_sink
 from wm.sinks.monai_ig import MonaiIgSink
+from wm.stores import exports, ig_exports
+from wm.stores.exports import ExportTasks, announce_completion
+from wm.stores.ig_exports import IgExport, IgExports, deadline_after
 
 log = structlog.get_logger("consumers.ig_exports")
 

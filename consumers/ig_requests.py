@@ -37,7 +37,6 @@ from producers.publisher import file_message_id
 from schemas.events import BucketFile, DicomIdentifiers, FileRef, PayloadArrived
 from schemas.monai_ig import DataService, WorkflowRequestEvent
 from wm import metrics
-from wm.catalog import RegistryCatalog
 from wm.config import IgSettings, Settings
 from wm.dicom import read_identifiers
 from wm.domain.discovery import Candidate, Placement, placements
@@ -53,6 +52,7 @@ from wm.ig_queues import ig_queue
 from wm.ports import ApplicationCatalog, BucketObjects, EventPublisher
 from wm.registry import INDEXES as REGISTRY_INDEXES
 from wm.runtime import Consumer, Services
+from wm.stores.catalog import RegistryCatalog
 
 log = structlog.get_logger("consumers.ig_requests")
 

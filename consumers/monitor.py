@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import structlog
 
 from schemas.events import ExportRequested, JobLaunched, JobOutcome, SinkRef
-from wm import jobs, metrics
+from wm import metrics
 from wm.config import MonitorSettings
 from wm.domain.exports import task_for
 from wm.domain.jobs import (
@@ -45,9 +45,6 @@ from wm.domain.jobs import (
 )
 from wm.engines import LoadedEngines
 from wm.errors import TransientError
-from wm.exports import INDEXES as EXPORT_INDEXES
-from wm.exports import ExportTasks
-from wm.jobs import JobStore
 from wm.leases import renewed
 from wm.ports import (
     ApplicationRevisions,
@@ -60,6 +57,10 @@ from wm.ports import (
 )
 from wm.registry import Registry
 from wm.runtime import Consumer, Services
+from wm.stores import jobs
+from wm.stores.exports import INDEXES as EXPORT_INDEXES
+from wm.stores.exports import ExportTasks
+from wm.stores.jobs import JobStore
 
 log = structlog.get_logger("consumers.monitor")
 

@@ -23,8 +23,6 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from schemas.events import BucketReady
-from wm import jobs
-from wm.catalog import CachedRevisions
 from wm.domain.engines import JobSpec
 from wm.domain.jobs import (
     Job,
@@ -38,10 +36,12 @@ from wm.domain.jobs import (
 )
 from wm.engines import LoadedEngines
 from wm.errors import Conflict
-from wm.jobs import JobStore
 from wm.ports import ApplicationRevisions, EngineDirectory, EventPublisher, JobRecords, ObjectStorage
 from wm.registry import INDEXES as REGISTRY_INDEXES
 from wm.runtime import Consumer, Services
+from wm.stores import jobs
+from wm.stores.catalog import CachedRevisions
+from wm.stores.jobs import JobStore
 
 log = structlog.get_logger("consumers.scheduler")
 

@@ -25,8 +25,8 @@ from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import Bus, dead_letter_queue_name, queue_name
 from wm.domain.exports import OPEN_STATES, ExportState
 from wm.domain.jobs import TERMINAL, JobState
-from wm.exports import EXPORT_TASKS
-from wm.jobs import JOBS
+from wm.stores.exports import EXPORT_TASKS
+from wm.stores.jobs import JOBS
 
 log = structlog.get_logger("wm.fleet")
 

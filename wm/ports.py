@@ -31,7 +31,7 @@ class EventPublisher(Protocol):
 
 
 class ApplicationCatalog(Protocol):
-    """The registered applications a file may trigger (``wm.catalog.RegistryCatalog``)."""
+    """The registered applications a file may trigger (``wm.stores.catalog.RegistryCatalog``)."""
 
     async def candidates(self, event: PayloadArrived) -> list[Candidate]:
         """Latest active revisions of the applications the event names, or mapped to its called AE."""
@@ -166,7 +166,7 @@ SinkOpener = Callable[[SinkDefinition], Sink]
 
 
 class BucketRecords(Protocol):
-    """Open buckets and their files (``wm.buckets.BucketStore``)."""
+    """Open buckets and their files (``wm.stores.buckets.BucketStore``)."""
 
     async def add_file(self, placement: Placement, event: PayloadArrived) -> Joined:
         """Add a file to the open generation of its bucket (idempotent for a redelivered event)."""
@@ -174,7 +174,7 @@ class BucketRecords(Protocol):
 
 
 class QuietPeriodTimers(Protocol):
-    """Close buckets when their quiet period ends (``wm.timers.BucketTimers``)."""
+    """Close buckets when their quiet period ends (``wm.service_layer.timers.BucketTimers``)."""
 
     def arm(self, bucket_id: str, due: datetime) -> None:
         """Close ``bucket_id`` at ``due`` unless more files move it later."""
@@ -186,7 +186,7 @@ class QuietPeriodTimers(Protocol):
 
 
 class JobRecords(Protocol):
-    """Job persistence as the scheduler and the monitor use it (``wm.jobs.JobStore``)."""
+    """Job persistence as the scheduler and the monitor use it (``wm.stores.jobs.JobStore``)."""
 
     async def create(self, job: Job) -> Job:
         """Insert the job, or return the one that already exists under its id."""
@@ -240,7 +240,7 @@ class JobRecords(Protocol):
 
 
 class ExportTaskRecords(Protocol):
-    """Export tasks as the monitor and the exporter use them (``wm.exports.ExportTasks``)."""
+    """Export tasks as the monitor and the exporter use them (``wm.stores.exports.ExportTasks``)."""
 
     async def create(self, task: ExportTask) -> bool:
         """Insert the task; False when a task with its id exists already."""
@@ -279,7 +279,7 @@ class ExportTaskRecords(Protocol):
 
 
 class ExportRedeliveries(Protocol):
-    """Deferred export tasks and their redelivery timers (``wm.export_retry.ExportRetries``)."""
+    """Deferred export tasks and their redelivery timers (``wm.stores.export_retry.ExportRetries``)."""
 
     async def defer(
         self,

@@ -25,10 +25,10 @@ from tests.support.pipeline import consumer_command
 from tests.support.services import REPO
 from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import dead_letter_queue_name, queue_name
-from wm.buckets import BUCKETS
 from wm.config import Settings
-from wm.exports import EXPORT_TASKS
-from wm.jobs import FINISHES, JOBS
+from wm.stores.buckets import BUCKETS
+from wm.stores.exports import EXPORT_TASKS
+from wm.stores.jobs import FINISHES, JOBS
 
 CONSUMERS = ("discovery", "scheduler", "monitor", "exporter")
 E = TypeVar("E", bound=Event)

@@ -22,8 +22,8 @@ from tests.support.services import require_services, services_command, wait_for
 from wm.adapters.mongo import Database
 from wm.config import Settings
 from wm.domain.exports import ExportState, ExportTask
-from wm.exports import ExportTasks
-from wm.jobs import JOBS
+from wm.stores.exports import ExportTasks
+from wm.stores.jobs import JOBS
 from wm.testing.dicom import write_ct_study
 from wm.testing.peers.dcmtk import StoreSCP
 

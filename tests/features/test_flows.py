@@ -10,8 +10,8 @@ from pytest_bdd import given, parsers, scenarios, then, when
 from tests.features.conftest import Stack, eventually, start_mwm
 from tests.support.pipeline import MIP_APP
 from wm.adapters.mongo import Database
-from wm.buckets import BUCKETS
-from wm.jobs import JobStore
+from wm.stores.buckets import BUCKETS
+from wm.stores.jobs import JobStore
 from wm.testing.dicom import write_ct_study
 from wm.testing.peers import LOCALHOST, storescu
 

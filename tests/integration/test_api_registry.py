@@ -17,9 +17,9 @@ from tests.support.api import assert_problem
 from wm.adapters.mongo import Database
 from wm.api.app import create_app
 from wm.api.server import running
-from wm.auth import API_KEYS, ApiKeys
 from wm.config import Settings
 from wm.registry import Registry, migrate
+from wm.stores.auth import API_KEYS, ApiKeys
 from wm.testing.peers import LOCALHOST, StoreSCP, free_port
 
 

@@ -27,9 +27,9 @@ from tests.support.pipeline import consumers_running, mip_application, register,
 from tests.support.services import services_command, wait_for
 from wm.adapters.mongo import Database
 from wm.config import Settings
-from wm.jobs import JobStore
 from wm.registry import Registry
 from wm.runtime import Consumer
+from wm.stores.jobs import JobStore
 from wm.testing.dicom import GeneratedStudy, write_ct_study
 from wm.testing.peers import LOCALHOST, StoreSCP, astorescu, free_port
 

@@ -19,9 +19,9 @@ from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.api.app import create_app
 from wm.api.server import running
-from wm.auth import ApiKeys
 from wm.config import Settings
 from wm.registry import Registry
+from wm.stores.auth import ApiKeys
 from wm.testing.dicom import write_ct_study
 from wm.testing.peers import LOCALHOST, astorescu, free_port
 

@@ -11,12 +11,12 @@ from schemas.events import BucketReady
 from tests.support.events import payload_arrived
 from tests.support.pipeline import EventTap, arrive, consumers_running, mip_application, register, tap
 from tests.support.services import consumer_processes, queue_settled, wait_for
-from wm import buckets
 from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import Bus, queue_name
-from wm.buckets import BucketStore, Closing
 from wm.config import Settings
 from wm.domain.discovery import Placement, file_id
+from wm.stores import buckets
+from wm.stores.buckets import BucketStore, Closing
 from wm.testing.dicom import write_ct_study
 
 QUIET = 1.0

@@ -24,7 +24,7 @@ from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.domain.exports import ExportState, ExportTask
 from wm.errors import NotFound
-from wm.exports import ExportTasks
+from wm.stores.exports import ExportTasks
 from wm.testing.dicom import write_ct_study
 from wm.testing.peers import StoreSCP
 

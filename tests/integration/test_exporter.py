@@ -29,10 +29,10 @@ from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
 from wm.config import Settings
 from wm.domain.exports import ExportState, task_for
-from wm.exports import ExportTasks
 from wm.registry.models import PageRequest
 from wm.registry.sinks import Sinks
 from wm.runtime import open_services, run_consumers
+from wm.stores.exports import ExportTasks
 from wm.testing.dicom import write_ct_study
 from wm.testing.peers import LOCALHOST, Orthanc, StoreSCP, free_port
 

@@ -11,8 +11,8 @@ from tests.support.exports import create_task, placeholder_files
 from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import Bus, dead_letter_queue_name
 from wm.config import Settings
-from wm.exports import INDEXES, ExportTasks
 from wm.fleet import FleetGauges
+from wm.stores.exports import INDEXES, ExportTasks
 
 
 def sample(name: str, **labels: str) -> float:

@@ -31,8 +31,8 @@ from wm.adapters.rabbitmq import Bus
 from wm.api.app import create_app
 from wm.api.server import running
 from wm.config import Settings
-from wm.exports import EXPORT_TASKS
 from wm.registry import Registry
+from wm.stores.exports import EXPORT_TASKS
 from wm.testing.dicom import write_ct_study
 from wm.testing.peers import LOCALHOST, free_port
 

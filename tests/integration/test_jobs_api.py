@@ -9,8 +9,8 @@ import httpx
 from tests.support.api import api_settings, assert_problem
 from tests.support.jobs import SLEEPER, job_finished, launch_job, pipeline_and_api
 from wm.adapters.mongo import Database
-from wm.auth import ApiKeys
 from wm.config import Settings
+from wm.stores.auth import ApiKeys
 from wm.testing.peers import free_port
 
 

@@ -22,7 +22,7 @@ from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import REASON_HEADER, Bus, dead_letter_queue_name
 from wm.config import Settings
 from wm.domain.exports import ExportState
-from wm.exports import ExportTasks
+from wm.stores.exports import ExportTasks
 from wm.testing.dicom import write_ct_study
 from wm.testing.peers import LOCALHOST, astorescu, free_port
 from wm.testing.peers.dcmtk import StoreSCP

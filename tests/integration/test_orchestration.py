@@ -10,14 +10,14 @@ from consumers import discovery, monitor, scheduler
 from schemas.events import BucketReady, ExportRequested, JobFinished, JobLaunched
 from tests.support.pipeline import arrive, consumers_running, mip_application, register, tap
 from tests.support.services import consumer_processes, queue_settled
-from wm import jobs
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus, queue_name
 from wm.config import Settings
 from wm.domain.jobs import JobState, JobTransition
-from wm.jobs import JOBS, Job, JobStore
 from wm.registry import Registry
+from wm.stores import jobs
+from wm.stores.jobs import JOBS, Job, JobStore
 from wm.testing.dicom import write_ct_study
 
 

@@ -22,8 +22,8 @@ from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.api.app import create_app
 from wm.api.server import running
-from wm.auth import ApiKeys, Scope
 from wm.config import Settings
+from wm.stores.auth import ApiKeys, Scope
 from wm.testing.dicom import write_corrupt_file, write_ct_study
 from wm.testing.peers import LOCALHOST, free_port
 

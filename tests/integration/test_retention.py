@@ -11,17 +11,17 @@ from tests.support.events import payload_arrived
 from tests.support.exports import create_task, placeholder_files
 from tests.support.jobs import SLEEPER, job_finished, launch_job, pipeline_and_api
 from tests.support.services import settings_env
-from wm import bucket_index, buckets, exports, jobs
 from wm.adapters.mongo import PROCESSED_MESSAGES, Database, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
-from wm.buckets import BucketStore
 from wm.config import Settings
-from wm.discovery_retention import DiscoveryRetention
 from wm.domain.discovery import Placement
 from wm.domain.jobs import JobState
 from wm.engines.local import LocalEngine
-from wm.exports import ExportTasks
-from wm.jobs import JobStore
+from wm.stores import bucket_index, buckets, exports, jobs
+from wm.stores.buckets import BucketStore
+from wm.stores.discovery_retention import DiscoveryRetention
+from wm.stores.exports import ExportTasks
+from wm.stores.jobs import JobStore
 
 NOW = datetime.now(UTC)
 OLD, RECENT = NOW - timedelta(days=8), NOW - timedelta(days=6)

@@ -15,10 +15,10 @@ from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.api.app import create_app
 from wm.api.server import running
-from wm.auth import ApiKeys
 from wm.config import Settings
 from wm.domain.exports import task_for
-from wm.exports import INDEXES, ExportTasks
+from wm.stores.auth import ApiKeys
+from wm.stores.exports import INDEXES, ExportTasks
 from wm.testing.peers import LOCALHOST, free_port
 
 SINK = "ig"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wm.auth import BOOTSTRAP, Principal, digest, new_token, parse_token
+from wm.stores.auth import BOOTSTRAP, Principal, digest, new_token, parse_token
 
 
 def test_a_new_token_carries_its_key_id_and_a_secret() -> None:

@@ -1,7 +1,7 @@
 """The FastAPI application: `create_app` builds it; its lifespan opens the database (and migrates it), the
 object store and the broker connection.
 
-Nothing connects at import. Every route but ``/health`` needs an API key (see `wm.auth`).
+Nothing connects at import. Every route but ``/health`` needs an API key (see `wm.stores.auth`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from wm import exports
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
@@ -27,10 +26,11 @@ from wm.api import (
     routes_sinks,
 )
 from wm.api.problems import install_problem_handlers
-from wm.auth import ApiKeys
 from wm.config import Settings
 from wm.registry import EngineValidator, Registry, engine_validator, migrate
 from wm.retry import retrying
+from wm.stores import exports
+from wm.stores.auth import ApiKeys
 
 
 def create_app(settings: Settings, validator: EngineValidator | None = None) -> FastAPI:

@@ -10,10 +10,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
-from wm.auth import ApiKeys, Principal, Scope
 from wm.config import Settings
-from wm.exports import ExportTasks
 from wm.registry import MAX_PAGE_SIZE, PageRequest, Registry
+from wm.stores.auth import ApiKeys, Principal, Scope
+from wm.stores.exports import ExportTasks
 
 _bearer = HTTPBearer(auto_error=False, description="an MWM API key: `mwm_<key id>_<secret>`")
 

@@ -3,7 +3,7 @@
 ``GET /exports/{id}`` (read) shows a task: its state, every file's result, its redeliveries while the
 destination was unavailable (``retries``, ``retry_at``) and the operator's retries (``reruns``).
 ``POST /exports/{id}/retry`` (admin) reopens a ``failed`` or ``partial`` task and requests it again: only the
-files that failed are sent (`wm.export_retry`); 409 for a task in any other state. The list is
+files that failed are sent (`wm.stores.export_retry`); 409 for a task in any other state. The list is
 ``GET /exports`` (`wm.api.routes_exports`).
 """
 
@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from wm.api.deps import ADMIN, READ, BusDep, ExportTasksDep
 from wm.api.routes_exports import TaskPath
 from wm.domain.exports import ExportTask
-from wm.export_retry import ExportRetries
+from wm.stores.export_retry import ExportRetries
 
 router = APIRouter(prefix="/exports", tags=["exports"])
 

@@ -5,7 +5,7 @@ lease, 204 when there is none), downloads the task's files (``GET /exports/{id}/
 its lease while it works (``POST /exports/{id}/lease``), reports per-file results (``PUT /exports/{id}``)
 and finally the outcome (``PUT`` with ``final`` or a ``state``), which publishes ``export.completed``. It
 gives a task back with ``DELETE /exports/{id}/lease``; a client that dies gives it back when its lease
-expires. Two clients never hold the same task (`wm.exports`). Every update quotes the lease (``owner``
+expires. Two clients never hold the same task (`wm.stores.exports`). Every update quotes the lease (``owner``
 and ``lease`` number): a client that does not hold the task's live lease gets 409.
 """
 
@@ -22,8 +22,8 @@ from schemas.events import ExportOutcome, FileExportResult, Identifier
 from wm.api.deps import GATEWAY, READ, BusDep, ExportTasksDep, ObjectsDep, PageDep, SettingsDep
 from wm.domain.exports import ExportState, ExportTask, Lease
 from wm.errors import NotFound
-from wm.exports import announce_completion
 from wm.registry import Page
+from wm.stores.exports import announce_completion
 
 router = APIRouter(prefix="/exports", tags=["exports"])
 

@@ -1,7 +1,8 @@
 """``/jobs``: list and read jobs, and ask for one to be cancelled.
 
 ``POST /jobs/{id}/retry`` (admin) runs a failed, timed-out or cancelled job again on its staged inputs as
-a new attempt (`wm.job_retry`); the job keeps the history of its attempts. 409 when the job cannot be
+a new attempt (`wm.service_layer.job_retry`); the job keeps the history of its attempts. 409 when the job
+cannot be
 retried (it succeeded, is still running, or its inputs were removed by retention).
 
 A cancel is a request: it marks the job and makes it due for a status check; the monitor then cancels it
@@ -22,9 +23,9 @@ from wm.api.deps import ADMIN, READ, BusDep, ObjectsDep, PageDep, RegistryDep, S
 from wm.domain.jobs import TERMINAL, Job, JobAttempt, JobState
 from wm.engines import LoadedEngines
 from wm.errors import Conflict
-from wm.job_retry import RetryPorts, retry_job
-from wm.jobs import JobStore
 from wm.registry import Page
+from wm.service_layer.job_retry import RetryPorts, retry_job
+from wm.stores.jobs import JobStore
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

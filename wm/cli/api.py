@@ -12,12 +12,12 @@ from typing import Annotated, TypeVar
 import typer
 
 from wm.adapters.mongo import Database
-from wm.auth import ApiKeys, Scope
 from wm.cli.output import OutputFormat, emit
 from wm.config import Settings
 from wm.errors import MwmError
 from wm.logging import configure_logging
 from wm.registry import migrate
+from wm.stores.auth import ApiKeys, Scope
 
 T = TypeVar("T")
 

@@ -1,5 +1,5 @@
 """``mwm cleanup``: remove what is older than the retention (``MWM_EXPORT__RETENTION_DAYS``); see
-`wm.retention`. Run it by hand or periodically (a Kubernetes CronJob: docs/deployment.md)."""
+`wm.stores.retention`. Run it by hand or periodically (a Kubernetes CronJob: docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from typing import Annotated
 
 import typer
 
-from wm import buckets, exports, jobs
 from wm.adapters.mongo import PROCESSED_MESSAGES_INDEXES, Database, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
-from wm.discovery_retention import DiscoveryRetention
 from wm.engines.local import LocalEngine
 from wm.errors import MwmError
-from wm.retention import Removed, Stores, clean_up, cutoff_for
+from wm.stores import buckets, exports, jobs
+from wm.stores.discovery_retention import DiscoveryRetention
+from wm.stores.retention import Removed, Stores, clean_up, cutoff_for
 
 
 def cleanup(

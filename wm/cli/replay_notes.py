@@ -19,7 +19,7 @@ from wm.adapters.mongo import Database
 from wm.config import Settings
 from wm.domain.jobs import job_id_for
 from wm.errors import NotFound
-from wm.jobs import JobStore
+from wm.stores.jobs import JobStore
 
 
 class ReplayNotes:

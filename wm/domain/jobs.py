@@ -6,7 +6,8 @@
        +--fail (launch kept failing)--> failed
     cancel: created|launched|running -> cancelled;  time_out: launched|running -> timed_out
 
-    retry (a new attempt): failed|cancelled|timed_out -> launched (``RETRYABLE``; see ``wm.job_retry``)
+    retry (a new attempt): failed|cancelled|timed_out -> launched (``RETRYABLE``; see
+    ``wm.service_layer.job_retry``)
 
 Terminal states accept nothing (a retry starts a new attempt of the job rather than moving the ended
 one on; the attempt that ended is kept in the job's history). Re-applying the transition that led to the

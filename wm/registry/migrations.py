@@ -12,10 +12,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from wm.adapters.mongo import Database, translated_errors
-from wm.auth import API_KEYS_INDEXES
 from wm.errors import Duplicate
 from wm.registry.aetitles import AE_TITLE_LINKS_INDEXES
 from wm.registry.applications import APPLICATIONS_INDEXES
+from wm.stores.auth import API_KEYS_INDEXES
 
 SCHEMA_MIGRATIONS = "schema_migrations"
 

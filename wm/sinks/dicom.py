@@ -19,7 +19,8 @@ For one export task, downloading and sending overlap:
    lane with exponential backoff, ``export.retry_attempts`` association attempts in all; the file in hand
    is sent again. When a lane gave up (or the destination answered "out of resources", 0xA7xx), the sink
    raises ``DestinationUnavailable`` with the results of the files that got through: the exporter sends
-   the rest again after a delay (``wm.export_retry``), over ``export.redelivery_window_s``. An association
+   the rest again after a delay (``wm.stores.export_retry``), over ``export.redelivery_window_s``. An
+   association
    *rejected* by the destination (wrong AE titles, calling AE not recognised) stops the export at once and
    fails every file not sent: retrying cannot help, and a retry loop on rejection is how exports loop
    forever (MONAI Informatics Gateway #153, #200).

@@ -17,7 +17,7 @@ on FerretDB):
   event is published only after its seal is stored (an outbox).
 
 Why no file is lost or counted twice: a file first records its bucket (write W1: its document, then a slot
-of the bucket, ``wm.bucket_index``), then looks for that bucket's closure (read R1); the closer first
+of the bucket, ``wm.stores.bucket_index``), then looks for that bucket's closure (read R1); the closer first
 inserts the closure (W2), then reads the bucket's slots and their files (R2).
 Either R2 sees the file (the closer contests it) or R2 came before W1, hence W2 before R1 and the file
 sees the closure (the file contests it). If both see each other, the unique insert decides.
@@ -25,7 +25,7 @@ sees the closure (the file contests it). If both see each other, the unique inse
 Cost: FerretDB (v1, SQLite) looks a document up by ``_id`` equality cheaply but scans (and decodes) the
 whole collection for any other query, and these documents are kept for the retention period, so the hot
 paths use ``_id`` look-ups and inserts only: the closer reads its bucket's slots and files by ``_id``, and
-the sweep reads the watch list of buckets not closed yet (``wm.bucket_index``), not ``buckets``. A file
+the sweep reads the watch list of buckets not closed yet (``wm.stores.bucket_index``), not ``buckets``. A file
 costs an insert, a ``$max`` on its bucket and its watch entry (in parallel), a slot and a look-up of the
 bucket's closure; each replica remembers the generation it last saw open per
 bucket key (a hint, never trusted: a file that joins a generation that closed meanwhile sees its closure and
@@ -47,11 +47,11 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.errors import BulkWriteError
 
 from schemas.events import BucketFile, BucketReady, PayloadArrived
-from wm import bucket_index
 from wm.adapters.mongo import DUPLICATE_KEY, Database, Document, IndexSpec, translated_errors
-from wm.bucket_index import BucketSlots, BucketWatch
 from wm.domain.discovery import Joined, Placement, after_earlier_generations, bucket_ready, closes_at, file_id
 from wm.errors import Duplicate
+from wm.stores import bucket_index
+from wm.stores.bucket_index import BucketSlots, BucketWatch
 
 BUCKETS = "buckets"
 FILES = "bucket_files"
@@ -62,7 +62,7 @@ KEYS = "bucket_keys"
 DUPLICATE_INSTANCES = Counter(
     "mwm_discovery_duplicate_instances_total", "Instances resent after their study's job ran (not run again)"
 )
-log = structlog.get_logger("wm.buckets")
+log = structlog.get_logger("wm.stores.buckets")
 OPEN_HINTS = 10_000  # bucket keys remembered per replica; past this the hints start over
 
 INDEXES = (

@@ -23,10 +23,10 @@ from wm.adapters.objectstore import ObjectStore
 from wm.domain.jobs import engine_job_name, launched_message_id, retry_refusal
 from wm.engines import JobSpec
 from wm.errors import Conflict
-from wm.jobs import Job, JobStore, launched_event
 from wm.ports import ApplicationRevisions, EngineDirectory, EventPublisher
+from wm.stores.jobs import Job, JobStore, launched_event
 
-log = structlog.get_logger("wm.job_retry")
+log = structlog.get_logger("wm.service_layer.job_retry")
 
 
 @dataclass(frozen=True)

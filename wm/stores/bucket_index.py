@@ -13,7 +13,8 @@ files would grow with every study ever received (0.1 s per 1,000 buckets, 1.3 s 
   ``<bucket id>#<n>``). A slot is taken by a unique insert, and slot ``n`` is only tried once slot ``n - 1``
   is known to exist, so the taken slots always form a prefix ``0 .. k-1``. The closer reads slots from 0
   up to the first missing one. Why no file is lost: a file takes its slot after its file document is
-  written and before it looks for its bucket's closure (W1, then R1 in ``wm.buckets``); the closer inserts
+  written and before it looks for its bucket's closure (W1, then R1 in ``wm.stores.buckets``); the closer
+  inserts
   the closure, then reads the slots (W2, then R2). A slot the closer found missing, and every later one,
   was taken after R2 began, hence after W2: its file sees the closure and contests its membership. A file
   may have several slots (a redelivery takes one again, in case a crash came between the two writes):

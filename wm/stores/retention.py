@@ -11,7 +11,7 @@ Removed once older than the retention:
 - whole bucket keys (every generation's discovery documents) and the received files (``payloads/``) they
   point to, once every generation closed before the cutoff and no job made from them is unfinished; and
   payload objects nothing points to (refused or aborted C-STOREs) once older than the cutoff
-  (``wm.discovery_retention``). A retried job's attempts' work directories go with the job's.
+  (``wm.stores.discovery_retention``). A retried job's attempts' work directories go with the job's.
 
 Safe to run on any schedule, from several places at once: every removal is idempotent.
 """
@@ -24,10 +24,10 @@ from datetime import UTC, datetime, timedelta
 
 from wm.adapters.mongo import ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
-from wm.discovery_retention import DiscoveryRetention
 from wm.engines.local import LocalEngine
-from wm.exports import ExportTasks
-from wm.jobs import JobStore
+from wm.stores.discovery_retention import DiscoveryRetention
+from wm.stores.exports import ExportTasks
+from wm.stores.jobs import JobStore
 
 
 @dataclass

@@ -38,8 +38,8 @@ from wm.domain.exports import (
     requested_event,
 )
 from wm.errors import Conflict
-from wm.exports import EXPORT_LEASES, EXPORT_TASKS, ExportTasks
 from wm.ports import EventPublisher
+from wm.stores.exports import EXPORT_LEASES, EXPORT_TASKS, ExportTasks
 
 EXPORT_RETRIES = "export_retries"
 INDEXES = (IndexSpec(EXPORT_RETRIES, (IndexModel([("due_at", ASCENDING)]),)),)

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from wm import bucket_index, buckets, timers
 from wm.adapters.mongo import Database, Document, delete_matching, translated_errors
 from wm.adapters.objectstore import ObjectStore
 from wm.domain.jobs import TERMINAL, job_id_for
-from wm.jobs import JOBS
+from wm.service_layer import timers
+from wm.stores import bucket_index, buckets
+from wm.stores.jobs import JOBS
 
 PAYLOADS = "payloads/"
 CHUNK = 500

@@ -5,7 +5,7 @@ milliseconds of its quiet period. The timer state that matters lives in MongoDB 
 open bucket, mirrored on the watch list of open buckets), and every replica also sweeps that list for due
 buckets every ``sweep_interval_s``: when
 the replica that armed a timer dies, or everything restarts, the sweep closes the bucket. Whoever closes it,
-the closure is decided by a unique insert (``wm.buckets``), so ``bucket.ready`` is published once.
+the closure is decided by a unique insert (``wm.stores.buckets``), so ``bucket.ready`` is published once.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pymongo import IndexModel
 
 from schemas.events import BucketReady
 from wm.adapters.mongo import Database, IndexSpec, translated_errors
-from wm.buckets import BucketStore
 from wm.errors import Duplicate, TransientError
 from wm.ports import EventPublisher
+from wm.stores.buckets import BucketStore
 
-log = structlog.get_logger("wm.timers")
+log = structlog.get_logger("wm.service_layer.timers")
 
 RETRIES = "bucket_closure_retries"
 CONCURRENT_CLOSURES = 16

@@ -116,7 +116,8 @@ class JobStore:
         return job.model_copy(update={"state": state, **fields})
 
     async def begin_attempt(self, job: Job, engine_job_id: str, deadline: datetime) -> Job:
-        """Start the next attempt of an ended ``job``, launched as ``engine_job_id`` (``wm.job_retry``).
+        """Start the next attempt of an ended ``job``, launched as ``engine_job_id``
+        (``wm.service_layer.job_retry``).
 
         The attempt that ended goes to the history. Written only while the job is still as read (state and
         attempt): of two concurrent retries one wins, the other gets ``Conflict``. The job's finish claim is
