@@ -368,3 +368,29 @@ def test_the_gateway_is_a_stateful_set_with_its_spool_on_a_persistent_volume(
     assert int(env["MWM_GATEWAY__SPOOL_MAX_BYTES"]) < 20 * 1024**3
     services = {s["metadata"]["name"] for s in of_kind(manifests, "Service")}
     assert gateway["spec"]["serviceName"] in services
+
+
+def test_a_cronjob_runs_retention_with_the_settings_of_the_other_pods(
+    manifests: tuple[Manifest, ...],
+) -> None:
+    [cronjob] = of_kind(manifests, "CronJob")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    [api] = [d for d in workloads(manifests) if component(d) == "api"]
+    [api_container] = containers(api)
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid", "two cleanups never overlap"
+    assert [container["command"], container["args"]] == [["mwm"], ["cleanup"]]
+    assert container["envFrom"] == api_container["envFrom"], "the same ConfigMap as the other pods"
+    assert container["env"] == [e for e in api_container["env"] if "valueFrom" in e], (
+        "the same credentials from the Secret"
+    )
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[mounts["/var/lib/mwm/work"]]
+
+
+def test_the_cleanup_cronjob_can_be_turned_off() -> None:
+    result = template("--set", "cleanup.enabled=false")
+    assert result.returncode == 0, result.stderr
+    assert not [doc for doc in yaml.safe_load_all(result.stdout) if doc and doc["kind"] == "CronJob"]
