@@ -66,10 +66,10 @@ from wm.config import GatewaySettings, Settings
 from wm.dicom import InvalidDicom, read_identifiers
 from wm.dicom_encoding import encoding_problem
 from wm.errors import MwmError
-from wm.observability import listen_observability, serve
+from wm.observability import listen_observability, serve, stop_on_signals
 from wm.pynetdicom_patches import has_requested, receive_into
 from wm.registry import Registry
-from wm.runtime import Services, health_app, open_services, stop_on_signals
+from wm.runtime import Services, health_app, open_services
 
 log = structlog.get_logger("producers.gateway")
 

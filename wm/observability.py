@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
@@ -136,3 +137,12 @@ async def serve(app: Any, listener: socket.socket, stop: asyncio.Event) -> None:
     server.should_exit = True
     stopping.cancel()
     await serving
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import gc
 import itertools
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,17 +31,17 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.applications import Starlette
 
-from schemas.events import EVENTS_BY_TYPE_NAME, Event
 from wm import metrics
 from wm.adapters.mongo import PROCESSED_MESSAGES_INDEXES, Database, IndexSpec, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
 from wm.config import BusSettings, Settings
+from wm.delivery import decode, event_context
 from wm.errors import Duplicate, InvalidMessage, PermanentError, TransientError
-from wm.observability import HTTP_PORT_VARIABLE, Check, listen, listen_observability, observability_app, serve
+from wm.observability import Check, listen_observability, observability_app, serve, stop_on_signals
 from wm.retry import backoff_delays, retrying
 
 log = structlog.get_logger("wm.runtime")
@@ -148,21 +147,6 @@ _SUCCEEDED = _Outcome("succeeded")
 _DUPLICATE = _Outcome("duplicate")
 
 
-def decode(message: AbstractIncomingMessage, accepted: Mapping[type[BaseModel], object]) -> Event:
-    """The event in a delivery; ``InvalidMessage`` says precisely what is wrong with it."""
-    if not message.message_id:
-        raise InvalidMessage("missing AMQP property message_id")
-    if message.content_type not in (None, "application/json"):
-        raise InvalidMessage(f"content_type {message.content_type!r} is not application/json")
-    event_class = EVENTS_BY_TYPE_NAME.get(message.type or "")
-    if event_class is None or event_class not in accepted:
-        raise InvalidMessage(f"unsupported event type {message.type!r}")
-    try:
-        return event_class.model_validate_json(message.body)
-    except ValidationError as exc:
-        raise InvalidMessage.from_validation(event_class.type_name(), exc) from exc
-
-
 @dataclass
 class ConsumerRunner(Generic[Deps]):
     """Runs one consumer on its own channel of the shared connection."""
@@ -253,7 +237,7 @@ class ConsumerRunner(Generic[Deps]):
             structlog.contextvars.bind_contextvars(**context)
             outcome = _Outcome("dead_lettered", str(exc), "invalid")
         else:
-            structlog.contextvars.bind_contextvars(**context, **_event_context(event))
+            structlog.contextvars.bind_contextvars(**context, **event_context(event))
             outcome = await self._outcome(event, message)
         await self._settle(message, outcome)
         elapsed = time.perf_counter() - started
@@ -336,20 +320,6 @@ class ConsumerRunner(Generic[Deps]):
             log.warning("ack_lost", error=repr(exc))
 
 
-def _event_context(event: BaseModel) -> dict[str, str]:
-    """Log context an operator searches by: the study, and the ids the event is about."""
-    fields = vars(event)  # not getattr: a missing attribute costs pydantic an exception
-    context: dict[str, str] = {}
-    dicom = fields.get("dicom")
-    if dicom is not None:
-        context["study_uid"] = dicom.study_instance_uid
-    for key in ("bucket_id", "job_id", "export_task_id", "application_id"):
-        value = fields.get(key)
-        if value:
-            context[key] = str(value)
-    return context
-
-
 def service_checks(services: Services) -> dict[str, Check]:
     """The readiness checks of a role that uses all three services."""
 
@@ -363,20 +333,6 @@ def health_app(services: Services) -> Starlette:
     """``/healthz`` (alive), ``/readyz`` (broker, database and object store reachable), ``/metrics``."""
     checks = service_checks(services)
     return observability_app(lambda: checks)
-
-
-async def serve_http(app: Any, host: str, port: int, stop: asyncio.Event) -> None:
-    """Serve an ASGI app until ``stop`` is set (no signal handling of its own)."""
-    await serve(app, listen(host, port, HTTP_PORT_VARIABLE), stop)
-
-
-def stop_on_signals() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 async def run_consumers(

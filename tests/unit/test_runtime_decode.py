@@ -10,8 +10,8 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from schemas.events import BucketReady, PayloadArrived
 from tests.support.events import payload_arrived
+from wm.delivery import decode
 from wm.errors import InvalidMessage
-from wm.runtime import decode
 
 ACCEPTS: dict[type[Any], object] = {PayloadArrived: object()}
 

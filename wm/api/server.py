@@ -22,8 +22,15 @@ from wm.api.app import create_app
 from wm.config import Settings
 from wm.errors import TransientError
 from wm.fleet import FleetGauges
-from wm.observability import Check, EmbeddedServer, listen, listen_observability, observability_app, serve
-from wm.runtime import stop_on_signals
+from wm.observability import (
+    Check,
+    EmbeddedServer,
+    listen,
+    listen_observability,
+    observability_app,
+    serve,
+    stop_on_signals,
+)
 
 log = structlog.get_logger("wm.api")
 

@@ -34,7 +34,7 @@ def export_client(
     """Claim export tasks of a sink through the API, send their files by C-STORE, report the results."""
     from producers.export_client import ClientOptions, run_client  # pynetdicom only for this command
     from schemas.applications import DicomSinkArgs
-    from wm.runtime import stop_on_signals
+    from wm.observability import stop_on_signals
 
     settings = Settings()
     if api_url:
