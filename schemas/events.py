@@ -75,6 +75,13 @@ class Event(Contract):
         return True
 
 
+class InformationalEvent(Event):
+    """An event published for other systems: no MWM consumer needs it, so no queue need be bound."""
+
+    def must_route(self) -> bool:
+        return False
+
+
 class PayloadArrived(Event):
     """A DICOM file was stored in the object store (by the gateway, the Payloads API or an external IG)."""
 
@@ -140,12 +147,8 @@ class JobLaunched(Event):
 JobOutcome = Literal["succeeded", "failed", "cancelled", "timed_out"]
 
 
-class JobFinished(Event):
+class JobFinished(InformationalEvent):
     """A job reached a terminal state."""
-
-    def must_route(self) -> bool:
-        """Informational for other systems: no MWM consumer needs it."""
-        return False
 
     event_type: ClassVar[str] = "mwm.job.finished"
 
@@ -200,12 +203,8 @@ class FileExportResult(Contract):
 ExportOutcome = Literal["succeeded", "partial", "failed"]
 
 
-class ExportCompleted(Event):
+class ExportCompleted(InformationalEvent):
     """An export task ended, with a result per file."""
-
-    def must_route(self) -> bool:
-        """Informational for other systems: no MWM consumer needs it."""
-        return False
 
     event_type: ClassVar[str] = "mwm.export.completed"
 

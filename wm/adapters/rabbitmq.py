@@ -207,17 +207,7 @@ class Bus:
                 DEAD_LETTERED_AT_HEADER: datetime.now(UTC).isoformat(),
             }
         )
-        message = aio_pika.Message(
-            body=incoming.body,
-            headers=headers,
-            content_type=incoming.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=incoming.message_id,
-            correlation_id=incoming.correlation_id,
-            type=incoming.type,
-            timestamp=incoming.timestamp,
-            app_id=incoming.app_id,
-        )
+        message = persistent_copy(incoming, headers)
         await self._publish(self._dead_letter_exchange, message, queue_name(self.settings, consumer))
 
     async def _publish(
@@ -238,6 +228,25 @@ class Bus:
             raise TransientError(f"no queue is bound to {key!r} (run `mwm topology declare`): not routed")
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise TransientError(f"broker did not confirm the publish to {key!r}: {confirmation!r}")
+
+
+def persistent_copy(incoming: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
+    """A persistent message with ``incoming``'s body and properties but ``headers`` instead of its own.
+
+    Dead-lettering and replaying both republish a delivery as it came, ids and timestamp included, so a
+    consumer's idempotency sees the copy as the same message.
+    """
+    return aio_pika.Message(
+        body=incoming.body,
+        headers=dict(headers),
+        content_type=incoming.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=incoming.message_id,
+        correlation_id=incoming.correlation_id,
+        type=incoming.type,
+        timestamp=incoming.timestamp,
+        app_id=incoming.app_id,
+    )
 
 
 def describe_dead_letter(message: AbstractIncomingMessage) -> Mapping[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -15,43 +15,29 @@ from wm.registry import MAX_PAGE_SIZE, PageRequest, Registry
 from wm.stores.auth import ApiKeys, Principal, Scope
 from wm.stores.exports import ExportTasks
 
+T = TypeVar("T")
+
 _bearer = HTTPBearer(auto_error=False, description="an MWM API key: `mwm_<key id>_<secret>`")
 
 
-def registry(request: Request) -> Registry:
-    """The registry opened by the app's lifespan."""
-    found: Registry = request.app.state.registry
-    return found
+def _from_app_state(name: str, kind: type[T]) -> Callable[[Request], T]:
+    """A dependency returning ``request.app.state.<name>``, which the app's lifespan opened or set."""
+
+    def dependency(request: Request) -> T:
+        found: T = getattr(request.app.state, name)
+        return found
+
+    dependency.__name__ = name
+    dependency.__doc__ = f"The {kind.__name__} the app's lifespan put in ``app.state.{name}``."
+    return dependency
 
 
-def objects(request: Request) -> ObjectStore:
-    """The object store opened by the app's lifespan."""
-    found: ObjectStore = request.app.state.objects
-    return found
-
-
-def bus(request: Request) -> Bus:
-    """The broker connection opened by the app's lifespan."""
-    found: Bus = request.app.state.bus
-    return found
-
-
-def settings(request: Request) -> Settings:
-    """The settings the app was created with."""
-    found: Settings = request.app.state.settings
-    return found
-
-
-def export_tasks(request: Request) -> ExportTasks:
-    """The export task store opened by the app's lifespan."""
-    found: ExportTasks = request.app.state.export_tasks
-    return found
-
-
-def api_keys(request: Request) -> ApiKeys:
-    """The API key store opened by the app's lifespan."""
-    found: ApiKeys = request.app.state.api_keys
-    return found
+registry = _from_app_state("registry", Registry)
+objects = _from_app_state("objects", ObjectStore)
+bus = _from_app_state("bus", Bus)
+settings = _from_app_state("settings", Settings)
+export_tasks = _from_app_state("export_tasks", ExportTasks)
+api_keys = _from_app_state("api_keys", ApiKeys)
 
 
 def require(*scopes: Scope) -> Callable[..., Awaitable[Principal]]:

@@ -12,7 +12,13 @@ from typing import Annotated, Any
 import aio_pika
 import typer
 
-from wm.adapters.rabbitmq import Bus, dead_letter_queue_name, describe_dead_letter, queue_name
+from wm.adapters.rabbitmq import (
+    Bus,
+    dead_letter_queue_name,
+    describe_dead_letter,
+    persistent_copy,
+    queue_name,
+)
 from wm.cli.output import OutputFormat, emit
 from wm.cli.replay_notes import ReplayNotes
 from wm.config import Settings
@@ -176,17 +182,7 @@ def _replayable(message: aio_pika.abc.AbstractIncomingMessage, run: str) -> aio_
     }
     headers["x-mwm-replayed-at"] = datetime.now(UTC).isoformat()
     headers[REPLAY_RUN_HEADER] = run
-    return aio_pika.Message(
-        body=message.body,
-        headers=headers,
-        content_type=message.content_type,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        type=message.type,
-        timestamp=message.timestamp,
-        app_id=message.app_id,
-    )
+    return persistent_copy(message, headers)
 
 
 @dlq_app.command("show")

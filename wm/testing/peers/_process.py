@@ -8,8 +8,11 @@ import signal
 import socket
 import subprocess
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 LOCALHOST = "127.0.0.1"
 _DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
@@ -23,6 +26,27 @@ class PeerUnavailableError(RuntimeError):
 
 class PeerStartError(RuntimeError):
     """A peer process exited or did not become ready in time; the message carries the tail of its log."""
+
+
+class PeerProcess(ABC):
+    """A peer run as a child process: a ``with`` block starts it and stops it however the block ends."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start the process and return once it serves."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the process (idempotent)."""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 def peer_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -15,6 +15,7 @@ from typing import Self
 
 from wm.testing.peers._process import (
     LOCALHOST,
+    PeerProcess,
     dcmtk_tool,
     free_port,
     peer_env,
@@ -23,7 +24,7 @@ from wm.testing.peers._process import (
 )
 
 
-class StoreSCP:
+class StoreSCP(PeerProcess):
     """dcmtk ``storescp`` receiving C-STOREs on ``port`` into ``directory``.
 
     Usable as a sync (``with``) or async (``async with``) context manager; the process is listening when the
@@ -164,15 +165,6 @@ class StoreSCP:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"storescp received {len(files)} of {count} files in {timeout} s")
             await asyncio.sleep(0.05)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     async def __aenter__(self) -> Self:
         await asyncio.to_thread(self.start)

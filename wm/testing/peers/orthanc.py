@@ -9,13 +9,13 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
 from wm.testing.peers._process import (
     LOCALHOST,
+    PeerProcess,
     PeerStartError,
     free_port,
     log_tail,
@@ -26,7 +26,7 @@ from wm.testing.peers._process import (
 )
 
 
-class Orthanc:
+class Orthanc(PeerProcess):
     """Debian's Orthanc 1.10 on loopback with a generated configuration in a temporary directory.
 
     HTTP on ``127.0.0.1:http_port`` (no authentication, remote access off), DICOM on ``dicom_port`` with AE
@@ -186,15 +186,6 @@ class Orthanc:
     def log(self) -> str:
         """Orthanc's log so far."""
         return log_tail(self.log_path, limit=10**9)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- REST API ----------------------------------------------------------------------------------------
 
