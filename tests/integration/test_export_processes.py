@@ -91,7 +91,9 @@ async def test_a_pacs_that_refuses_fails_every_file_at_once(
     settings = export_settings(live_settings, send_processes, retry_attempts=5, retry_initial_delay_s=30.0)
     async with ObjectStore(settings.object_store) as objects:
         refs = await study_with_bad_files(objects, tmp_path / "study", slices=12)
-        async with StoreSCP(tmp_path / "scp", aet=SCP_AET, refuse=True) as scp:
+        # --fork: each lane's request gets its own A-ASSOCIATE-RJ (storescp serving one at a time may drop
+        # the second connection unanswered, which is transient and retried).
+        async with StoreSCP(tmp_path / "scp", aet=SCP_AET, refuse=True, extra_args=["--fork"]) as scp:
             results = await sink(settings, objects, scp.port).export(refs)
             log = scp.log()
     outcome = by_name(results)
@@ -121,4 +123,6 @@ async def test_a_peer_that_aborts_is_retried_then_each_unsent_file_fails_once(
     # storescp keeps each file it received before aborting, but the sender never saw a response.
     for result in outcome.values():
         assert result.status == "failed" and "gave up after 2 attempts" in (result.error or ""), result
-    assert log.count("Association Acknowledged") == 4, "two lanes, two attempts each"
+    # The lane holding files tries twice; the other lane too, unless it found the feed empty (the first
+    # lane took every waiting file in one batch) and ended after its first association.
+    assert log.count("Association Acknowledged") in (3, 4), log

@@ -58,15 +58,16 @@ from wm.domain.exports import lane_count
 from wm.errors import MwmError, NotFound, PermanentError
 from wm.pynetdicom_patches import check_version
 from wm.sinks import ExportSink, FileSource
-from wm.sinks.dicom_lanes import lane_executor, open_association, release, store
+from wm.sinks.dicom_lanes import lane_executor, open_association, release, store_all
 
 log = structlog.get_logger("wm.sinks.dicom")
 
 MAX_PRESENTATION_CONTEXTS = 128
-MAX_MESSAGE_ID = 0xFFFF
 Pair = tuple[str, str]
 """(SOP class UID, transfer syntax UID): one presentation context."""
 PREFETCH = 32
+BATCH = 16
+"""Files handed to a lane's worker at once, when that many are waiting (one hand-off, not one a file)."""
 """Files downloaded ahead of the lanes at most (bounds the scratch space a slow destination fills)."""
 LITTLE_ENDIAN = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 COMMON_STORAGE_CLASSES = (
@@ -114,9 +115,17 @@ class Pipeline:
         """The next file to send; None at the end of the feed or once the export is stopped."""
         if self.stopped:
             return None
-        item = await self.feed.get()
+        return self._took(await self.feed.get())
+
+    def ready(self) -> LocalFile | None:
+        """The next file if one is waiting (None if none is, at the end, or once stopped)."""
+        if self.stopped or self.feed.empty():
+            return None
+        return self._took(self.feed.get_nowait())
+
+    def _took(self, item: LocalFile | None) -> LocalFile | None:
         if item is None:
-            self.feed.put_nowait(None)
+            self.feed.put_nowait(None)  # the end, for every lane
         else:
             self.slots.release()
         return item
@@ -255,19 +264,39 @@ class DicomSink(ExportSink):
         """
         loop = asyncio.get_running_loop()
         try:
-            while (item := carried.pop(0) if carried else await pipeline.next()) is not None:
-                if (item.sop_class_uid, item.transfer_syntax_uid) not in accepted:
-                    pipeline.outliers.append(item)
-                    continue
-                message_id = len(results) % MAX_MESSAGE_ID + 1
-                result = await loop.run_in_executor(worker, store, item.path, item.ref.key, message_id)
-                if result is None:
-                    carried.append(item)
+            while batch := await self._batch(accepted, pipeline, carried):
+                first_id = len(results)
+                paths = [(item.path, item.ref.key) for item in batch]
+                sent = await loop.run_in_executor(worker, store_all, paths, first_id)
+                results.extend(sent)
+                if len(sent) < len(batch):
+                    carried[:0] = batch[len(sent) :]
                     return False
-                results.append(result)
             return True
         finally:
             await loop.run_in_executor(worker, release)
+
+    @staticmethod
+    async def _batch(
+        accepted: frozenset[Pair], pipeline: Pipeline, carried: list[LocalFile]
+    ) -> list[LocalFile]:
+        """The carried files, else the next file to send and those already waiting behind it (up to
+        `BATCH`): one hand-off to the lane's worker for all of them. Empty at the end of the feed."""
+        batch: list[LocalFile] = []
+        while len(batch) < BATCH:
+            if carried:
+                item: LocalFile | None = carried.pop(0)
+            elif not batch:
+                item = await pipeline.next()
+            else:
+                item = pipeline.ready()
+            if item is None:
+                return batch
+            if (item.sop_class_uid, item.transfer_syntax_uid) in accepted:
+                batch.append(item)
+            else:
+                pipeline.outliers.append(item)
+        return batch
 
     async def _fetch(self, file: FileRef, path: Path) -> LocalFile | FileExportResult:
         """Download ``file`` and read its file meta; a failed result when it is missing or not DICOM."""

@@ -33,6 +33,7 @@ from schemas.events import FileExportResult
 from wm.config import ExportSettings
 from wm.pynetdicom_patches import dul_socket, keep_responses
 
+MAX_MESSAGE_ID = 0xFFFF
 STORED_CATEGORIES = frozenset({STATUS_SUCCESS, STATUS_WARNING})
 """C-STORE status categories that mean the destination kept the instance (warnings: coerced elements)."""
 
@@ -110,6 +111,18 @@ def store(path: Path, key: str, message_id: int) -> FileExportResult | None:
     if category in STORED_CATEGORIES:
         return FileExportResult(key=key, status="succeeded")
     return FileExportResult(key=key, status="failed", error=f"C-STORE status 0x{code:04X} ({category})")
+
+
+def store_all(files: list[tuple[Path, str]], first_id: int) -> list[FileExportResult]:
+    """C-STORE ``files`` (path, key) in order: their results, ending early when the association is gone
+    (the files without a result are to be sent again). Message ids count on from ``first_id``."""
+    results: list[FileExportResult] = []
+    for offset, (path, key) in enumerate(files):
+        result = store(path, key, (first_id + offset) % MAX_MESSAGE_ID + 1)
+        if result is None:
+            break
+        results.append(result)
+    return results
 
 
 def release() -> None:
