@@ -31,8 +31,8 @@ Cost (issue #6, 324 CT slices, 164 MB, dcmtk storescp with its 16 KB maximum PDU
 2.2 s of CPU per study sending from local files (about 10,000 P-DATA PDUs through its DUL thread, one
 Python round trip each), the S3 download 1.0 to 2.2 s more. With ``export.send_processes`` each lane's
 association lives in a worker process of its own (`wm.sinks.dicom_lanes`; one process per association,
-so never more than ``max_associations``): files go to it by path, results come back per file. Off by
-default: measured slower than threads (a pipe round trip per file; see bench/README.md).
+so never more than ``max_associations``): files go to it by path in batches, results come back per
+file. Off by default: not faster than threads on the loaded two-core machine measured (bench/README.md).
 """
 
 from __future__ import annotations
