@@ -14,7 +14,8 @@ same run, alternating, ``--rounds`` times each; the median of each is compared.
 Needs the S3 server (``bash scripts/services up``), dcmtk and Orthanc. Prints markdown-table rows: export
 vs Orthanc (target <= 2.5) and export vs the download floor (target <= 1.3).
 
-Run: ``python -m bench.export_vs_orthanc [--slices 324] [--rounds 3] [--associations 1]``.
+Run: ``python -m bench.export_vs_orthanc [--slices 324] [--rounds 3] [--associations 1]``; with
+``MWM_EXPORT__SEND_PROCESSES=false`` the sink sends from threads of its own process (the earlier design).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ async def upload(objects: ObjectStore, files: list[Path], prefix: str) -> list[F
 
 
 async def time_mwm(sink: DicomSink, refs: list[FileRef], cpu: list[float]) -> float:
-    """Seconds to export ``refs``; appends the process CPU seconds it took (every thread) to ``cpu``."""
+    """Seconds to export ``refs``; appends this process's CPU seconds (every thread; not the CPU of the
+    sink's sending processes, with ``export.send_processes``) to ``cpu``."""
     started, cpu_started = time.perf_counter(), time.process_time()
     results = (await sink.export(refs)).results
     elapsed = time.perf_counter() - started
@@ -172,7 +174,11 @@ def main() -> None:
     mwm, orthanc, floor = asyncio.run(
         run(options.slices, options.rounds, options.associations, options.scp_max_pdu)
     )
-    what = f"{options.slices}-slice CT, {options.associations} association(s), PDU {options.scp_max_pdu}"
+    senders = "processes" if Settings().export.send_processes else "threads"
+    what = (
+        f"{options.slices}-slice CT, {options.associations} association(s) in {senders}, "
+        f"PDU {options.scp_max_pdu}"
+    )
     print(
         f"| export vs Orthanc ({what}) | mwm {mwm:.2f} s | Orthanc {orthanc:.2f} s "
         f"| ratio {mwm / orthanc:.2f} | target <= {TARGET_RATIO} |"

@@ -17,7 +17,8 @@ for ``gateway.abort_grace_s``, waiting for the sender's retry:
 - when a later association carrying one of the held study's instances ends well, the held files left (those
   the retry did not resend) are announced with it;
 - with no retry, the held files are announced at the end of the grace period, marked ``interrupted``, so the
-  job record says the study may be incomplete.
+  job record says the study may be incomplete; a retry still receiving the same study as the grace period
+  ends is waited for (up to one more grace period).
 
 A file is deleted from the spool only after its upload and its announcement were both confirmed. After a
 crash the spool is uploaded again from the start: the object key and the message id are the same, so an
@@ -201,12 +202,27 @@ class Uploader:
             for batch in list(self._batches.values()):
                 ended = batch.session.ended_at
                 if batch.session.state == "aborted" and ended is not None and now - ended >= self._grace_s:
+                    if now - ended < 2 * self._grace_s and self._retry_receiving(batch):
+                        continue
                     log.warning(
                         "held_files_released_without_retry",
                         correlation_id=batch.session.payload_id,
                         files=len(batch.files),
                     )
                     self._release(batch, interrupted=True)
+
+    def _retry_receiving(self, held: Batch) -> bool:
+        """Whether an association is receiving one of the held files' studies now (a retry in progress).
+
+        The grace period then waits for its end (at most one more grace period): ended well, it releases
+        the held files with it; aborted, they are released as interrupted. Matched by study, not by calling
+        AE title, so a modality that keeps sending other studies cannot hold them back.
+        """
+        studies = {study for study, _ in held.files}
+        return any(
+            other.session.state == "open" and any(study in studies for study, _ in other.files)
+            for other in self._batches.values()
+        )
 
     async def _upload_worker(self) -> None:
         while True:

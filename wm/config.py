@@ -166,6 +166,9 @@ class ExportSettings(BaseModel):
     files_per_association: int = Field(
         32, ge=1, description="split a task over several associations only when each gets this many files"
     )
+    send_processes: bool = Field(
+        False, description="each association sends from its own process (one per association, not one GIL)"
+    )
     retry_attempts: int = Field(3, ge=1, description="association attempts for transient failures")
     retry_initial_delay_s: float = Field(0.5, ge=0, description="first backoff delay, doubled each attempt")
     redelivery_window_s: float = Field(

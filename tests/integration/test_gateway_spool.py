@@ -11,6 +11,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -132,11 +133,16 @@ async def test_a_full_spool_refuses_with_out_of_resources_and_loses_nothing_acce
 
 
 def send_raw(
-    address: tuple[str, int], files: Sequence[Path], abort_after: int | None = None, called: str = AET
+    address: tuple[str, int],
+    files: Sequence[Path],
+    abort_after: int | None = None,
+    called: str = AET,
+    pause_s: float = 0.0,
 ) -> list[tuple[int, str]]:
     """C-STORE ``files`` as their bytes are, pynetdicom streaming each from disk; (status, Error Comment)s.
 
-    With ``abort_after``, the association is aborted after that many files instead of released.
+    With ``abort_after``, the association is aborted after that many files instead of released; with
+    ``pause_s``, it waits that long before each file (a slow sender).
     """
     _config.STORE_SEND_CHUNKED_DATASET = True  # the file's bytes as they are, never decoded
     ae = AE(ae_title=SENDER)
@@ -148,6 +154,7 @@ def send_raw(
         if index == abort_after:
             assoc.abort()
             return statuses
+        time.sleep(pause_s)
         response = assoc.send_c_store(path)
         statuses.append((int(response.Status), str(response.get("ErrorComment", ""))))
     assoc.release()
@@ -200,6 +207,26 @@ async def test_an_aborted_association_not_resent_is_announced_after_the_grace_pe
         events = announced(await collect(queue, 4, within_s=settings.gateway.abort_grace_s + 10))
     assert sorted(event.dicom.sop_instance_uid for event in events) == sop_uids(study.files[:4])
     assert all(event.interrupted for event in events)
+
+
+async def test_a_retry_still_receiving_as_the_grace_period_ends_is_waited_for(
+    settings: Settings, study: GeneratedStudy
+) -> None:
+    grace = settings.gateway.abort_grace_s
+    await map_ae_title(settings)
+    async with bound_queue(settings, PayloadArrived.event_type) as queue, serving(settings) as (gateway, _):
+        statuses = await asyncio.to_thread(send_raw, gateway.address, study.files, 4)
+        assert statuses == [(0, "")] * 4
+        await asyncio.sleep(grace - 1.0)
+        # The resend starts before the grace period ends and resends the 4 held files last, after it ended.
+        resent = study.files[::-1]
+        statuses = await asyncio.to_thread(send_raw, gateway.address, resent, pause_s=0.25)
+        assert statuses == [(0, "")] * len(resent)
+        events = announced(await collect(queue, len(resent)))
+        await asyncio.sleep(grace)
+        assert await drain(queue) == []
+    assert sorted(event.dicom.sop_instance_uid for event in events) == sop_uids(study.files)
+    assert len({event.payload_id for event in events}) == 1 and not any(event.interrupted for event in events)
 
 
 def start_gateway(settings: Settings, log: Path) -> subprocess.Popen[bytes]:

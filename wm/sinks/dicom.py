@@ -32,46 +32,45 @@ timeout and abort.
 
 Cost (issue #6, 324 CT slices, 164 MB, dcmtk storescp with its 16 KB maximum PDU): pynetdicom spends about
 2.2 s of CPU per study sending from local files (about 10,000 P-DATA PDUs through its DUL thread, one
-Python round trip each), the S3 download 1.0 to 2.2 s more, on one GIL: parallel associations overlap
-round trips, not CPU.
+Python round trip each), the S3 download 1.0 to 2.2 s more. With ``export.send_processes`` each lane's
+association lives in a worker process of its own (`wm.sinks.dicom_lanes`; one process per association,
+so never more than ``max_associations``): files go to it by path in batches, results come back per
+file. Off by default: not faster than threads on the loaded two-core machine measured (bench/README.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import tempfile
 from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import structlog
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, build_context, evt
-from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from schemas.applications import DicomSinkArgs, SinkDefinition
 from schemas.events import FileExportResult, FileRef
 from wm.config import Settings
 from wm.domain.exports import lane_count
 from wm.errors import MwmError, NotFound, PermanentError
-from wm.pynetdicom_patches import check_version, dul_socket, keep_responses
+from wm.pynetdicom_patches import check_version
 from wm.sinks import DestinationUnavailable, ExportSink, FileSource
+from wm.sinks.dicom_lanes import lane_executor, open_association, release, store_all
 
 log = structlog.get_logger("wm.sinks.dicom")
 
-STORED_CATEGORIES = frozenset({STATUS_SUCCESS, STATUS_WARNING})
-"""C-STORE status categories that mean the destination kept the instance (warnings: coerced elements)."""
 MAX_PRESENTATION_CONTEXTS = 128
-MAX_MESSAGE_ID = 0xFFFF
+Pair = tuple[str, str]
+"""(SOP class UID, transfer syntax UID): one presentation context."""
 PREFETCH = 32
+BATCH = 16
+"""Files handed to a lane's worker at once, when that many are waiting (one hand-off, not one a file)."""
 """Files downloaded ahead of the lanes at most (bounds the scratch space a slow destination fills)."""
 LITTLE_ENDIAN = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 COMMON_STORAGE_CLASSES = (
@@ -123,9 +122,17 @@ class Pipeline:
         """The next file to send; None at the end of the feed or once the export is stopped."""
         if self.stopped:
             return None
-        item = await self.feed.get()
+        return self._took(await self.feed.get())
+
+    def ready(self) -> LocalFile | None:
+        """The next file if one is waiting (None if none is, at the end, or once stopped)."""
+        if self.stopped or self.feed.empty():
+            return None
+        return self._took(self.feed.get_nowait())
+
+    def _took(self, item: LocalFile | None) -> LocalFile | None:
         if item is None:
-            self.feed.put_nowait(None)
+            self.feed.put_nowait(None)  # the end, for every lane
         else:
             self.slots.release()
         return item
@@ -139,15 +146,6 @@ class Pipeline:
         return pipeline
 
 
-@dataclass
-class Session:
-    """An association attempt: the association when established, else why not."""
-
-    assoc: Association | None = None
-    problem: str = ""
-    rejected: bool = False
-
-
 class DicomSink(ExportSink):
     """C-STORE SCU to ``definition.args`` (AE title, host, port, calling AE title)."""
 
@@ -158,8 +156,6 @@ class DicomSink(ExportSink):
         self.args: DicomSinkArgs = definition.args
         self.export_settings = settings.export
         check_version()
-        # Send files as stored, streamed from disk in PDU-sized chunks, never decoded into memory.
-        _config.STORE_SEND_CHUNKED_DATASET = True
 
     @property
     def destination(self) -> str:
@@ -172,19 +168,21 @@ class DicomSink(ExportSink):
         settings = self.export_settings
         most = min(self.args.max_associations, settings.associations_per_task)
         lanes = lane_count(len(files), most, settings.files_per_association)
+        workers = [lane_executor(settings.send_processes) for _ in range(lanes)]
         pipeline = Pipeline()
         fetch_failures: list[FileExportResult] = []
-        with (
-            tempfile.TemporaryDirectory(prefix="mwm-export-", dir=scratch_root) as scratch,
-            ThreadPoolExecutor(lanes, thread_name_prefix="mwm-scu") as pool,
-        ):
+        with tempfile.TemporaryDirectory(prefix="mwm-export-", dir=scratch_root) as scratch:
             download = asyncio.create_task(self._download(files, Path(scratch), pipeline, fetch_failures))
             try:
-                sent = await self._send_feed(pipeline, lanes, pool)
+                sent = await self._send_feed(pipeline, workers)
             finally:
                 download.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await download
+                # Lanes release their associations before they return; on cancellation a worker ends
+                # once its current C-STORE does (a process exits and its socket closes).
+                for worker in workers:
+                    worker.shutdown(wait=False, cancel_futures=True)
         results = [*fetch_failures, *sent]
         if not pipeline.stopped:  # down or full for now: the files not sent go again later
             kept = [r for r in results if not _worth_resending(r, pipeline.unsent)]
@@ -221,43 +219,41 @@ class DicomSink(ExportSink):
         finally:
             pipeline.feed.put_nowait(None)  # the lanes end, whatever happened
 
-    async def _send_feed(self, pipeline: Pipeline, lanes: int, pool: Executor) -> list[FileExportResult]:
-        """Send the feed over ``lanes`` associations, then any outliers over one proposing their pairs."""
+    async def _send_feed(self, pipeline: Pipeline, workers: list[Executor]) -> list[FileExportResult]:
+        """Send the feed over one association per worker, then any outliers over one proposing their pairs."""
         first = await pipeline.next()
         if first is None:
             return []
-        contexts = presentation_contexts([first], common=True)
-        sent = await asyncio.gather(
-            *(self._lane(pipeline, contexts, pool, [first] if lane == 0 else []) for lane in range(lanes))
-        )
+        pairs = presentation_contexts([first], common=True)
+        carried = [[first]] + [[] for _ in workers[1:]]
+        sent = await asyncio.gather(*map(partial(self._lane, pipeline, pairs), workers, carried))
         results = [result for lane in sent for result in lane]
         if pipeline.outliers and not pipeline.stopped:
             outliers = Pipeline.of(pipeline.outliers)
-            results += await self._lane(outliers, presentation_contexts(pipeline.outliers), pool, [])
+            results += await self._lane(outliers, presentation_contexts(pipeline.outliers), workers[0], [])
             pipeline.stopped, pipeline.gave_up = outliers.stopped, outliers.gave_up or pipeline.gave_up
         return results
 
     async def _lane(
-        self,
-        pipeline: Pipeline,
-        contexts: list[PresentationContext],
-        pool: Executor,
-        carried: list[LocalFile],
+        self, pipeline: Pipeline, pairs: list[Pair], worker: Executor, carried: list[LocalFile]
     ) -> list[FileExportResult]:
-        """One association at a time sending ``carried``, then the feed; reconnects with backoff."""
+        """One association at a time (held by ``worker``) sending ``carried``, then the feed; reconnects
+        with backoff."""
         loop = asyncio.get_running_loop()
         results: list[FileExportResult] = []
         attempts, delay = self.export_settings.retry_attempts, self.export_settings.retry_initial_delay_s
         for attempt in range(1, attempts + 1):
-            session = await loop.run_in_executor(pool, self._associate, contexts)
-            if session.rejected:
-                pipeline.stopped = session.problem
-                return results + [_failure(item.ref.key, session.problem) for item in carried]
-            if session.assoc is not None:
-                ended = await self._pump(session.assoc, pipeline, carried, results, pool)
+            opened = await loop.run_in_executor(
+                worker, open_association, self.args, self.export_settings, pairs
+            )
+            if opened.rejected:
+                pipeline.stopped = opened.problem
+                return results + [_failure(item.ref.key, opened.problem) for item in carried]
+            if opened.established:
+                ended = await self._pump(opened.accepted, pipeline, carried, results, worker)
                 if ended:
                     return results
-            problem = session.problem or f"association with {self.destination} lost (aborted or no response)"
+            problem = opened.problem or f"association with {self.destination} lost (aborted or no response)"
             log.warning(
                 "export_association_failed", destination=self.destination, attempt=attempt, error=problem
             )
@@ -270,34 +266,51 @@ class DicomSink(ExportSink):
 
     async def _pump(
         self,
-        assoc: Association,
+        accepted: frozenset[Pair],
         pipeline: Pipeline,
         carried: list[LocalFile],
         results: list[FileExportResult],
-        pool: Executor,
+        worker: Executor,
     ) -> bool:
-        """Send files over ``assoc`` until the feed ends (True) or the association is lost (False).
+        """Send files over the worker's association until the feed ends (True) or it is lost (False).
 
         A file the association could not take stays in ``carried`` for the next association.
         """
         loop = asyncio.get_running_loop()
-        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         try:
-            while (item := carried.pop(0) if carried else await pipeline.next()) is not None:
-                if (item.sop_class_uid, item.transfer_syntax_uid) not in accepted:
-                    pipeline.outliers.append(item)
-                    continue
-                result = await loop.run_in_executor(
-                    pool, _store_one, assoc, item, len(results) % MAX_MESSAGE_ID + 1
-                )
-                if result is None:
-                    carried.append(item)
+            while batch := await self._batch(accepted, pipeline, carried):
+                first_id = len(results)
+                paths = [(item.path, item.ref.key) for item in batch]
+                sent = await loop.run_in_executor(worker, store_all, paths, first_id)
+                results.extend(sent)
+                if len(sent) < len(batch):
+                    carried[:0] = batch[len(sent) :]
                     return False
-                results.append(result)
             return True
         finally:
-            if assoc.is_established:
-                await loop.run_in_executor(pool, assoc.release)
+            await loop.run_in_executor(worker, release)
+
+    @staticmethod
+    async def _batch(
+        accepted: frozenset[Pair], pipeline: Pipeline, carried: list[LocalFile]
+    ) -> list[LocalFile]:
+        """The carried files, else the next file to send and those already waiting behind it (up to
+        `BATCH`): one hand-off to the lane's worker for all of them. Empty at the end of the feed."""
+        batch: list[LocalFile] = []
+        while len(batch) < BATCH:
+            if carried:
+                item: LocalFile | None = carried.pop(0)
+            elif not batch:
+                item = await pipeline.next()
+            else:
+                item = pipeline.ready()
+            if item is None:
+                return batch
+            if (item.sop_class_uid, item.transfer_syntax_uid) in accepted:
+                batch.append(item)
+            else:
+                pipeline.outliers.append(item)
+        return batch
 
     async def _fetch(self, file: FileRef, path: Path) -> LocalFile | FileExportResult:
         """Download ``file`` and read its file meta; a failed result when it is missing or not DICOM."""
@@ -311,34 +324,8 @@ class DicomSink(ExportSink):
         except (InvalidDicomError, AttributeError, OSError) as exc:
             return _failure(file.key, f"not a DICOM file: {exc}")
 
-    def _associate(self, contexts: list[PresentationContext]) -> Session:
-        """Request an association (blocking; runs in a lane's thread)."""
-        rejection: list[str] = []
-        assoc = self._application_entity().associate(
-            self.args.host,
-            self.args.port,
-            contexts=contexts,
-            ae_title=self.args.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), (evt.EVT_ACSE_RECV, _rejection_to(rejection))],
-        )
-        if assoc.is_rejected:
-            reason = rejection[0] if rejection else "no reason given"
-            return Session(problem=f"association rejected by {self.destination}: {reason}", rejected=True)
-        if not assoc.is_established:
-            return Session(problem=f"no association with {self.destination} (refused, aborted or timed out)")
-        keep_responses(assoc)
-        return Session(assoc)
 
-    def _application_entity(self) -> AE:
-        ae = AE(ae_title=self.args.calling_ae_title)
-        ae.acse_timeout = self.export_settings.acse_timeout_s
-        ae.connection_timeout = self.export_settings.acse_timeout_s
-        ae.dimse_timeout = self.export_settings.dimse_timeout_s
-        ae.network_timeout = self.export_settings.dimse_timeout_s
-        return ae
-
-
-def presentation_contexts(files: Sequence[LocalFile], common: bool = False) -> list[PresentationContext]:
+def presentation_contexts(files: Sequence[LocalFile], common: bool = False) -> list[Pair]:
     """One context per (SOP class, transfer syntax) pair among ``files``, so each file goes as stored.
 
     With ``common``, also the common storage classes in the files' syntaxes and the little endian ones.
@@ -347,8 +334,7 @@ def presentation_contexts(files: Sequence[LocalFile], common: bool = False) -> l
     if common:
         syntaxes = [*dict.fromkeys(syntax for _, syntax in pairs), *LITTLE_ENDIAN]
         pairs += [(sop_class, syntax) for sop_class in COMMON_STORAGE_CLASSES for syntax in syntaxes]
-    unique = list(dict.fromkeys(pairs))[:MAX_PRESENTATION_CONTEXTS]
-    return [build_context(sop_class, [syntax]) for sop_class, syntax in unique]
+    return list(dict.fromkeys(pairs))[:MAX_PRESENTATION_CONTEXTS]
 
 
 def _worth_resending(result: FileExportResult, unsent: set[str]) -> bool:
@@ -363,39 +349,3 @@ def _worth_resending(result: FileExportResult, unsent: set[str]) -> bool:
 
 def _failure(key: str, error: str) -> FileExportResult:
     return FileExportResult(key=key, status="failed", error=error)
-
-
-def _store_one(assoc: Association, item: LocalFile, message_id: int) -> FileExportResult | None:
-    """C-STORE one file: its result, or None when the association is gone (retry the file)."""
-    if not assoc.is_established:
-        return None
-    try:
-        status = assoc.send_c_store(item.path, msg_id=message_id)
-    except (ValueError, AttributeError) as exc:  # no accepted context for it, or incomplete file meta
-        return FileExportResult(key=item.ref.key, status="failed", error=f"not sent: {exc}")
-    if "Status" not in status:
-        return None
-    code = int(status.Status)
-    category = code_to_category(code)
-    if category in STORED_CATEGORIES:
-        return FileExportResult(key=item.ref.key, status="succeeded")
-    error = f"C-STORE status 0x{code:04X} ({category})"
-    return FileExportResult(key=item.ref.key, status="failed", error=error)
-
-
-def _set_nodelay(event: Any) -> None:
-    """EVT_CONN_OPEN: no Nagle delay on the association's socket."""
-    sock = dul_socket(event.assoc)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _rejection_to(reasons: list[str]) -> Any:
-    """An EVT_ACSE_RECV handler that appends an A-ASSOCIATE-RJ's result, source and reason to ``reasons``."""
-
-    def record(event: Any) -> None:
-        primitive = event.primitive
-        if getattr(primitive, "result", None) in (0x01, 0x02):
-            reasons.append(f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}")
-
-    return record

@@ -1,0 +1,151 @@
+"""The DICOM sink's blocking pynetdicom calls, run in one worker per lane: a thread or a process.
+
+A lane's worker holds at most one association at a time (in a thread-local, so the same functions serve
+a lane's thread and a lane's process, whose calls all run on its one worker thread). The sink's asyncio
+code (`wm.sinks.dicom`) decides what to send, retries and maps errors; the worker only opens, sends over
+and releases the association, and returns picklable results.
+
+Why processes: sending is CPU-bound in pynetdicom (about 10,000 P-DATA PDUs through its DUL thread for
+the 324-slice CT, one Python round trip each, 2.2 to 3.7 s of CPU), so lanes in threads share one GIL
+with each other and with the downloads. A lane in its own process sends on its own core; the files go by
+path (the parent downloads them to its scratch directory), so only paths and results cross the pipe.
+
+Processes come from a ``forkserver`` (never ``fork`` from the exporter's threaded, asyncio process) that
+has this module preloaded, so starting a lane costs a fork, not an interpreter start.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import threading
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+
+from schemas.applications import DicomSinkArgs
+from schemas.events import FileExportResult
+from wm.config import ExportSettings
+from wm.pynetdicom_patches import dul_socket, keep_responses
+
+MAX_MESSAGE_ID = 0xFFFF
+STORED_CATEGORIES = frozenset({STATUS_SUCCESS, STATUS_WARNING})
+"""C-STORE status categories that mean the destination kept the instance (warnings: coerced elements)."""
+
+# Send files as stored, streamed from disk in PDU-sized chunks, never decoded into memory (set on import,
+# so in every lane process too).
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+_lane = threading.local()
+"""The worker's association (``_lane.assoc``), if it holds one."""
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An association attempt's outcome: the accepted (SOP class, transfer syntax) pairs, or why not."""
+
+    accepted: frozenset[tuple[str, str]] = frozenset()
+    problem: str = ""
+    rejected: bool = False
+
+    @property
+    def established(self) -> bool:
+        """Whether the worker now holds an association."""
+        return not self.problem
+
+
+def lane_executor(use_process: bool) -> Executor:
+    """A single-worker executor for one lane: its own process, or a thread of the exporter's."""
+    if not use_process:
+        return ThreadPoolExecutor(1, thread_name_prefix="mwm-scu")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(1, mp_context=context)
+
+
+def open_association(args: DicomSinkArgs, settings: ExportSettings, pairs: list[tuple[str, str]]) -> Opened:
+    """Request an association proposing ``pairs`` (releases one the worker still holds first)."""
+    release()
+    ae = AE(ae_title=args.calling_ae_title)
+    ae.acse_timeout = ae.connection_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = ae.network_timeout = settings.dimse_timeout_s
+    destination = f"{args.ae_title}@{args.host}:{args.port}"
+    rejection: list[str] = []
+    assoc = ae.associate(
+        args.host,
+        args.port,
+        contexts=[build_context(sop_class, [syntax]) for sop_class, syntax in pairs],
+        ae_title=args.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), (evt.EVT_ACSE_RECV, _rejection_to(rejection))],
+    )
+    if assoc.is_rejected:
+        reason = rejection[0] if rejection else "no reason given"
+        return Opened(problem=f"association rejected by {destination}: {reason}", rejected=True)
+    if not assoc.is_established:
+        return Opened(problem=f"no association with {destination} (refused, aborted or timed out)")
+    keep_responses(assoc)
+    _lane.assoc = assoc
+    return Opened(
+        frozenset((str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts)
+    )
+
+
+def store(path: Path, key: str, message_id: int) -> FileExportResult | None:
+    """C-STORE one file: its result, or None when the association is gone (retry the file)."""
+    assoc: Association | None = getattr(_lane, "assoc", None)
+    if assoc is None or not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_store(path, msg_id=message_id)
+    except (ValueError, AttributeError) as exc:  # no accepted context for it, or incomplete file meta
+        return FileExportResult(key=key, status="failed", error=f"not sent: {exc}")
+    if "Status" not in status:
+        return None
+    code = int(status.Status)
+    category = code_to_category(code)
+    if category in STORED_CATEGORIES:
+        return FileExportResult(key=key, status="succeeded")
+    return FileExportResult(key=key, status="failed", error=f"C-STORE status 0x{code:04X} ({category})")
+
+
+def store_all(files: list[tuple[Path, str]], first_id: int) -> list[FileExportResult]:
+    """C-STORE ``files`` (path, key) in order: their results, ending early when the association is gone
+    (the files without a result are to be sent again). Message ids count on from ``first_id``."""
+    results: list[FileExportResult] = []
+    for offset, (path, key) in enumerate(files):
+        result = store(path, key, (first_id + offset) % MAX_MESSAGE_ID + 1)
+        if result is None:
+            break
+        results.append(result)
+    return results
+
+
+def release() -> None:
+    """Release the worker's association, if it holds an established one."""
+    assoc: Association | None = getattr(_lane, "assoc", None)
+    _lane.assoc = None
+    if assoc is not None and assoc.is_established:
+        assoc.release()
+
+
+def _set_nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN: no Nagle delay on the association's socket."""
+    sock = dul_socket(event.assoc)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _rejection_to(reasons: list[str]) -> Any:
+    """An EVT_ACSE_RECV handler that appends an A-ASSOCIATE-RJ's result, source and reason to ``reasons``."""
+
+    def record(event: Any) -> None:
+        primitive = event.primitive
+        if getattr(primitive, "result", None) in (0x01, 0x02):
+            reasons.append(f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}")
+
+    return record
