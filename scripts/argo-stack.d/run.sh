@@ -161,10 +161,11 @@ start_one() { # service
         spawn scheduler -- "$bin" --kubeconfig="$KUBECONFIG_FILE" --secure-port=0 --leader-elect=false
         ;;
     controller-manager)
-        # Deployments and ReplicaSets make the chart's pods; the garbage collector deletes a deleted
-        # workflow's pods; namespace deletion and default service accounts for the tests.
+        # Deployments, ReplicaSets and StatefulSets make the chart's pods; the volume binder binds the
+        # gateway's spool claims (and the protection controllers let them go); the garbage collector
+        # deletes a deleted workflow's pods; namespace deletion and default service accounts for the tests.
         spawn controller-manager -- "$bin" --kubeconfig="$KUBECONFIG_FILE" --secure-port=0 --leader-elect=false \
-            --controllers=garbagecollector,namespace,serviceaccount,deployment,replicaset,statefulset \
+            --controllers=garbagecollector,namespace,serviceaccount,deployment,replicaset,statefulset,persistentvolume-binder,pvc-protection,pv-protection \
             --use-service-account-credentials=false
         ;;
     kwok)

@@ -9,6 +9,7 @@ terminate, delete a workflow).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
@@ -47,9 +48,10 @@ ENGINE_MAY_NOT = [
 ]
 
 
-def kubectl(stack: ArgoStack, *args: str) -> subprocess.CompletedProcess[str]:
+def kubectl(stack: ArgoStack, *args: str, input_json: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [stack.kubectl, f"--kubeconfig={stack.kubeconfig}", *args],
+        input=input_json,
         capture_output=True,
         text=True,
         timeout=120,
@@ -89,6 +91,7 @@ def install(stack: ArgoStack, *values: str) -> Release:
     pods are waited for by the tests.
     """
     namespace = f"mwm-{uuid.uuid4().hex[:8]}"
+    provide_spool_volumes(stack, namespace, replicas=2)
     result = run_helm(
         "install", RELEASE, str(CHART), f"--kubeconfig={stack.kubeconfig}", "--namespace", namespace,
         "--create-namespace", "--timeout", "180s", "--set", f"argo.namespace={stack.namespace}",
@@ -98,11 +101,34 @@ def install(stack: ArgoStack, *values: str) -> Release:
     return Release(stack, namespace)
 
 
+def provide_spool_volumes(stack: ArgoStack, namespace: str, replicas: int) -> None:
+    """A volume for each gateway replica's spool claim, as a cluster's provisioner would make (this one has
+    no storage provisioner): bound to its claim by the API server's volume binder."""
+    for ordinal in range(replicas):
+        claim = f"spool-{RELEASE}-gateway-{ordinal}"
+        volume = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": f"{namespace}-{claim}", "labels": {"mwm-test/namespace": namespace}},
+            "spec": {
+                "capacity": {"storage": "1Ti"},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "hostPath": {"path": f"/var/lib/mwm-test/{namespace}/{claim}"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        }
+        created = kubectl(stack, "create", "-f", "-", input_json=json.dumps(volume))
+        assert created.returncode == 0, created.stderr
+
+
 def uninstall(release: Release) -> None:
     run_helm(
         "uninstall", RELEASE, f"--kubeconfig={release.stack.kubeconfig}", "--namespace", release.namespace
     )
     kubectl(release.stack, "delete", "namespace", release.namespace, "--wait=false")
+    kubectl(release.stack, "delete", "pv", "-l", f"mwm-test/namespace={release.namespace}", "--wait=false")
 
 
 @pytest.fixture(params=["default", "full"])

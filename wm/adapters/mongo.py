@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -126,14 +126,14 @@ class Database:
         """A collection of the configured database."""
         return self.db[name]
 
-    async def ensure_indexes(self) -> None:
-        """Create the declared indexes that do not exist yet.
+    async def ensure_indexes(self, specs: Sequence[IndexSpec] | None = None) -> None:
+        """Create the declared indexes (or those of ``specs``) that do not exist yet.
 
         Only missing ones are sent: FerretDB v1 drops the connection when a ``createIndexes`` batch repeats
         indexes that exist, and skipping them costs one ``listIndexes`` per collection on MongoDB too.
         """
         async with translated_errors("create indexes"):
-            for spec in self.index_specs:
+            for spec in self.index_specs if specs is None else specs:
                 collection = self.db[spec.collection]
                 existing = {index["name"] async for index in await collection.list_indexes()}
                 missing = [index for index in spec.indexes if index.document["name"] not in existing]

@@ -23,9 +23,9 @@ Migration = tuple[str, Callable[[Database], Awaitable[None]]]
 
 
 async def _create_registry_indexes(database: Database) -> None:
-    for spec in (APPLICATIONS_INDEXES, AE_TITLE_LINKS_INDEXES, API_KEYS_INDEXES):
-        async with translated_errors(f"create indexes of {spec.collection}"):
-            await database.collection(spec.collection).create_indexes(list(spec.indexes))
+    # Only the missing ones: a process that starts beside another one that applied this migration (not
+    # recorded yet) must not send indexes that exist (FerretDB drops the connection then).
+    await database.ensure_indexes((APPLICATIONS_INDEXES, AE_TITLE_LINKS_INDEXES, API_KEYS_INDEXES))
 
 
 MIGRATIONS: tuple[Migration, ...] = (("0001-registry-indexes", _create_registry_indexes),)
