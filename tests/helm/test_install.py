@@ -188,17 +188,18 @@ async def engine_token(release: Release) -> str:
 
 
 async def running_pods(release: Release) -> list[dict[str, Any]]:
-    """The release's pods once every Deployment has all its pods running."""
+    """The release's pods once every Deployment and StatefulSet has all its pods running."""
     async with release.stack.kube() as kube:
 
         async def all_running() -> bool:
-            deployments = await kube.items(f"/apis/apps/v1/namespaces/{release.namespace}/deployments")
-            return bool(deployments) and all(
-                (d.get("status") or {}).get("readyReplicas") == d["spec"].get("replicas", 1)
-                for d in deployments
+            apps = f"/apis/apps/v1/namespaces/{release.namespace}"
+            workloads = [*await kube.items(f"{apps}/deployments"), *await kube.items(f"{apps}/statefulsets")]
+            return bool(workloads) and all(
+                (w.get("status") or {}).get("readyReplicas") == w["spec"].get("replicas", 1)
+                for w in workloads
             )
 
-        await wait_for(all_running, 120, "every Deployment's pods to run", interval=0.5)
+        await wait_for(all_running, 120, "every Deployment's and StatefulSet's pods to run", interval=0.5)
         return await kube.items(f"/api/v1/namespaces/{release.namespace}/pods")
 
 
