@@ -66,7 +66,7 @@ from wm.config import GatewaySettings, Settings
 from wm.dicom import InvalidDicom, read_identifiers
 from wm.dicom_encoding import encoding_problem
 from wm.errors import MwmError
-from wm.observability import listen_observability, serve, stop_on_signals
+from wm.observability import cannot_listen, listen_observability, serve, stop_on_signals
 from wm.pynetdicom_patches import has_requested, receive_into
 from wm.registry import Registry
 from wm.runtime import Services, health_app, open_services
@@ -151,17 +151,20 @@ class Gateway:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         tls = ssl_context(self.settings)
-        if tls is None:
-            self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
-        else:
-            self._server = start_tls_server(
-                self.ae,
-                address,
-                tls,
-                handlers,
-                handshake_timeout_s=self.settings.acse_timeout_s,
-                max_handshakes=self.settings.max_associations,
-            )
+        try:
+            if tls is None:
+                self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+            else:
+                self._server = start_tls_server(
+                    self.ae,
+                    address,
+                    tls,
+                    handlers,
+                    handshake_timeout_s=self.settings.acse_timeout_s,
+                    max_handshakes=self.settings.max_associations,
+                )
+        except OSError as exc:
+            raise cannot_listen("MWM_GATEWAY__PORT", *address, exc) from exc
         host, port = self.address
         log.info(
             "gateway_listening", host=host, port=port, tls=tls is not None, spool=str(self.spool.directory)

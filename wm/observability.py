@@ -49,16 +49,19 @@ def listen(host: str, port: int, variable: str) -> socket.socket:
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigurationError(
-                f"{variable}={port}: port {port} on {host} is already in use (another MWM process?); "
-                f"set {variable} to a free port"
-            ) from exc
-        raise ConfigurationError(
-            f"{variable}={port}: cannot listen on {host}:{port}: {exc.strerror}"
-        ) from exc
+        raise cannot_listen(variable, host, port, exc) from exc
     sock.setblocking(False)
     return sock
+
+
+def cannot_listen(variable: str, host: str, port: int, exc: OSError) -> ConfigurationError:
+    """The one line for a port this process could not listen on, naming the setting to change."""
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigurationError(
+            f"{variable}={port}: port {port} on {host} is already in use (another MWM process?); "
+            f"set {variable} to a free port"
+        )
+    return ConfigurationError(f"{variable}={port}: cannot listen on {host}:{port}: {exc.strerror}")
 
 
 def listen_observability(settings: ObservabilitySettings) -> socket.socket | None:

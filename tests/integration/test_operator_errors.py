@@ -85,13 +85,19 @@ async def test_an_invalid_setting_is_one_line_naming_the_variable(
     [
         (("consume", "discovery"), "MWM_OBSERVABILITY__HTTP_PORT"),
         (("gateway",), "MWM_OBSERVABILITY__HTTP_PORT"),
+        (("gateway",), "MWM_GATEWAY__PORT"),
         (("api",), "MWM_API__PORT"),
     ],
 )
 async def test_a_port_in_use_is_one_line_naming_the_variable(
     offline: Cli, taken_port: int, command: tuple[str, ...], variable: str
 ) -> None:
-    env = {**offline.env, variable: str(taken_port), "MWM_OBSERVABILITY__LOG_FORMAT": "console"}
+    env = {
+        **offline.env,
+        variable: str(taken_port),
+        "MWM_GATEWAY__HOST": "127.0.0.1",
+        "MWM_OBSERVABILITY__LOG_FORMAT": "console",
+    }
 
     result = await Cli(env)(*command)
 
