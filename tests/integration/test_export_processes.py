@@ -102,10 +102,9 @@ async def test_a_pacs_that_refuses_fails_every_file_at_once(
     assert len(outcome) == 12
     for result in outcome.values():
         assert result.status == "failed" and "association rejected" in (result.error or ""), result
-    # No retry (it would wait 30 s first): at most one attempt per lane; the readiness probe of StoreSCP
-    # (a bare TCP connect) shows up as an association whose rejection "failed".
-    attempts = log.count("Association Received") - log.count("Association Reject Failed")
-    assert 1 <= attempts <= 2, log
+    # No retry (it would wait 30 s first): at most one attempt per lane. storescp refuses the readiness
+    # probe of StoreSCP (a bare TCP connect) too, and its forked child may log that late: at most three.
+    assert 1 <= log.count("Refusing Association") <= 3, log
 
 
 @pytest.mark.parametrize("send_processes", MODES)
