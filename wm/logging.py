@@ -77,11 +77,13 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for own_handlers in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        # A uvicorn started with its default log config gave these loggers plain-text handlers of their own.
+        # A uvicorn started earlier in the process gave these loggers plain-text handlers of their own and a
+        # level (its ``log_level``): they follow the root's handler and level again.
         named = logging.getLogger(own_handlers)
         for old in named.handlers[:]:
             named.removeHandler(old)
         named.propagate = True
+        named.setLevel(logging.NOTSET)
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread

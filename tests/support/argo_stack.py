@@ -146,9 +146,19 @@ class Kube:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._client.aclose()
 
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One call; a 429 (the API server's priority and fairness shedding load) is asked again after the
+        ``Retry-After`` it gives, as client-go does."""
+        for _ in range(10):
+            answer = await self._client.request(method, path, **kwargs)
+            if answer.status_code != 429:
+                return answer
+            await asyncio.sleep(min(float(answer.headers.get("Retry-After", "1")), 2.0))
+        return answer
+
     async def get(self, path: str, **params: str) -> Json | None:
         """The object (or list) at ``path``; ``None`` when it does not exist."""
-        answer = await self._client.get(path, params=params)
+        answer = await self._request("GET", path, params=params)
         if answer.status_code == 404:
             return None
         answer.raise_for_status()
@@ -156,7 +166,7 @@ class Kube:
 
     async def create(self, path: str, body: Json) -> Json:
         """POST ``body`` to the collection ``path``; an object already there is returned as it is."""
-        answer = await self._client.post(path, json=body)
+        answer = await self._request("POST", path, json=body)
         if answer.status_code == 409:
             return await self.get(f"{path}/{body['metadata']['name']}") or {}
         answer.raise_for_status()
@@ -164,7 +174,7 @@ class Kube:
 
     async def delete(self, path: str) -> None:
         """DELETE ``path`` (foreground); gone already is fine."""
-        answer = await self._client.request(
+        answer = await self._request(
             "DELETE",
             path,
             json={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"},
@@ -174,13 +184,13 @@ class Kube:
 
     async def delete_all(self, path: str, selector: str) -> None:
         """Delete every object of the collection ``path`` matching the label selector."""
-        answer = await self._client.request("DELETE", path, params={"labelSelector": selector})
+        answer = await self._request("DELETE", path, params={"labelSelector": selector})
         answer.raise_for_status()
 
     async def merge_patch(self, path: str, patch: Json) -> Json:
         """A JSON merge patch of the object at ``path``."""
-        answer = await self._client.patch(
-            path, json=patch, headers={"Content-Type": "application/merge-patch+json"}
+        answer = await self._request(
+            "PATCH", path, json=patch, headers={"Content-Type": "application/merge-patch+json"}
         )
         answer.raise_for_status()
         return dict(answer.json())

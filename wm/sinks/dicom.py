@@ -117,6 +117,8 @@ class Pipeline:
     """The reason of the last lane that gave up."""
     unsent: set[str] = field(default_factory=set)
     """Keys of the files a lane gave up on (the destination unavailable): worth sending again."""
+    fetches: set[asyncio.Future[LocalFile | FileExportResult]] = field(default_factory=set)
+    """Downloads in flight: their threads write into the scratch directory even after a cancel."""
 
     async def next(self) -> LocalFile | None:
         """The next file to send; None at the end of the feed or once the export is stopped."""
@@ -179,6 +181,9 @@ class DicomSink(ExportSink):
                 download.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await download
+                # A cancelled download's thread still writes its file: let it land before the scratch
+                # directory goes (else its removal finds a new file and fails).
+                await asyncio.gather(*pipeline.fetches, return_exceptions=True)
                 # Lanes release their associations before they return; on cancellation a worker ends
                 # once its current C-STORE does (a process exits and its socket closes).
                 for worker in workers:
@@ -203,7 +208,10 @@ class DicomSink(ExportSink):
         async def one(index: int, file: FileRef) -> None:
             await pipeline.slots.acquire()
             async with in_flight:
-                item = await self._fetch(file, scratch / f"{index}.dcm")
+                fetch = asyncio.ensure_future(self._fetch(file, scratch / f"{index}.dcm"))
+                pipeline.fetches.add(fetch)
+                fetch.add_done_callback(pipeline.fetches.discard)
+                item = await asyncio.shield(fetch)
             if isinstance(item, LocalFile):
                 pipeline.feed.put_nowait(item)
             else:
