@@ -3,8 +3,10 @@
     python bench/ig_vs_gateway.py [--payloads 20] [--slices 324] [--quiet-period 3.0]
 
 Runs MWM in this process on the real services (this run's own exchange, queues, database and buckets):
-the consumers ``ig-requests``, ``discovery`` and ``scheduler`` (local engine), and the DICOM gateway. One
-generated CT study of ``--slices`` instances is sent ``--payloads`` times each way, alternating:
+the consumers ``ig-requests``, ``discovery`` and ``scheduler`` (local engine), and the DICOM gateway. A
+generated CT study of ``--slices`` instances is sent ``--payloads`` times each way, alternating, each time
+a study of its own (new Study, Series and SOP Instance UIDs, written before the timed part): MWM runs a
+resent study again only when it brings new instances, so the same study twice would launch nothing.
 
 - IG path: the IG emulator (``tests/support/ig_emulator.py``) on a vhost of this run uploads the study to
   its own bucket (``.dcm`` and ``.dcm.json``, not timed), then publishes ``md.workflow.request``. Measured:
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import sys
 import tempfile
@@ -64,6 +67,16 @@ async def launched_for(events: EventTap, correlation_id: str) -> JobLaunched:
     return found[-1]
 
 
+def fresh_study(work: Path, name: str, slices: int, seed: int) -> list[Path]:
+    """The files of a study no earlier round sent (its UIDs derive from ``seed``), in ``work/name``.
+
+    The previous round's study there is removed first: the directory must hold this study alone.
+    """
+    shutil.rmtree(work / name, ignore_errors=True)
+    study = write_ct_study(work / name, series=1, slices_per_series=slices, rows=128, columns=128, seed=seed)
+    return study.files
+
+
 def arrival_time(events: EventTap, event: object) -> float:
     return events.received_at[events.events.index(event)]  # type: ignore[arg-type]
 
@@ -96,7 +109,6 @@ async def run(payloads: int, slices: int, quiet_s: float, work: Path) -> tuple[l
     base = bench_settings(work)
     await wait_for_services(base)
     name = f"ig-bench-{uuid.uuid4().hex[:6]}"
-    study = write_ct_study(work / "study", series=1, slices_per_series=slices, rows=128, columns=128, seed=5)
     async with vhost(base, name) as url:
         settings = with_ig(base, url, name)
         gateway = settings.gateway.model_copy(update={"host": LOCALHOST, "port": free_port()})
@@ -115,8 +127,10 @@ async def run(payloads: int, slices: int, quiet_s: float, work: Path) -> tuple[l
                 serving(settings) as (server, _),
             ):
                 for round_ in range(payloads + 1):  # round 0 warms up (connections, caches): not counted
-                    ig = await via_ig(emulator, study.files, events)
-                    own = await via_gateway(server.address, study.files[0].parent, events, slices, quiet_s)
+                    ig_files = await asyncio.to_thread(fresh_study, work, "ig", slices, 2 * round_ + 1)
+                    own_files = await asyncio.to_thread(fresh_study, work, "own", slices, 2 * round_ + 2)
+                    ig = await via_ig(emulator, ig_files, events)
+                    own = await via_gateway(server.address, own_files[0].parent, events, slices, quiet_s)
                     print(f"round {round_}: ig {ig:.0f} ms, gateway {own:.0f} ms", file=sys.stderr)
                     if round_:
                         ig_ms.append(ig)
