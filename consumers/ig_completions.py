@@ -10,9 +10,10 @@ with ``ig.export_complete_key``: MWM's own queue beside a Workflow Manager's.
   ignored. ``wm.domain.monai_ig.completion_result`` maps the statuses to MWM's outcome and a result per
   file (the IG keys mapped back to MWM's).
 - Effects: the task's final state and per-file results; ``ExportCompleted`` on MWM's bus (message id
-  ``<task id>.completed``, an outbox as the exporter's); the hand-off is resolved.
+  ``<task id>.completed``, an outbox as the exporter's) by the one handler that claims its announcement
+  (``wm.stores.ig_exports.announce_once``); the hand-off is resolved.
 - Idempotency: a final task keeps its first result; a duplicate completion (IG 0.5 publishes before it
-  acks) changes nothing and re-announces only an unconfirmed ``ExportCompleted``.
+  acks) changes nothing, and of two handled at once only one publishes ``ExportCompleted``.
 - Failure: a message lacking a required property, or whose body does not parse, is dead-lettered with
   the reason; database or broker outages are retried.
 """
@@ -28,11 +29,11 @@ from wm.config import Settings
 from wm.domain.monai_ig import completion_result
 from wm.errors import NotFound
 from wm.ig_queues import ig_queue
-from wm.ports import EventPublisher
+from wm.ports import EventPublisher, ExportTaskRecords, IgExportRecords
 from wm.runtime import Consumer, Services
 from wm.stores import exports, ig_exports
-from wm.stores.exports import ExportTasks, announce_completion
-from wm.stores.ig_exports import IgExports
+from wm.stores.exports import ExportTasks
+from wm.stores.ig_exports import IgExports, announce_once
 
 log = structlog.get_logger("consumers.ig_completions")
 
@@ -43,8 +44,8 @@ NAME = "ig-completions"
 class IgCompletionDeps:
     """The ports the IG completion consumer uses."""
 
-    tasks: ExportTasks
-    handoffs: IgExports
+    tasks: ExportTaskRecords
+    handoffs: IgExportRecords
     bus: EventPublisher
 
 
@@ -66,10 +67,14 @@ async def handle(completion: ExportCompleteEvent, deps: IgCompletionDeps) -> Non
     final = await deps.tasks.record_result(completion.export_task_id, outcome, results, message)
     if final.state != outcome:
         log.info("ig_completion_after_final", export_task_id=final.export_task_id, state=final.state)
-    await announce_completion(deps.tasks, deps.bus, final)
+    announced = await announce_once(deps.tasks, deps.handoffs, deps.bus, final)
     await deps.handoffs.resolve(completion.export_task_id)
     log.info(
-        "ig_export_completed", export_task_id=final.export_task_id, outcome=final.state, files=len(results)
+        "ig_export_completed",
+        export_task_id=final.export_task_id,
+        outcome=final.state,
+        files=len(results),
+        announced=announced,
     )
 
 

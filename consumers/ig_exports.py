@@ -11,7 +11,9 @@ Queue ``<bus.queue_prefix>.ig-exports`` on MWM's bus, bound to ``mwm.export.requ
 - Emits: nothing on MWM's bus until the end: ``consumers.ig_completions`` records the IG's completion;
   the background sweep fails a task whose completion has not come by ``ig.export_deadline_s`` (the IG
   can drop one: an export request dead-lettered there, or a crash between its ack and its publish) and
-  publishes ``ExportCompleted(failed)`` with that reason.
+  publishes ``ExportCompleted(failed)`` with that reason. Every ``ExportCompleted`` of an IG task is
+  published by the one caller that claims it (``wm.stores.ig_exports.announce_once``); the sweep also
+  publishes those whose claimer died before the broker confirmed them.
 - Idempotency: a task id is published at most once (a unique insert before the publish); a redelivery
   finds the hand-off and is a duplicate. A final task only has its completion re-announced.
 - Failure: an unknown sink or one without IG args fails the task at once. No IG queue bound for the
@@ -23,24 +25,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
 from schemas.events import ExportRequested
 from schemas.monai_ig import ExportRequestEvent
 from wm.config import IgSettings, Settings
-from wm.domain.exports import failed_result, final_result, task_for
+from wm.domain.exports import ExportTask, failed_result, final_result, task_for
+from wm.domain.monai_ig import IgExport
 from wm.errors import Duplicate, NotFound, PermanentError, TransientError
 from wm.ig_queues import ig_publisher
-from wm.ports import BucketObjects, EventPublisher, IgTaskPublisher
+from wm.ports import (
+    BucketObjects,
+    EventPublisher,
+    ExportTaskRecords,
+    IgExportRecords,
+    IgTaskPublisher,
+    SinkDirectory,
+)
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer, Services
 from wm.sinks import registered_sink
 from wm.sinks.monai_ig import MonaiIgSink
 from wm.stores import exports, ig_exports
-from wm.stores.exports import ExportTasks, announce_completion
-from wm.stores.ig_exports import IgExport, IgExports, deadline_after
+from wm.stores.exports import ExportTasks
+from wm.stores.ig_exports import IgExports, announce_once, announce_stale, deadline_after
 
 log = structlog.get_logger("consumers.ig_exports")
 
@@ -53,9 +63,9 @@ OWNER = "monai-ig"
 class IgExportDeps:
     """The ports the IG export consumer uses."""
 
-    tasks: ExportTasks
-    handoffs: IgExports
-    sinks: Sinks
+    tasks: ExportTaskRecords
+    handoffs: IgExportRecords
+    sinks: SinkDirectory
     objects: BucketObjects
     ig: IgTaskPublisher
     bus: EventPublisher
@@ -71,7 +81,7 @@ async def handle(event: ExportRequested, deps: IgExportDeps) -> None:
     await deps.tasks.create(task_for(event, event.occurred_at))
     task = await deps.tasks.get(event.export_task_id)
     if task.is_final:
-        await announce_completion(deps.tasks, deps.bus, task)
+        await _announce(task, deps)
         return
     try:
         definition = await deps.sinks.get(task.sink.name)
@@ -80,13 +90,13 @@ async def handle(event: ExportRequested, deps: IgExportDeps) -> None:
         final = await deps.tasks.record_result(
             task.export_task_id, "failed", failed_result(task.files, str(exc)).results, str(exc)
         )
-        await announce_completion(deps.tasks, deps.bus, final)
+        await _announce(final, deps)
         return
     hand_off = sink.hand_off(task)
     if hand_off.request is None:  # every file skipped by the sink's extensions
         outcome, results, message = final_result(task.files, hand_off.skipped)
         final = await deps.tasks.record_result(task.export_task_id, outcome, results, message)
-        await announce_completion(deps.tasks, deps.bus, final)
+        await _announce(final, deps)
         return
     deadline_s = deps.ig_settings.export_deadline_s
     await deps.tasks.claim_task(
@@ -133,13 +143,17 @@ async def _publish(
     )
 
 
+async def _announce(task: ExportTask, deps: IgExportDeps) -> bool:
+    return await announce_once(deps.tasks, deps.handoffs, deps.bus, task)
+
+
 async def give_up(event: ExportRequested, deps: IgExportDeps, reason: str) -> None:
     """Retries exhausted (the IG not listening, MWM's services down): the task fails with ``reason``."""
     task = await deps.tasks.get(event.export_task_id)
     final = await deps.tasks.record_result(
         task.export_task_id, "failed", failed_result(task.files, reason).results, reason
     )
-    await announce_completion(deps.tasks, deps.bus, final)
+    await _announce(final, deps)
 
 
 async def fail_overdue(deps: IgExportDeps, now: datetime) -> int:
@@ -156,14 +170,20 @@ async def fail_overdue(deps: IgExportDeps, now: datetime) -> int:
             task.files, [*record.skipped, *failed_result(task.files, reason).results]
         )
         final = await deps.tasks.record_result(task.export_task_id, outcome, results, reason)
-        await announce_completion(deps.tasks, deps.bus, final)
+        await _announce(final, deps)
         await deps.handoffs.resolve(record.export_task_id)
         log.warning("ig_export_overdue", export_task_id=record.export_task_id, state=final.state)
     return len(overdue)
 
 
+def announce_lease(settings: Settings) -> timedelta:
+    """How long a claimed ``ExportCompleted`` may stay unconfirmed before its claimer counts as dead: its
+    publish waits up to ``bus.publish_timeout_s``, each database write up to ``mongo.timeout_ms``."""
+    return timedelta(seconds=3 * (settings.bus.publish_timeout_s + settings.mongo.timeout_ms / 1000))
+
+
 async def sweep_overdue(deps: IgExportDeps, stop: asyncio.Event) -> None:
-    """Background: look for overdue hand-offs every ``ig.sweep_interval_s``."""
+    """Background, every ``ig.sweep_interval_s``: fail overdue hand-offs, announce what dead claimers left."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), deps.ig_settings.sweep_interval_s)
@@ -171,6 +191,7 @@ async def sweep_overdue(deps: IgExportDeps, stop: asyncio.Event) -> None:
             return
         try:
             await fail_overdue(deps, datetime.now(UTC))
+            await announce_stale(deps.tasks, deps.handoffs, deps.bus, announce_lease(deps.settings))
         except Exception as exc:  # a sweep that fails is tried again at the next interval
             log.warning("ig_export_sweep_failed", error=repr(exc))
 

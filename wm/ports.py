@@ -20,6 +20,7 @@ from wm.domain.discovery import Candidate, Joined, Placement
 from wm.domain.engines import EngineStatus, JobSpec
 from wm.domain.exports import ExportResult, ExportTask, RedeliveryPolicy
 from wm.domain.jobs import Job, JobTransition
+from wm.domain.monai_ig import IgExport
 
 
 class EventPublisher(Protocol):
@@ -150,6 +151,54 @@ class IgTaskPublisher(Protocol):
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the connection to the IG's broker until ``stop`` is set."""
+        ...
+
+
+class IgExportRecords(Protocol):
+    """Export tasks handed to the IG, and the claims on announcing their end (``wm.stores.ig_exports``)."""
+
+    async def begin(self, export: IgExport) -> None:
+        """Record the hand-off before publishing it; ``Duplicate`` when the task was handed off already."""
+        ...
+
+    async def published(self, task_id: str) -> None:
+        """The broker confirmed the request."""
+        ...
+
+    async def abandon(self, task_id: str) -> None:
+        """The publish failed before the broker took it: the next attempt may hand the task off again."""
+        ...
+
+    async def get(self, task_id: str) -> IgExport:
+        """The hand-off of a task; ``NotFound`` when MWM never handed that task to the IG."""
+        ...
+
+    async def resolve(self, task_id: str) -> None:
+        """The task's result is recorded (completion or deadline): nothing waits for it any more."""
+        ...
+
+    async def overdue(self, now: datetime) -> list[IgExport]:
+        """Unresolved hand-offs past their deadline."""
+        ...
+
+    async def claim_announcement(self, message_id: str, task_id: str) -> bool:
+        """True for exactly one caller per ``export.completed`` message id: the one that publishes it."""
+        ...
+
+    async def release_announcement(self, message_id: str) -> None:
+        """Drop an unconfirmed claim (its publish failed): the next attempt may claim it again."""
+        ...
+
+    async def mark_announced(self, message_id: str) -> None:
+        """The claimed ``export.completed`` was published (confirmed by the broker)."""
+        ...
+
+    async def stale_announcements(self, older_than: timedelta) -> list[tuple[str, str]]:
+        """Claims not confirmed within ``older_than`` (the claimer died): (message id, task id) pairs."""
+        ...
+
+    async def reclaim_announcement(self, message_id: str, older_than: timedelta) -> bool:
+        """Take over a stale claim; True for the caller that wins."""
         ...
 
 

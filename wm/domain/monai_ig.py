@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.events import BucketFile, BucketReady, DicomIdentifiers, ExportOutcome, FileExportResult, FileRef
 from schemas.monai_ig import ExportCompleteEvent, ExportStatus, FileExportStatus, WorkflowRequestEvent
@@ -173,3 +173,18 @@ def completion_result(
         results.append(FileExportResult(key=mwm_key, status="failed", error=error))
     outcome = _OUTCOMES.get(completion.status) or export_outcome(results)
     return outcome, results, message or summary(results)
+
+
+class IgExport(BaseModel):
+    """One export task's hand-off to the IG: what its completion is mapped back with, and its deadline."""
+
+    model_config = ConfigDict(frozen=True)
+
+    export_task_id: str
+    job_id: str
+    routing_key: str
+    sent: dict[str, str] = Field(description="IG object key -> MWM object key")
+    skipped: list[FileExportResult] = Field(default_factory=list)
+    deadline: datetime
+    published_at: datetime | None = None
+    resolved: bool = False

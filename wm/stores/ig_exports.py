@@ -3,49 +3,54 @@
 A document is inserted (unique) before the ``ExportRequestEvent`` is published, so a task id is published
 at most once across replicas and redeliveries: the gateway de-duplicates requests by task id alone and
 leaves a duplicate hanging unacknowledged, so a second publish would do harm. It holds what the
-completion needs: the IG keys sent and the MWM keys they stand for, the results of files the sink's
-extensions skipped, the deadline, and whether the task was resolved (by a completion or the deadline).
+completion needs (``wm.domain.monai_ig.IgExport``): the IG keys sent and the MWM keys they stand for, the
+results of files the sink's extensions skipped, the deadline, and whether the task was resolved (by a
+completion or the deadline).
 
 A crash between the insert and the publish leaves the document unpublished: nothing is sent, and the
 deadline fails the task with a reason saying so.
+
+Announcements: collection ``ig_export_announcements``, ``_id`` = the ``export.completed`` message id. Two
+completions of one task handled at once (IG 0.5 re-sends one it published before a crash), or a
+completion and the deadline, both reach a final task; the one whose insert wins publishes its
+``export.completed`` (`announce_once`), the others leave it. A claimer whose publish fails gives the claim
+back; one that died holding it is taken over once the claim is stale (`announce_stale`).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, IndexModel
 
-from schemas.events import FileExportResult
 from wm.adapters.mongo import Database, IndexSpec, translated_errors
-from wm.errors import NotFound
+from wm.domain.exports import ExportTask, completed_message_id
+from wm.domain.monai_ig import IgExport
+from wm.errors import Duplicate, NotFound, TransientError
+from wm.ports import EventPublisher, ExportTaskRecords, IgExportRecords
+from wm.stores.exports import announce_completion
 
 IG_EXPORTS = "ig_exports"
+IG_EXPORT_ANNOUNCEMENTS = "ig_export_announcements"
 
-INDEXES = (IndexSpec(IG_EXPORTS, (IndexModel([("resolved", ASCENDING), ("deadline", ASCENDING)]),)),)
+INDEXES = (
+    IndexSpec(IG_EXPORTS, (IndexModel([("resolved", ASCENDING), ("deadline", ASCENDING)]),)),
+    IndexSpec(
+        IG_EXPORT_ANNOUNCEMENTS, (IndexModel([("published_at", ASCENDING), ("claimed_at", ASCENDING)]),)
+    ),
+)
 
 
-class IgExport(BaseModel):
-    """One export task's hand-off to the IG."""
-
-    model_config = ConfigDict(frozen=True)
-
-    export_task_id: str
-    job_id: str
-    routing_key: str
-    sent: dict[str, str] = Field(description="IG object key -> MWM object key")
-    skipped: list[FileExportResult] = Field(default_factory=list)
-    deadline: datetime
-    published_at: datetime | None = None
-    resolved: bool = False
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 class IgExports:
-    """The hand-offs, by export task id."""
+    """The hand-offs, by export task id, and the claims on announcing their end."""
 
     def __init__(self, database: Database) -> None:
         self._collection = database.collection(IG_EXPORTS)
+        self._announcements = database.collection(IG_EXPORT_ANNOUNCEMENTS)
 
     async def begin(self, export: IgExport) -> None:
         """Record the hand-off before publishing it; ``Duplicate`` when the task was handed off already."""
@@ -58,7 +63,7 @@ class IgExports:
     async def published(self, task_id: str) -> None:
         """The broker confirmed the request."""
         async with translated_errors("mark IG export published"):
-            await self._collection.update_one({"_id": task_id}, {"$set": {"published_at": datetime.now(UTC)}})
+            await self._collection.update_one({"_id": task_id}, {"$set": {"published_at": _now()}})
 
     async def abandon(self, task_id: str) -> None:
         """The publish failed before the broker took it: the next attempt may hand the task off again."""
@@ -84,10 +89,93 @@ class IgExports:
             documents = await self._collection.find({"resolved": False, "deadline": {"$lt": now}}).to_list()
         return [_export(document) for document in documents]
 
+    async def claim_announcement(self, message_id: str, task_id: str) -> bool:
+        """True for exactly one caller per ``export.completed`` message id: the one that publishes it."""
+        document = {"_id": message_id, "task_id": task_id, "claimed_at": _now(), "published_at": None}
+        try:
+            async with translated_errors("claim IG export announcement"):
+                await self._announcements.insert_one(document)
+        except Duplicate:
+            return False
+        return True
+
+    async def release_announcement(self, message_id: str) -> None:
+        """Drop an unconfirmed claim (its publish failed): the next attempt may claim it again."""
+        async with translated_errors("release IG export announcement"):
+            await self._announcements.delete_one({"_id": message_id, "published_at": None})
+
+    async def mark_announced(self, message_id: str) -> None:
+        """The claimed ``export.completed`` was published (confirmed by the broker)."""
+        async with translated_errors("mark IG export announced"):
+            await self._announcements.update_one({"_id": message_id}, {"$set": {"published_at": _now()}})
+
+    async def stale_announcements(self, older_than: timedelta) -> list[tuple[str, str]]:
+        """Claims not confirmed within ``older_than`` (the claimer died): (message id, task id) pairs."""
+        criteria = {"published_at": None, "claimed_at": {"$lte": _now() - older_than}}
+        async with translated_errors("find stale IG export announcements"):
+            documents = await self._announcements.find(criteria).to_list(100)
+        return [(str(document["_id"]), str(document["task_id"])) for document in documents]
+
+    async def reclaim_announcement(self, message_id: str, older_than: timedelta) -> bool:
+        """Take over a stale claim: one caller wins by re-stamping the claim time it read.
+
+        On FerretDB the re-stamp is read-then-write, so two sweepers may both win a claim whose claimer
+        died: that rare double publish carries one message id, which consumers recognise.
+        """
+        async with translated_errors("reclaim IG export announcement"):
+            document = await self._announcements.find_one({"_id": message_id})
+            if document is None or document["published_at"] is not None:
+                return False
+            if document["claimed_at"] > _now() - older_than:
+                return False
+            result = await self._announcements.update_one(
+                {"_id": message_id, "claimed_at": document["claimed_at"]}, {"$set": {"claimed_at": _now()}}
+            )
+        return result.modified_count == 1
+
+
+async def announce_once(
+    tasks: ExportTaskRecords, handoffs: IgExportRecords, bus: EventPublisher, task: ExportTask
+) -> bool:
+    """Publish the final task's ``export.completed`` when this caller wins its claim; True when it did.
+
+    A caller that loses leaves the publish to the winner. A winner whose publish (or its confirmation)
+    fails gives the claim back before the error goes on, so the handler's retry claims it again.
+    """
+    if task.completion_published:
+        return False
+    message_id = completed_message_id(task.export_task_id, task.reruns)
+    if not await handoffs.claim_announcement(message_id, task.export_task_id):
+        return False
+    try:
+        await announce_completion(tasks, bus, task)
+    except TransientError:
+        await handoffs.release_announcement(message_id)
+        raise
+    await handoffs.mark_announced(message_id)
+    return True
+
+
+async def announce_stale(
+    tasks: ExportTaskRecords, handoffs: IgExportRecords, bus: EventPublisher, older_than: timedelta
+) -> int:
+    """Publish the ``export.completed`` of claims whose claimer died before confirming; returns how many."""
+    announced = 0
+    for message_id, task_id in await handoffs.stale_announcements(older_than):
+        task = await tasks.get(task_id)
+        current = completed_message_id(task.export_task_id, task.reruns) == message_id
+        if current and not task.completion_published:
+            if not await handoffs.reclaim_announcement(message_id, older_than):
+                continue  # another sweeper took it over
+            await announce_completion(tasks, bus, task)
+            announced += 1
+        await handoffs.mark_announced(message_id)  # published by its claimer, or by us now
+    return announced
+
 
 def deadline_after(seconds: float, now: datetime | None = None) -> datetime:
     """When a hand-off made ``now`` times out."""
-    return (now or datetime.now(UTC)) + timedelta(seconds=seconds)
+    return (now or _now()) + timedelta(seconds=seconds)
 
 
 def _export(document: dict[str, object]) -> IgExport:
