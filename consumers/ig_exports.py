@@ -166,8 +166,9 @@ async def fail_overdue(deps: IgExportDeps, now: datetime) -> int:
             f"no md.export.complete from the IG by the deadline {record.deadline.isoformat()} "
             f"(request to {record.routing_key} {sent})"
         )
+        # The last result of a key wins: files the sink's extensions skipped stay skipped.
         outcome, results, _ = final_result(
-            task.files, [*record.skipped, *failed_result(task.files, reason).results]
+            task.files, [*failed_result(task.files, reason).results, *record.skipped]
         )
         final = await deps.tasks.record_result(task.export_task_id, outcome, results, reason)
         await _announce(final, deps)
