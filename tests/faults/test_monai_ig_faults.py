@@ -74,5 +74,6 @@ async def test_a_broker_restart_in_the_middle_of_the_ig_loop_loses_nothing(
                 received = await scp.await_files(2, timeout=30)
     [task] = await export_tasks(settings)
     assert task.state is ExportState.succeeded, task.message
+    assert task.completion_published, "its mwm.export.completed was confirmed by the broker"
     assert len(task.file_results) == 2 and {r.status for r in task.file_results} == {"succeeded"}
     assert len(received) == 2
