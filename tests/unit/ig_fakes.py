@@ -1,4 +1,5 @@
-"""In-memory fakes of the ports the IG consumers use (``wm.ports``), beside ``tests/unit/fakes.py``.
+"""In-memory fakes of the ports the IG consumers use (``wm.ports``), beside ``tests/unit/fakes.py``, and
+the IG's golden messages (``tests/fixtures/monai_ig``) and deliveries as its broker hands them over.
 
 Every call of ``FakeIgExports`` and ``ConfirmingPublisher`` yields to the event loop first, as a round trip
 to the database or a broker confirm does: handlers run concurrently on them interleave at the same points
@@ -8,18 +9,41 @@ as on the real services, so a race between two deliveries shows here too.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from schemas.events import Event, FileRef, PayloadArrived
 from schemas.monai_ig import IgMessage
+from tests.support.ig_emulator import APP_ID, Version
 from tests.unit.fakes import FakePublisher, Outage
 from wm.domain.discovery import Candidate
 from wm.domain.monai_ig import IgExport
 from wm.errors import Duplicate, NotFound
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "monai_ig"
+
+
+def golden(name: str, version: Version) -> dict[str, Any]:
+    """The golden body of an IG message (``workflow_request``, ``export_request``, ``export_complete``)."""
+    loaded: dict[str, Any] = json.loads((FIXTURES / f"{name}.{version}.json").read_text())
+    return loaded
+
+
+@dataclass
+class Delivery:
+    """A delivery from the IG's broker, with the properties ``wm.adapters.monai_ig.decode`` checks."""
+
+    body: bytes
+    message_id: str | None = "m1"
+    type: str | None = "ExportCompleteEvent"
+    content_type: str | None = "application/json"
+    app_id: str | None = APP_ID
+    correlation_id: str | None = "c1"
 
 
 def _now() -> datetime:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -18,19 +16,13 @@ from schemas.events import ExportCompleted, FileExportResult, FileRef, SinkRef
 from schemas.monai_ig import ExportCompleteEvent
 from tests.support.ig_emulator import VERSIONS, Version
 from tests.unit.fakes import FakeExportTasks
-from tests.unit.ig_fakes import ConfirmingPublisher, FakeIgExports
+from tests.unit.ig_fakes import ConfirmingPublisher, Delivery, FakeIgExports, golden
 from wm.domain.exports import ExportState, ExportTask
 from wm.domain.monai_ig import IgExport, ig_keys
 from wm.errors import InvalidMessage, TransientError
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "monai_ig"
 TASK = "job-1.pacs"
 OUTPUT = "jobs/job-1/output"
-
-
-def fixture(version: Version) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads((FIXTURES / f"export_complete.{version}.json").read_text())
-    return loaded
 
 
 def completion(status: str | int = "Success", **statuses: str | int) -> ExportCompleteEvent:
@@ -117,7 +109,7 @@ async def test_each_versions_completion_makes_the_task_final_per_file_and_announ
     names, state, results = EXPECTED[version]
     await world.handed_off(*names)
 
-    await handle(ExportCompleteEvent.model_validate(fixture(version)), world.deps)
+    await handle(ExportCompleteEvent.model_validate(golden("export_complete", version)), world.deps)
 
     task = world.tasks.tasks[TASK]
     assert task.state is state and task.completion_published
@@ -228,14 +220,7 @@ async def test_a_database_outage_propagates_for_a_retry() -> None:
     assert not world.tasks.tasks[TASK].is_final and world.announced() == []
 
 
-@dataclass
-class Delivery:
-    body: bytes
-    message_id: str | None = "m1"
-    type: str | None = "ExportCompleteEvent"
-    content_type: str | None = "application/json"
-    app_id: str | None = "16988a78-87b5-4168-a5c3-2cfc2bab8e54"
-    correlation_id: str | None = "c1"
+SUCCESS = golden("export_complete", "0.3")
 
 
 @pytest.mark.parametrize(
@@ -244,7 +229,10 @@ class Delivery:
         ({"message_id": None}, "missing AMQP property message_id"),
         ({"body": b'{"export_task_id": "t", "status": "Success"'}, "ExportCompleteEvent failed validation"),
         ({"body": b'{"workflow_instance_id": "j", "export_task_id": "t"}'}, "status: Field required"),
-        ({"body": json.dumps(fixture("0.4") | {"status": "Done"}).encode()}, "'Done' is not one of"),
+        (
+            {"body": json.dumps(golden("export_complete", "0.4") | {"status": "Done"}).encode()},
+            "'Done' is not one of",
+        ),
     ],
 )
 def test_a_malformed_completion_is_dead_lettered_with_its_reason(
@@ -252,7 +240,7 @@ def test_a_malformed_completion_is_dead_lettered_with_its_reason(
 ) -> None:
     source = ig_completions.CONSUMER.source
     assert source is not None
-    delivery = Delivery(json.dumps(fixture("0.4")).encode())
+    delivery = Delivery(json.dumps(SUCCESS).encode())
     for key, value in changes.items():
         setattr(delivery, key, value)
 

@@ -14,19 +14,17 @@ from schemas.monai_ig import WorkflowRequestEvent
 from tests.support.ig_emulator import VERSIONS, Version, dicom_json
 from tests.unit.builders import application, candidate
 from tests.unit.fakes import FakePublisher
-from tests.unit.ig_fakes import FakeAeCatalog, FakeObjectStore
+from tests.unit.ig_fakes import FakeAeCatalog, FakeObjectStore, golden
 from wm.config import IgSettings
 from wm.dicom import InvalidDicom, read_identifiers
 from wm.errors import PermanentError, TransientError
 from wm.testing.dicom import write_ct_study
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "monai_ig"
 IG_BUCKET = "monaideploy"
 
 
 def fixture(version: Version, **changes: Any) -> WorkflowRequestEvent:
-    body: dict[str, Any] = json.loads((FIXTURES / f"workflow_request.{version}.json").read_text())
-    return WorkflowRequestEvent.model_validate(body | changes)
+    return WorkflowRequestEvent.model_validate(golden("workflow_request", version) | changes)
 
 
 class World:

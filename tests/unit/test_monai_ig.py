@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -31,6 +30,7 @@ from tests.support.ig_emulator import (
     newtonsoft_time,
     workflow_request_body,
 )
+from tests.unit.ig_fakes import Delivery, golden
 from wm.adapters.monai_ig import decode, message_for
 from wm.config import Settings
 from wm.domain.discovery import Candidate, placements
@@ -47,17 +47,10 @@ from wm.errors import InvalidMessage
 from wm.sinks.monai_ig import MonaiIgSink
 from wm.testing.dicom import write_ct_study
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "monai_ig"
-
-
-def fixture(name: str, version: Version) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads((FIXTURES / f"{name}.{version}.json").read_text())
-    return loaded
-
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_versions_workflow_request_parses_with_its_ae_titles(version: Version) -> None:
-    request = WorkflowRequestEvent.model_validate(fixture("workflow_request", version))
+    request = WorkflowRequestEvent.model_validate(golden("workflow_request", version))
     assert (request.calling_ae_title, request.called_ae_title) == ("MODALITY", "MONAI-MIP")
     assert request.payload_id == "5d3f9a43-0c2e-4b7e-9d1c-2f0a7a5f3b11"
     assert not request.returns_artifacts
@@ -75,12 +68,12 @@ def test_every_versions_workflow_request_parses_with_its_ae_titles(version: Vers
 def test_the_emulator_writes_each_version_with_the_golden_fixtures_properties_in_order(
     version: Version,
 ) -> None:
-    golden = fixture("workflow_request", version)
-    paths = [item["path"] for item in golden["payload"]]
+    reference = golden("workflow_request", version)
+    paths = [item["path"] for item in reference["payload"]]
     built = workflow_request_body(
         version,
-        payload_id=golden["payload_id"],
-        correlation_id=golden["correlation_id"],
+        payload_id=reference["payload_id"],
+        correlation_id=reference["correlation_id"],
         bucket="monaideploy",
         workflows=[],
         calling_ae="MODALITY",
@@ -88,11 +81,11 @@ def test_the_emulator_writes_each_version_with_the_golden_fixtures_properties_in
         paths=paths,
         timestamp=datetime(2024, 1, 1, tzinfo=UTC),
     )
-    assert list(built) == list(golden)
-    if "trigger" in golden:
-        assert list(built["trigger"]) == list(golden["trigger"])
-    completion = export_complete_body(version, fixture("export_request", version), "Success", "", {})
-    assert list(completion) == list(fixture("export_complete", version))
+    assert list(built) == list(reference)
+    if "trigger" in reference:
+        assert list(built["trigger"]) == list(reference["trigger"])
+    completion = export_complete_body(version, golden("export_request", version), "Success", "", {})
+    assert list(completion) == list(golden("export_complete", version))
 
 
 def test_newtonsoft_times_drop_trailing_zeros() -> None:
@@ -101,7 +94,7 @@ def test_newtonsoft_times_drop_trailing_zeros() -> None:
 
 
 def test_property_names_match_in_any_case_and_enums_by_name() -> None:
-    body = fixture("workflow_request", "0.4")
+    body = golden("workflow_request", "0.4")
     body["Trigger"] = {"DataService": "DicomWeb", "Source": "host.example", "Destination": "10.0.0.1"}
     del body["trigger"]
     request = WorkflowRequestEvent.model_validate(body)
@@ -109,20 +102,20 @@ def test_property_names_match_in_any_case_and_enums_by_name() -> None:
 
 
 def test_a_request_with_neither_trigger_nor_calling_ae_title_is_invalid() -> None:
-    body = fixture("workflow_request", "0.4")
+    body = golden("workflow_request", "0.4")
     del body["trigger"]
     with pytest.raises(ValidationError, match="neither trigger"):
         WorkflowRequestEvent.model_validate(body)
 
 
 def test_returned_artifacts_are_recognised() -> None:
-    body = fixture("workflow_request", "0.5") | {"workflow_instance_id": "wf-1", "task_id": "task-1"}
+    body = golden("workflow_request", "0.5") | {"workflow_instance_id": "wf-1", "task_id": "task-1"}
     assert WorkflowRequestEvent.model_validate(body).returns_artifacts
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_versions_export_request_parses(version: Version) -> None:
-    request = ExportRequestEvent.model_validate(fixture("export_request", version))
+    request = ExportRequestEvent.model_validate(golden("export_request", version))
     assert request.files == ["mwm-exports/job-1.pacs/mwm/jobs/job-1/output/mip.dcm"]
     assert request.destinations == ["PACS"] and request.export_task_id == "job-1.pacs"
 
@@ -135,7 +128,7 @@ SENT = {
 
 
 def test_a_successful_completion_succeeds_every_file() -> None:
-    completion = ExportCompleteEvent.model_validate(fixture("export_complete", "0.3"))
+    completion = ExportCompleteEvent.model_validate(golden("export_complete", "0.3"))
     sent = {key: value for key, value in SENT.items() if key.endswith("mip.dcm")}
     outcome, results, _ = completion_result(completion, sent)
     assert outcome == "succeeded"
@@ -143,7 +136,7 @@ def test_a_successful_completion_succeeds_every_file() -> None:
 
 
 def test_a_partial_failure_records_each_files_status() -> None:
-    completion = ExportCompleteEvent.model_validate(fixture("export_complete", "0.4"))
+    completion = ExportCompleteEvent.model_validate(golden("export_complete", "0.4"))
     sent = {key: value for key, value in SENT.items() if not key.endswith("mip.dcm")}
     skipped = [FileExportResult(key="jobs/job-1/output/report.txt", status="skipped")]
     outcome, results, message = completion_result(completion, sent, skipped)
@@ -156,7 +149,7 @@ def test_a_partial_failure_records_each_files_status() -> None:
 
 
 def test_a_failure_with_status_names_and_the_05_target_fails_every_file() -> None:
-    body = fixture("export_complete", "0.5")
+    body = golden("export_complete", "0.5")
     body["file_statuses"] = {key: "ConfigurationError" for key in body["file_statuses"]}
     completion = ExportCompleteEvent.model_validate(body)
     assert completion.file_statuses == {
@@ -169,7 +162,7 @@ def test_a_failure_with_status_names_and_the_05_target_fails_every_file() -> Non
 
 
 def test_statuses_come_as_integers_or_names_and_unknown_ones_are_invalid() -> None:
-    base = fixture("export_complete", "0.4")
+    base = golden("export_complete", "0.4")
     assert ExportCompleteEvent.model_validate(base | {"status": 2}).status is ExportStatus.PartialFailure
     assert (
         ExportCompleteEvent.model_validate(base | {"status": "partialfailure"}).status
@@ -180,7 +173,7 @@ def test_statuses_come_as_integers_or_names_and_unknown_ones_are_invalid() -> No
 
 
 def test_a_completion_without_file_statuses_as_from_ig_030_uses_the_overall_status() -> None:
-    body = {k: v for k, v in fixture("export_complete", "0.3").items() if k != "file_statuses"}
+    body = {k: v for k, v in golden("export_complete", "0.3").items() if k != "file_statuses"}
     sent = {k: v for k, v in SENT.items() if not k.endswith("mip.dcm")}
     outcome, results, _ = completion_result(ExportCompleteEvent.model_validate(body), sent)
     assert outcome == "succeeded" and {r.status for r in results} == {"succeeded"}
@@ -191,7 +184,7 @@ def test_a_completion_without_file_statuses_as_from_ig_030_uses_the_overall_stat
 
 
 def test_unknown_status_is_decided_by_the_files() -> None:
-    body = fixture("export_complete", "0.4") | {"status": "Unknown"}
+    body = golden("export_complete", "0.4") | {"status": "Unknown"}
     sent = {k: v for k, v in SENT.items() if not k.endswith("mip.dcm")}
     assert completion_result(ExportCompleteEvent.model_validate(body), sent)[0] == "partial"
 
@@ -283,16 +276,6 @@ def test_a_monai_ig_sink_needs_its_args() -> None:
         SinkDefinition.model_validate({"name": "pacs", "type": "monai-ig"})
 
 
-@dataclass
-class Delivery:
-    body: bytes
-    message_id: str | None = "m1"
-    type: str | None = "ExportCompleteEvent"
-    content_type: str | None = "application/json"
-    app_id: str | None = "16988a78-87b5-4168-a5c3-2cfc2bab8e54"
-    correlation_id: str | None = "c1"
-
-
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
@@ -304,7 +287,7 @@ class Delivery:
     ],
 )
 def test_a_delivery_the_ig_library_would_reject_is_invalid(changes: dict[str, Any], reason: str) -> None:
-    body = json.dumps(fixture("export_complete", "0.4")).encode()
+    body = json.dumps(golden("export_complete", "0.4")).encode()
     delivery = Delivery(body)
     for key, value in changes.items():
         setattr(delivery, key, value)
