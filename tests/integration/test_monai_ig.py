@@ -15,6 +15,7 @@ from consumers import discovery
 from producers.gateway import serving
 from schemas.events import ExportCompleted, ExportRequested, FileRef, JobLaunched, SinkRef
 from tests.support.ig_emulator import (
+    APP_ID,
     VERSIONS,
     Destination,
     IgEmulator,
@@ -58,6 +59,30 @@ async def dead_letters(
         return messages
 
 
+def assert_published_as_the_ig_does(message: aio_pika.abc.AbstractIncomingMessage, message_type: str) -> None:
+    """The properties Monai.Deploy.Messaging sets on every publish (``JsonMessage``)."""
+    assert message.content_type == "application/json" and message.delivery_mode == 2
+    assert message.type == message_type and message.app_id == APP_ID
+    assert message.correlation_id == json.loads(message.body)["correlation_id"]
+    assert uuid.UUID(str(message.message_id)) and message.timestamp is not None
+
+
+def uploaded_keys(emulator: IgEmulator, payload_id: str) -> set[str]:
+    listing = emulator.s3.list_objects(emulator.bucket, prefix=f"{payload_id}/", recursive=True)
+    return {str(item.object_name) for item in listing}
+
+
+def ig_object_keys(payload_id: str, files: list[Path]) -> set[str]:
+    """Where the IG stores each file and its DICOM JSON: ``{payload_id}/dcm/{study}/{series}/{sop}.dcm``."""
+    keys: set[str] = set()
+    for path in files:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        uids = (header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID)
+        key = f"{payload_id}/dcm/{'/'.join(map(str, uids))}.dcm"
+        keys |= {key, f"{key}.json"}
+    return keys
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_the_full_loop_through_the_ig(
     live_settings: Settings, tmp_path: Path, version: Version
@@ -85,7 +110,10 @@ async def test_the_full_loop_through_the_ig(
                 received = await scp.await_files(2, timeout=10)
             wm_copy = await wm_queue.get(fail=False, no_ack=True)
             assert wm_copy is not None, "the WM's queue got the request too"
+            assert_published_as_the_ig_does(wm_copy, "WorkflowRequestEvent")
             assert json.loads(wm_copy.body)["payload_id"] == payload_id
+            uploaded = await asyncio.to_thread(uploaded_keys, emulator, payload_id)
+            assert uploaded == ig_object_keys(payload_id, study.files), "{payload_id}/dcm/... and .dcm.json"
     [launched] = events.of(JobLaunched)
     assert completed.status == "succeeded", completed.message
     assert completed.job_id == launched.job_id and completed.sink == SinkRef(name="ig-pacs", type="monai-ig")
