@@ -15,7 +15,7 @@ from schemas.monai_ig import ExportCompleteEvent, ExportRequestEvent
 from tests.unit.fakes import FakeExportTasks, FakeSinks
 from tests.unit.ig_fakes import ConfirmingPublisher, FakeIgExports, FakeIgPublisher, FakeObjectStore
 from wm.config import IgSettings, Settings
-from wm.domain.exports import ExportState
+from wm.domain.exports import ExportState, task_for
 from wm.errors import Duplicate, TransientError
 from wm.stores.ig_exports import announce_stale
 
@@ -216,6 +216,19 @@ async def test_an_announcement_whose_claimer_died_is_published_by_the_sweep_once
     assert completed.status == "succeeded" and world.tasks.tasks[TASK].completion_published
     await world.complete("Success")  # the IG's re-sent completion finds it announced
     assert len(world.announced()) == 1
+
+
+async def test_a_stale_claim_of_a_task_purged_since_holds_up_no_other() -> None:
+    world = World("a.dcm")
+    for task_id in ("purged.ig-pacs", TASK):
+        assert await world.handoffs.claim_announcement(f"{task_id}.completed", task_id)
+    await world.tasks.create(task_for(world.event, datetime.now(UTC)))
+    await world.tasks.record_result(TASK, "failed", [], "refused")
+
+    assert await announce_stale(world.tasks, world.handoffs, world.bus, timedelta(0)) == 1
+
+    assert [c.export_task_id for c in world.announced()] == [TASK]
+    assert await world.handoffs.stale_announcements(timedelta(0)) == []
 
 
 async def test_retries_exhausted_fail_the_task_with_the_reason() -> None:

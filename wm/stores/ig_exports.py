@@ -162,14 +162,20 @@ async def announce_stale(
     """Publish the ``export.completed`` of claims whose claimer died before confirming; returns how many."""
     announced = 0
     for message_id, task_id in await handoffs.stale_announcements(older_than):
-        task = await tasks.get(task_id)
-        current = completed_message_id(task.export_task_id, task.reruns) == message_id
-        if current and not task.completion_published:
+        try:
+            task: ExportTask | None = await tasks.get(task_id)
+        except NotFound:  # purged since (retention): nothing left to announce, nor to hold up the others
+            task = None
+        if (
+            task is not None
+            and completed_message_id(task.export_task_id, task.reruns) == message_id
+            and not task.completion_published
+        ):
             if not await handoffs.reclaim_announcement(message_id, older_than):
                 continue  # another sweeper took it over
             await announce_completion(tasks, bus, task)
             announced += 1
-        await handoffs.mark_announced(message_id)  # published by its claimer, or by us now
+        await handoffs.mark_announced(message_id)  # published now, by its claimer, or nothing to publish
     return announced
 
 
