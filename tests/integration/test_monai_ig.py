@@ -13,7 +13,7 @@ import pytest
 
 from consumers import discovery
 from producers.gateway import serving
-from schemas.events import ExportCompleted, ExportRequested, FileRef, JobLaunched, SinkRef
+from schemas.events import ExportCompleted, JobLaunched, SinkRef
 from tests.support.ig_emulator import (
     APP_ID,
     VERSIONS,
@@ -24,12 +24,12 @@ from tests.support.ig_emulator import (
     newtonsoft,
     properties,
 )
-from tests.support.ig_loop import IG_CONSUMERS, LOOP_CONSUMERS, add_ig_sink, ig_stack
+from tests.support.ig_loop import IG_CONSUMERS, LOOP_CONSUMERS, add_ig_sink, ig_stack, request_export
 from tests.support.pipeline import consumers_running, mip_application, register, tap
 from tests.support.services import queue_settled, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
-from wm.adapters.rabbitmq import REASON_HEADER, Bus, dead_letter_queue_name
+from wm.adapters.rabbitmq import REASON_HEADER, dead_letter_queue_name
 from wm.config import Settings
 from wm.domain.exports import ExportState
 from wm.stores.exports import ExportTasks
@@ -140,11 +140,11 @@ async def test_an_export_request_carries_the_properties_the_ig_requires(
         async with connection, consumers_running(settings, IG_CONSUMERS):
             channel = await connection.channel()
             queue = await channel.declare_queue("md.export.request.monaiscu", passive=True)
-            task_id = await _request_export(settings, tmp_path)
+            task_id = await request_export(settings, tmp_path)
             message = await _get(queue)
         assert message.content_type == "application/json" and message.delivery_mode == 2
         assert message.type == "ExportRequestEvent" and message.app_id == settings.ig.app_id
-        assert message.correlation_id == "corr-1" and uuid.UUID(str(message.message_id))
+        assert message.correlation_id == "corr-job-1" and uuid.UUID(str(message.message_id))
         assert message.timestamp is not None
         body = json.loads(message.body)
         assert body["export_task_id"] == task_id and body["destinations"] == ["PACS"]
@@ -163,31 +163,6 @@ async def _get(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncomi
     return found[0]
 
 
-async def _request_export(settings: Settings, tmp_path: Path, extra: bytes | None = None) -> str:
-    """Job outputs in MWM's bucket (two CT slices, plus a broken ``.dcm`` when ``extra``), and their
-    export to the sink ``ig-pacs`` requested as the monitor does."""
-    study = write_ct_study(tmp_path / "out", slices_per_series=2, seed=3)
-    files: list[FileRef] = []
-    async with ObjectStore(settings.object_store) as objects:
-        for index, path in enumerate(study.files):
-            files.append(await objects.put_file(f"jobs/job-1/output/{index}.dcm", path))
-        if extra is not None:
-            broken = tmp_path / "broken.dcm"
-            broken.write_bytes(extra)
-            files.append(await objects.put_file("jobs/job-1/output/broken.dcm", broken))
-    event = ExportRequested(
-        correlation_id="corr-1",
-        export_task_id="job-1.ig-pacs",
-        job_id="job-1",
-        application_id="mip",
-        sink=SinkRef(name="ig-pacs", type="monai-ig"),
-        files=files,
-    )
-    async with Bus(settings.bus) as bus:
-        await bus.publish(event, message_id=event.export_task_id)
-    return event.export_task_id
-
-
 async def test_a_completion_that_never_comes_fails_the_task_at_its_deadline(
     live_settings: Settings, tmp_path: Path
 ) -> None:
@@ -198,7 +173,7 @@ async def test_a_completion_that_never_comes_fails_the_task_at_its_deadline(
             tap(settings, ExportCompleted.event_type) as events,
             consumers_running(settings, IG_CONSUMERS),
         ):
-            task_id = await _request_export(settings, tmp_path)
+            task_id = await request_export(settings, tmp_path)
             [completed] = await events.wait_for(ExportCompleted, 1, 60)
     assert len(emulator.exports) == 1, "the IG took the request and dropped its completion"
     assert (
@@ -221,7 +196,7 @@ async def test_partial_failure_is_recorded_per_file_and_a_duplicate_completion_c
                 tap(settings, ExportCompleted.event_type) as events,
                 consumers_running(settings, IG_CONSUMERS),
             ):
-                task_id = await _request_export(settings, tmp_path, extra=b"not DICOM at all")
+                task_id = await request_export(settings, tmp_path, extra=b"not DICOM at all")
                 await events.wait_for(ExportCompleted, 1, 60)
                 await _handled(settings, "ig-completions", 2)
                 await queue_settled(events.queue)
@@ -256,7 +231,7 @@ async def test_two_duplicate_completions_handled_at_once_announce_the_task_once(
             tap(settings, ExportCompleted.event_type) as events,
             consumers_running(settings, IG_CONSUMERS),
         ):
-            task_id = await _request_export(settings, tmp_path)
+            task_id = await request_export(settings, tmp_path)
 
             async def requested() -> bool:
                 return bool(emulator.exports)
@@ -268,7 +243,7 @@ async def test_two_duplicate_completions_handled_at_once_announce_the_task_once(
             )
             # As IG 0.5 re-sends after a crash between its publish and its ack: same body, new message id;
             # both in flight at once, so the two deliveries are handled concurrently.
-            sends = [properties("ExportCompleteEvent", "corr-1") for _ in range(2)]
+            sends = [properties("ExportCompleteEvent", "corr-job-1") for _ in range(2)]
             await asyncio.gather(*(emulator.publish(body, "md.export.complete", **p) for p in sends))
             await _handled(settings, "ig-completions", 2)
             await queue_settled(events.queue)

@@ -6,15 +6,20 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from consumers import ig_completions, ig_exports, ig_requests, monitor, scheduler
 from schemas.applications import SinkDefinition
+from schemas.events import ExportRequested, FileRef, SinkRef
 from tests.support.ig_emulator import Destination, IgEmulator, Version, vhost
 from wm.adapters.mongo import Database
+from wm.adapters.objectstore import ObjectStore
+from wm.adapters.rabbitmq import Bus
 from wm.config import Settings
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer
+from wm.testing.dicom import write_ct_study
 
 IG_CONSUMERS: list[Consumer[Any]] = [ig_requests.CONSUMER, ig_exports.CONSUMER, ig_completions.CONSUMER]
 LOOP_CONSUMERS: list[Consumer[Any]] = [*IG_CONSUMERS, scheduler.CONSUMER, monitor.CONSUMER]
@@ -65,3 +70,30 @@ async def add_ig_sink(settings: Settings, name: str, destinations: list[str], **
     )
     async with Database(settings.mongo) as database:
         await Sinks(database).create(definition)
+
+
+async def request_export(
+    settings: Settings, tmp_path: Path, extra: bytes | None = None, job_id: str = "job-1"
+) -> str:
+    """Job outputs in MWM's bucket (two CT slices, plus a broken ``.dcm`` when ``extra``), and their
+    export to the sink ``ig-pacs`` requested as the monitor does; returns the export task id."""
+    study = write_ct_study(tmp_path / "out", slices_per_series=2, seed=3)
+    files: list[FileRef] = []
+    async with ObjectStore(settings.object_store) as objects:
+        for index, path in enumerate(study.files):
+            files.append(await objects.put_file(f"jobs/{job_id}/output/{index}.dcm", path))
+        if extra is not None:
+            broken = tmp_path / "broken.dcm"
+            broken.write_bytes(extra)
+            files.append(await objects.put_file(f"jobs/{job_id}/output/broken.dcm", broken))
+    event = ExportRequested(
+        correlation_id=f"corr-{job_id}",
+        export_task_id=f"{job_id}.ig-pacs",
+        job_id=job_id,
+        application_id="mip",
+        sink=SinkRef(name="ig-pacs", type="monai-ig"),
+        files=files,
+    )
+    async with Bus(settings.bus) as bus:
+        await bus.publish(event, message_id=event.export_task_id)
+    return event.export_task_id

@@ -13,8 +13,9 @@ from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.engines.local import LocalEngine
 from wm.errors import MwmError
-from wm.stores import buckets, exports, jobs
+from wm.stores import buckets, exports, ig_exports, jobs
 from wm.stores.discovery_retention import DiscoveryRetention
+from wm.stores.ig_retention import IgRetention
 from wm.stores.retention import Removed, Stores, clean_up, cutoff_for
 
 
@@ -23,8 +24,8 @@ def cleanup(
         bool, typer.Option("--dry-run", help="print what would be removed; remove nothing")
     ] = False,
 ) -> None:
-    """Remove export tasks, job files, discovery documents, received files and processed-message keys
-    older than the retention (nothing an unfinished job needs)."""
+    """Remove export tasks, job files, discovery documents, received files, processed-message keys and
+    the IG path's records and copies older than the retention (nothing an unfinished job or task needs)."""
     settings = Settings()
     try:
         removed = asyncio.run(_clean_up(settings, dry_run))
@@ -37,7 +38,13 @@ def cleanup(
 
 
 async def _clean_up(settings: Settings, dry_run: bool) -> Removed:
-    indexes = (*exports.INDEXES, *jobs.INDEXES, *buckets.INDEXES, PROCESSED_MESSAGES_INDEXES)
+    indexes = (
+        *exports.INDEXES,
+        *jobs.INDEXES,
+        *buckets.INDEXES,
+        *ig_exports.INDEXES,
+        PROCESSED_MESSAGES_INDEXES,
+    )
     async with Database(settings.mongo, indexes) as database, ObjectStore(settings.object_store) as objects:
         stores = Stores(
             exports.ExportTasks(database),
@@ -46,5 +53,7 @@ async def _clean_up(settings: Settings, dry_run: bool) -> Removed:
             ProcessedMessages(database),
             LocalEngine(settings),
             DiscoveryRetention(database, objects),
+            # The IG's bucket exists only where the IG path is on.
+            IgRetention(database, objects.in_bucket(settings.ig.bucket) if settings.ig.enabled else None),
         )
         return await clean_up(stores, cutoff_for(settings.export.retention_days), dry_run)

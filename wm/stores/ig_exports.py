@@ -4,8 +4,8 @@ A document is inserted (unique) before the ``ExportRequestEvent`` is published, 
 at most once across replicas and redeliveries: the gateway de-duplicates requests by task id alone and
 leaves a duplicate hanging unacknowledged, so a second publish would do harm. It holds what the
 completion needs (``wm.domain.monai_ig.IgExport``): the IG keys sent and the MWM keys they stand for, the
-results of files the sink's extensions skipped, the deadline, and whether the task was resolved (by a
-completion or the deadline).
+results of files the sink's extensions skipped, the deadline, and whether and when the task was resolved (by
+a completion or the deadline; ``mwm cleanup`` removes it past the retention: ``wm.stores.ig_retention``).
 
 A crash between the insert and the publish leaves the document unpublished: nothing is sent, and the
 deadline fails the task with a reason saying so.
@@ -34,9 +34,19 @@ IG_EXPORTS = "ig_exports"
 IG_EXPORT_ANNOUNCEMENTS = "ig_export_announcements"
 
 INDEXES = (
-    IndexSpec(IG_EXPORTS, (IndexModel([("resolved", ASCENDING), ("deadline", ASCENDING)]),)),
     IndexSpec(
-        IG_EXPORT_ANNOUNCEMENTS, (IndexModel([("published_at", ASCENDING), ("claimed_at", ASCENDING)]),)
+        IG_EXPORTS,
+        (
+            IndexModel([("resolved", ASCENDING), ("deadline", ASCENDING)]),
+            IndexModel([("resolved_at", ASCENDING), ("deadline", ASCENDING)]),  # retention
+        ),
+    ),
+    IndexSpec(
+        IG_EXPORT_ANNOUNCEMENTS,
+        (
+            IndexModel([("published_at", ASCENDING), ("claimed_at", ASCENDING)]),
+            IndexModel([("task_id", ASCENDING)]),  # retention: a purged task's claims
+        ),
     ),
 )
 
@@ -81,7 +91,9 @@ class IgExports:
     async def resolve(self, task_id: str) -> None:
         """The task's result is recorded (completion or deadline): nothing waits for it any more."""
         async with translated_errors("resolve IG export"):
-            await self._collection.update_one({"_id": task_id}, {"$set": {"resolved": True}})
+            await self._collection.update_one(
+                {"_id": task_id, "resolved": False}, {"$set": {"resolved": True, "resolved_at": _now()}}
+            )
 
     async def overdue(self, now: datetime) -> list[IgExport]:
         """Unresolved hand-offs past their deadline."""

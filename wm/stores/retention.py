@@ -12,6 +12,8 @@ Removed once older than the retention:
   point to, once every generation closed before the cutoff and no job made from them is unfinished; and
   payload objects nothing points to (refused or aborted C-STOREs) once older than the cutoff
   (``wm.stores.discovery_retention``). A retried job's attempts' work directories go with the job's.
+- the MONAI Informatics Gateway path's hand-off records, announcement claims and the copies placed in the
+  IG's bucket, of export tasks final before the cutoff (``wm.stores.ig_retention``).
 
 Safe to run on any schedule, from several places at once: every removal is idempotent.
 """
@@ -27,6 +29,7 @@ from wm.adapters.objectstore import ObjectStore
 from wm.engines.local import LocalEngine
 from wm.stores.discovery_retention import DiscoveryRetention
 from wm.stores.exports import ExportTasks
+from wm.stores.ig_retention import IgRetention
 from wm.stores.jobs import JobStore
 
 
@@ -44,6 +47,9 @@ class Removed:
     bucket_keys: int = 0
     discovery_documents: int = 0
     payload_objects: int = 0
+    ig_handoffs: int = 0
+    ig_announcements: int = 0
+    ig_objects: int = 0
 
     def lines(self) -> list[str]:
         """A human-readable account, one line per kind."""
@@ -58,6 +64,9 @@ class Removed:
             f"bucket keys: {self.bucket_keys}",
             f"discovery documents: {self.discovery_documents}",
             f"payload objects: {self.payload_objects}",
+            f"IG export records: {self.ig_handoffs}",
+            f"IG announcement claims: {self.ig_announcements}",
+            f"IG bucket objects: {self.ig_objects}",
         ]
 
 
@@ -71,6 +80,7 @@ class Stores:
     processed: ProcessedMessages
     work: LocalEngine
     discovery: DiscoveryRetention
+    ig: IgRetention
 
 
 def cutoff_for(retention_days: int, now: datetime | None = None) -> datetime:
@@ -96,6 +106,9 @@ async def clean_up(stores: Stores, cutoff: datetime, dry_run: bool = False) -> R
     removed.bucket_keys = discovery.bucket_keys
     removed.discovery_documents = discovery.documents
     removed.payload_objects = discovery.payload_objects
+    ig = await stores.ig.clean_up(cutoff, dry_run)
+    removed.ig_handoffs, removed.ig_announcements = ig.handoffs, ig.announcements
+    removed.ig_objects = ig.objects
     return removed
 
 
