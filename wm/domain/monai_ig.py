@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from schemas.events import BucketFile, BucketReady, DicomIdentifiers, ExportOutcome, FileExportResult, FileRef
 from schemas.monai_ig import ExportCompleteEvent, ExportStatus, FileExportStatus, WorkflowRequestEvent
 from wm.domain.discovery import Placement
-from wm.domain.exports import export_outcome, summary
+from wm.domain.exports import ExportTask, export_outcome, summary
 
 DICOM_JSON_TAGS: dict[str, str] = {
     "0020000D": "study_instance_uid",
@@ -138,6 +138,22 @@ def ig_keys(task_id: str, files: Sequence[FileRef], ig_bucket: str) -> dict[str,
         )
         keys.setdefault(key, file)
     return keys
+
+
+def copied_for(key: str) -> str | None:
+    """The export task a copy in the IG's bucket was made for (``mwm-exports/<task id>/...``), else None."""
+    if not key.startswith(IG_EXPORTS_PREFIX):
+        return None
+    task_id, _, rest = key[len(IG_EXPORTS_PREFIX) :].partition("/")
+    return task_id if task_id and rest else None
+
+
+def past_retention(task: ExportTask | None, cutoff: datetime) -> bool:
+    """Whether what MWM keeps for an IG task may go: the task is final and completed before ``cutoff``, or
+    gone (``None``: only final tasks are purged). An unfinished task keeps everything, whatever its age."""
+    if task is None:
+        return True
+    return task.is_final and task.completed_at is not None and task.completed_at < cutoff
 
 
 _OUTCOMES: dict[ExportStatus, ExportOutcome] = {

@@ -19,20 +19,17 @@ scheduler's staging copies them into ``jobs/<job id>/input/`` in MWM's bucket, r
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from wm.adapters.mongo import Database, delete_matching, translated_errors
 from wm.adapters.objectstore import ObjectStore
-from wm.domain.monai_ig import IG_EXPORTS_PREFIX
+from wm.domain.exports import ExportTask
+from wm.domain.monai_ig import IG_EXPORTS_PREFIX, copied_for, past_retention
 from wm.errors import NotFound
 from wm.stores.exports import ExportTasks
 from wm.stores.ig_exports import IG_EXPORT_ANNOUNCEMENTS, IG_EXPORTS
-
-CHUNK = 500
-"""Task ids per delete (bounds the size of one ``$in``)."""
 
 
 @dataclass
@@ -42,16 +39,6 @@ class IgRemoved:
     handoffs: int = 0
     announcements: int = 0
     objects: int = 0
-
-
-def _chunks(items: Sequence[str]) -> Iterator[list[str]]:
-    for start in range(0, len(items), CHUNK):
-        yield list(items[start : start + CHUNK])
-
-
-def _task_of(key: str) -> str:
-    """The export task id of a key under ``mwm-exports/<task id>/``."""
-    return key[len(IG_EXPORTS_PREFIX) :].split("/", 1)[0]
 
 
 class IgRetention:
@@ -70,32 +57,36 @@ class IgRetention:
     async def clean_up(self, cutoff: datetime, dry_run: bool = False) -> IgRemoved:
         """Remove what is past ``cutoff`` (``dry_run``: count only)."""
         removed = IgRemoved()
-        candidates = await self._ids(
-            self._handoffs,
-            {"$or": [{"resolved_at": {"$lt": cutoff}}, {"resolved_at": None, "deadline": {"$lt": cutoff}}]},
-        )
-        done = [task_id for task_id in sorted(candidates) if await self._task_done(task_id, cutoff)]
-        for task_id in done:
+        async with translated_errors("read IG exports for retention"):
+            candidates = await self._handoffs.find(
+                {
+                    "$or": [
+                        {"resolved_at": {"$lt": cutoff}},
+                        {"resolved_at": None, "deadline": {"$lt": cutoff}},
+                    ]
+                },
+                {"_id": 1},
+            ).to_list()
+        done = [str(c["_id"]) for c in candidates if await self._task_done(str(c["_id"]), cutoff)]
+        for task_id in sorted(done):  # objects, claims, record: a crash leaves the record to find again
             removed.objects += await self._remove_copies(f"{IG_EXPORTS_PREFIX}{task_id}/", dry_run)
-        claims = await self._ids(self._announcements, {"published_at": {"$lt": cutoff}})
-        for chunk in _chunks(done):
-            claims |= await self._ids(
-                self._announcements, {"task_id": {"$in": chunk}, "claimed_at": {"$lt": cutoff}}
-            )
-        for chunk in _chunks(sorted(claims)):
-            removed.announcements += await self._delete(self._announcements, chunk, dry_run)
-        for chunk in _chunks(done):
-            removed.handoffs += await self._delete(self._handoffs, chunk, dry_run)
+            # Claims never confirmed (their claimer died); published ones go by their own age below.
+            unconfirmed = {"task_id": task_id, "published_at": None, "claimed_at": {"$lt": cutoff}}
+            removed.announcements += await self._delete(self._announcements, unconfirmed, dry_run)
+            removed.handoffs += await self._delete(self._handoffs, {"_id": task_id}, dry_run)
+        # Published before the cutoff: a task failed before its hand-off has claims but no record.
+        published = {"published_at": {"$lt": cutoff}}
+        removed.announcements += await self._delete(self._announcements, published, dry_run)
         removed.objects += await self._remove_orphans(cutoff, set(done), dry_run)
         return removed
 
     async def _task_done(self, task_id: str, cutoff: datetime) -> bool:
         """The task is final and completed before ``cutoff``, or gone (purged by retention)."""
         try:
-            task = await self._tasks.get(task_id)
+            task: ExportTask | None = await self._tasks.get(task_id)
         except NotFound:
-            return True
-        return task.is_final and task.completed_at is not None and task.completed_at < cutoff
+            task = None
+        return past_retention(task, cutoff)
 
     async def _remove_copies(self, prefix: str, dry_run: bool) -> int:
         if self._objects is None:
@@ -110,7 +101,9 @@ class IgRetention:
             return 0
         by_task: dict[str, list[str]] = {}
         for key in await self._objects.keys_older_than(IG_EXPORTS_PREFIX, cutoff):
-            by_task.setdefault(_task_of(key), []).append(key)
+            task_id = copied_for(key)
+            if task_id is not None:  # not a key MWM writes: left alone
+                by_task.setdefault(task_id, []).append(key)
         doomed: list[str] = []
         for task_id, keys in sorted(by_task.items()):
             if task_id in counted:  # removed (or counted, in a dry run) with its record above
@@ -122,11 +115,5 @@ class IgRetention:
         return len(doomed) if dry_run else await self._objects.remove_keys(doomed)
 
     @staticmethod
-    async def _ids(collection: Any, criteria: dict[str, Any]) -> set[str]:
-        async with translated_errors(f"read {collection.name} for retention"):
-            documents = await collection.find(criteria, {"_id": 1}).to_list()
-        return {str(document["_id"]) for document in documents}
-
-    @staticmethod
-    async def _delete(collection: Any, ids: list[str], dry_run: bool) -> int:
-        return await delete_matching(collection, {"_id": {"$in": ids}}, f"purge {collection.name}", dry_run)
+    async def _delete(collection: Any, criteria: dict[str, Any], dry_run: bool) -> int:
+        return await delete_matching(collection, criteria, f"purge {collection.name}", dry_run)
