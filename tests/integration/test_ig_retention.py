@@ -56,9 +56,9 @@ async def test_cleanup_removes_an_old_ig_tasks_traces_and_nothing_of_an_unfinish
             ):
                 ig_objects = objects.in_bucket(settings.ig.bucket)
 
-                async def handed_off(task_id: str) -> bool:
+                async def stamped(task_id: str, field: str) -> bool:
                     found = await database.collection(IG_EXPORTS).find_one({"_id": task_id})
-                    return found is not None and found.get("published_at") is not None
+                    return found is not None and found.get(field) is not None
 
                 async with (
                     tap(settings, ExportCompleted.event_type) as events,
@@ -67,8 +67,9 @@ async def test_cleanup_removes_an_old_ig_tasks_traces_and_nothing_of_an_unfinish
                     done = await request_export(settings, tmp_path / "done", job_id="job-done")
                     await events.wait_for(ExportCompleted, 1, 60)
                     emulator.drop_completions = True  # the IG holds the second task: it stays in progress
+                    await wait_for(lambda: stamped(done, "resolved_at"), 60, "the completion resolving it")
                     running = await request_export(settings, tmp_path / "running", job_id="job-running")
-                    await wait_for(lambda: handed_off(running), 60, "the second task handed to the IG")
+                    await wait_for(lambda: stamped(running, "published_at"), 60, "the second hand-off")
                 # The finished task ended, was resolved and announced before the retention; the unfinished
                 # one's hand-off looks as old (deadline long past, never resolved): its task decides.
                 await database.collection(exports.EXPORT_TASKS).update_one(
