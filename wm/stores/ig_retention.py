@@ -9,8 +9,9 @@ tasks' retention), never while it is unfinished:
   files (MIG ``ExportServiceBase``: ``GetObjectAsync``, nothing deletes them), so they stay until removed
   here. Copies without a record (a hand-off whose publish failed and was given up) go once older than the
   cutoff and their task is done or gone;
-- its announcement claims (``ig_export_announcements``), and any claim published before the cutoff (tasks
-  failed before a hand-off have claims but no record).
+- announcement claims (``ig_export_announcements``): any claim published before the cutoff (tasks failed
+  before a hand-off have claims but no record), and with the record its claims never confirmed (their
+  claimer died) made before the cutoff.
 
 Removal order per task: objects, claims, then the record, so a crash leaves the record to find next run.
 Nothing else is MWM's on the IG side: the IG's own uploads (``<payload id>/...``) are the IG's, and the
