@@ -39,7 +39,7 @@ async def every(
     A step that returns ``True`` is run again at once; one that raises is logged as ``<what>_deferred``
     (an outage) or ``<what>_failed`` (a bug), with ``context``, and run again after the interval.
     """
-    if wait_first and await _stopped(stop, interval_s):
+    if wait_first and await stopped_within(stop, interval_s):
         return
     while not stop.is_set():
         try:
@@ -53,12 +53,12 @@ async def every(
         except Exception as exc:
             log.exception(f"{what}_failed", error=repr(exc), **context)
             more = False
-        if not more and await _stopped(stop, interval_s):
+        if not more and await stopped_within(stop, interval_s):
             return
 
 
-async def _stopped(stop: asyncio.Event, timeout_s: float) -> bool:
-    """Wait up to ``timeout_s`` for ``stop``; whether it is set."""
+async def stopped_within(stop: asyncio.Event, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` seconds for ``stop``; whether it is set."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout_s)
     return stop.is_set()
