@@ -49,6 +49,7 @@ INDEXES = (
         EXPORT_TASKS,
         (
             IndexModel([("sink.name", ASCENDING), ("state", ASCENDING), ("created_at", ASCENDING)]),
+            IndexModel([("state", ASCENDING), ("created_at", ASCENDING)]),  # the fleet gauges (wm.fleet)
             IndexModel([("completed_at", ASCENDING)]),
         ),
     ),
