@@ -32,7 +32,6 @@ import functools
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -63,6 +62,7 @@ from wm.ports import (
 )
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer, Services
+from wm.service_layer.periodic import every
 from wm.sinks import DestinationUnavailable, load_sink
 from wm.stores import export_retry, exports
 from wm.stores.export_retry import REDELIVERY_SWEEP_S, ExportRetries
@@ -166,7 +166,17 @@ async def _announce(task: ExportTask, deps: ExporterDeps) -> None:
 
 async def sweep_expired_leases(deps: ExporterDeps, stop: asyncio.Event) -> None:
     """Background: give expired leases' tasks back, and re-request the ones this consumer exports."""
-    await _periodically(stop, SWEEP_INTERVAL_S, functools.partial(_requeue_expired, deps), "export_sweep")
+    watching = False
+
+    async def sweep() -> None:
+        nonlocal watching
+        if not watching:  # once per start (tried again while the database is out): see export_index
+            if repaired := await deps.tasks.watch_open():
+                log.warning("unwatched_export_tasks_watched", tasks=repaired)
+            watching = True
+        await _requeue_expired(deps)
+
+    await every(SWEEP_INTERVAL_S, stop, sweep, "export_sweep", wait_first=True)
 
 
 async def _requeue_expired(deps: ExporterDeps) -> None:
@@ -179,28 +189,15 @@ async def _requeue_expired(deps: ExporterDeps) -> None:
 
 async def redeliver_due(deps: ExporterDeps, stop: asyncio.Event) -> None:
     """Background: request again the deferred tasks whose redelivery is due (`wm.stores.export_retry`)."""
-    await _periodically(stop, REDELIVERY_SWEEP_S, functools.partial(_redeliver, deps), "export_redelivery")
+    await every(
+        REDELIVERY_SWEEP_S, stop, functools.partial(_redeliver, deps), "export_redelivery", wait_first=True
+    )
 
 
 async def _redeliver(deps: ExporterDeps) -> None:
     for task_id, due_at in await deps.retries.due(datetime.now(UTC)):
         if await deps.retries.redeliver(task_id, due_at, deps.bus):
             log.info("export_redelivered", export_task_id=task_id)
-
-
-async def _periodically(
-    stop: asyncio.Event, interval_s: float, step: Callable[[], Awaitable[None]], what: str
-) -> None:
-    """Run ``step`` every ``interval_s`` until ``stop``; a step that fails is tried at the next interval."""
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval_s)
-        if stop.is_set():
-            return
-        try:
-            await step()
-        except Exception as exc:
-            log.warning(f"{what}_failed", error=repr(exc))
 
 
 def build(services: Services) -> ExporterDeps:

@@ -57,6 +57,7 @@ from wm.ports import (
 )
 from wm.registry import Registry
 from wm.runtime import Consumer, Services
+from wm.service_layer.periodic import every
 from wm.stores import jobs
 from wm.stores.exports import INDEXES as EXPORT_INDEXES
 from wm.stores.exports import ExportTasks
@@ -107,7 +108,9 @@ async def follow(deps: MonitorDeps, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     next_sweep = loop.time()
     repaired: int | None = None
-    while not stop.is_set():
+
+    async def poll() -> None:
+        nonlocal next_sweep, repaired
         if repaired is None:  # once per start, retried while the database is out
             repaired = await _guarded(deps.jobs.watch_unfinished())
             if repaired:
@@ -116,15 +119,15 @@ async def follow(deps: MonitorDeps, stop: asyncio.Event) -> None:
         # Concurrently: one slow engine or store call must not delay every other job's end.
         await asyncio.gather(*(guarded(job) for job in due))
         if loop.time() >= next_sweep:
-            # Finish claims are kept for the retention period: looking for stale ones a few times per lease,
-            # not every poll, keeps that query off the hot loop; a take-over still starts within 1.25 leases.
+            # A few looks per lease, not every poll: a take-over still starts within 1.25 leases. Each look
+            # reads the watch list of unpublished claims (``wm.stores.jobs``), not every claim kept.
             next_sweep = loop.time() + deps.settings.finish_lease_s / 4
             for job_id in await _guarded(deps.jobs.stale_finishes(lease)) or []:
                 if await _guarded(deps.jobs.reclaim_finish(job_id, lease)):
                     metrics.FINISH_TAKEOVERS.inc()
                     await _guarded(_take_over_by_id(job_id, deps))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), deps.settings.poll_interval_s)
+
+    await every(deps.settings.poll_interval_s, stop, poll, "job_check")
 
 
 async def _guarded(work: Coroutine[Any, Any, T]) -> T | None:

@@ -11,6 +11,13 @@
    publishes ``export.completed``. If sending or reporting fails, the task is given back
    (``DELETE /exports/{id}/lease``) so another client takes it at once instead of after the lease.
 
+A destination that is unavailable (refusing connections, aborting, not answering: the sink's
+``DestinationUnavailable``) is waited for as the exporter's delayed redelivery waits
+(``RedeliveryPolicy``: ``export.redelivery_*``, backoff with jitter over the window): the files that got
+through are reported as progress (a client that dies meanwhile loses nothing sent), the lease is renewed
+all along, and only the files not sent yet go again. Past the window they fail (``mwm exports retry`` sends
+them later). Stopping while waiting gives the task back. A rejected association fails at once.
+
 SIGTERM or SIGINT stops the loop after the current task. HTTP errors become ``wm.errors`` types here:
 404 ``NotFound``, 409 ``Conflict``, 5xx and connection failures ``TransientError``.
 """
@@ -21,6 +28,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +38,10 @@ import structlog
 from schemas.applications import DicomSinkArgs, SinkDefinition
 from schemas.events import FileExportResult
 from wm.config import Settings
-from wm.domain.exports import ExportTask, Lease, failed_result
+from wm.domain.exports import ExportTask, Lease, RedeliveryPolicy, failed_result, kept_results, unsent
 from wm.errors import Conflict, MwmError, NotFound, PermanentError, TransientError
 from wm.leases import renewed
+from wm.service_layer.periodic import every, stopped_within
 from wm.sinks import DestinationUnavailable
 from wm.sinks.dicom import DicomSink
 
@@ -90,6 +99,11 @@ class ExportApi:
         body = {**claimed.quote(), "file_results": [r.model_dump() for r in results], "final": True}
         response = await self._call("PUT", f"/exports/{claimed.task.export_task_id}", json=body)
         return ExportTask.model_validate(response.json())
+
+    async def report(self, claimed: Claimed, results: list[FileExportResult], message: str) -> None:
+        """Report progress: the results so far (the task stays held)."""
+        body = {**claimed.quote(), "file_results": [r.model_dump() for r in results], "message": message}
+        await self._call("PUT", f"/exports/{claimed.task.export_task_id}", json=body)
 
     async def release(self, claimed: Claimed) -> None:
         """Give the task back."""
@@ -158,27 +172,57 @@ class ApiFiles:
 
 
 async def export_one(
-    api: ExportApi, claimed: Claimed, settings: Settings, options: ClientOptions
-) -> ExportTask:
-    """Send the claimed task's files and report the results; the task is given back if that fails."""
+    api: ExportApi,
+    claimed: Claimed,
+    settings: Settings,
+    options: ClientOptions,
+    stop: asyncio.Event | None = None,
+) -> ExportTask | None:
+    """Send the claimed task's files and report the results; None when ``stop`` came while the destination
+    was awaited. The task is given back then, and if sending or reporting fails."""
     definition = SinkDefinition(name=options.sink, type="dicom", args=options.destination)
     sink = DicomSink(definition, settings, ApiFiles(api, claimed.task))
-    files = claimed.task.files
     try:
-        try:
-            async with renewed(lambda: api.extend(claimed, options.lease_s), options.lease_s, "export lease"):
-                results = (await sink.export(files)).results
-        except DestinationUnavailable as exc:  # this client does not wait: `mwm exports retry` sends the rest
-            reported = {result.key for result in exc.results}
-            results = [
-                *exc.results,
-                *failed_result([f for f in files if f.key not in reported], exc.reason).results,
-            ]
+        async with renewed(lambda: api.extend(claimed, options.lease_s), options.lease_s, "export lease"):
+            results = await _send_awaiting_destination(api, claimed, sink, settings, stop or asyncio.Event())
+        if results is None:
+            await api.release(claimed)
+            return None
         return await api.finish(claimed, results)
     except BaseException:
         with contextlib.suppress(MwmError):
             await api.release(claimed)
         raise
+
+
+async def _send_awaiting_destination(
+    api: ExportApi, claimed: Claimed, sink: DicomSink, settings: Settings, stop: asyncio.Event
+) -> list[FileExportResult] | None:
+    """Every file's result, the unavailable destination awaited over the redelivery window; None on stop."""
+    export = settings.export
+    policy = RedeliveryPolicy(
+        export.redelivery_window_s, export.redelivery_initial_delay_s, export.redelivery_max_delay_s
+    )
+    files = claimed.task.files
+    sent = kept_results(claimed.task.file_results)  # by an earlier holder, reported before it let go
+    since, retries = datetime.now(UTC), 0
+    while True:
+        try:
+            return [*sent, *(await sink.export(unsent(files, sent))).results]
+        except DestinationUnavailable as exc:
+            sent = [*sent, *kept_results(exc.results)]
+            due = policy.next_at(since, retries, datetime.now(UTC))
+            if due is None:
+                reason = f"{exc.reason}; still unavailable after the redelivery window"
+                return [*sent, *failed_result(unsent(files, sent), reason).results]
+            retries += 1
+            message = f"{exc.reason}; sent again after {due.isoformat()}"
+            await api.report(claimed, sent, message)
+            log.warning(
+                "export_destination_unavailable", export_task_id=claimed.task.export_task_id, retry_at=due
+            )
+            if await stopped_within(stop, (due - datetime.now(UTC)).total_seconds()):
+                return None
 
 
 async def run_client(settings: Settings, options: ClientOptions, token: str, stop: asyncio.Event) -> int:
@@ -189,15 +233,21 @@ async def run_client(settings: Settings, options: ClientOptions, token: str, sto
         base_url=settings.api.url, headers=headers, timeout=REQUEST_TIMEOUT_S
     ) as http:
         api = ExportApi(http)
-        while not stop.is_set():
+
+        async def claim_and_export() -> bool:
+            """One claim; whether a task was claimed (then the next claim follows at once)."""
+            nonlocal exported
             claimed = await api.claim(options.sink, options.owner, options.lease_s)
-            if claimed is not None:
-                final = await export_one(api, claimed, settings, options)
+            if claimed is None:
+                return False
+            final = await export_one(api, claimed, settings, options, stop)
+            if final is not None:
                 exported += 1
                 log.info("export_task_done", export_task_id=final.export_task_id, state=final.state)
-            if options.once:
-                break
-            if claimed is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), options.poll_interval_s)
+            return True
+
+        if options.once:
+            await claim_and_export()  # an error ends the command (exit status 1)
+        else:  # a daemon: an unreachable API or a failed task is logged, and the next poll tries again
+            await every(options.poll_interval_s, stop, claim_and_export, "export_client_poll")
     return exported

@@ -43,6 +43,7 @@ from schemas.events import FileRef
 from wm.adapters.objectstore import ObjectStore
 from wm.dicom import object_key
 from wm.errors import MwmError
+from wm.service_layer.periodic import every
 
 __all__ = ["Uploader"]
 
@@ -196,20 +197,23 @@ class Uploader:
                 self._announce.put_nowait((batch, key))
 
     async def _grace_timer(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, max(0.05, self._grace_s / 4)))
-            now = self._clock()
-            for batch in list(self._batches.values()):
-                ended = batch.session.ended_at
-                if batch.session.state == "aborted" and ended is not None and now - ended >= self._grace_s:
-                    if now - ended < 2 * self._grace_s and self._retry_receiving(batch):
-                        continue
-                    log.warning(
-                        "held_files_released_without_retry",
-                        correlation_id=batch.session.payload_id,
-                        files=len(batch.files),
-                    )
-                    self._release(batch, interrupted=True)
+        interval_s = min(1.0, max(0.05, self._grace_s / 4))
+        # Never stopped: cancelled with the uploader's other tasks.
+        await every(interval_s, asyncio.Event(), self._release_held, "grace_timer", wait_first=True)
+
+    async def _release_held(self) -> None:
+        now = self._clock()
+        for batch in list(self._batches.values()):
+            ended = batch.session.ended_at
+            if batch.session.state == "aborted" and ended is not None and now - ended >= self._grace_s:
+                if now - ended < 2 * self._grace_s and self._retry_receiving(batch):
+                    continue
+                log.warning(
+                    "held_files_released_without_retry",
+                    correlation_id=batch.session.payload_id,
+                    files=len(batch.files),
+                )
+                self._release(batch, interrupted=True)
 
     def _retry_receiving(self, held: Batch) -> bool:
         """Whether an association is receiving one of the held files' studies now (a retry in progress).

@@ -47,6 +47,13 @@ class ObjectStoreSettings(BaseModel):
     bucket: str = Field("mwm", description="bucket holding every file (created at start-up)")
     part_size: int = Field(8 * 1024 * 1024, ge=5 * 1024 * 1024, description="multipart part size, bytes")
     workers: int = Field(8, ge=1, description="threads for blocking S3 calls")
+    connect_timeout_s: float = Field(3.0, gt=0, description="connect timeout of one S3 request")
+    read_timeout_s: float = Field(60.0, gt=0, description="read timeout of one S3 request")
+    retry_attempts: int = Field(
+        3, ge=1, description="tries of one S3 request on a connection error or a 5xx (shared backoff policy)"
+    )
+    retry_initial_delay_s: float = Field(0.2, ge=0, description="first wait before retrying an S3 request")
+    retry_max_delay_s: float = Field(2.0, ge=0, description="longest wait between retries of an S3 request")
 
 
 class RetrySettings(BaseModel):
@@ -170,7 +177,10 @@ class ExportSettings(BaseModel):
         False, description="each association sends from its own process (one per association, not one GIL)"
     )
     retry_attempts: int = Field(3, ge=1, description="association attempts for transient failures")
-    retry_initial_delay_s: float = Field(0.5, ge=0, description="first backoff delay, doubled each attempt")
+    retry_initial_delay_s: float = Field(
+        0.5, ge=0, description="first wait between association attempts (then doubled, plus jitter)"
+    )
+    retry_max_delay_s: float = Field(10.0, ge=0, description="longest wait between association attempts")
     redelivery_window_s: float = Field(
         3600.0, ge=0, description="a destination unavailable this long after the first failure fails the task"
     )

@@ -12,11 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import structlog
-
-from wm.errors import TransientError
-
-log = structlog.get_logger("wm.leases")
+from wm.service_layer.periodic import every
 
 RENEWALS_PER_LEASE = 3
 """A renewal every third of the lease: two may fail (a database blip) before the lease runs out."""
@@ -26,22 +22,22 @@ RENEWALS_PER_LEASE = 3
 async def renewed(renew: Callable[[], Awaitable[object]], lease_s: float, what: str) -> AsyncIterator[None]:
     """Call ``renew()`` every third of ``lease_s`` while the block runs.
 
-    A renewal that fails on an outage is logged and tried at the next beat (the lease may still hold);
-    the renewals stop when the block ends, however it ends.
+    A renewal that fails is logged (``lease_renewal_deferred`` on an outage) and tried at the next beat
+    (the lease may still hold); the renewals stop when the block ends, however it ends.
     """
 
     async def beat() -> None:
-        while True:
-            await asyncio.sleep(lease_s / RENEWALS_PER_LEASE)
-            try:
-                await renew()
-            except TransientError as exc:
-                log.warning("lease_not_renewed", what=what, error=str(exc))
+        await renew()
 
-    heartbeat = asyncio.create_task(beat())
+    stop = asyncio.Event()
+    interval_s = lease_s / RENEWALS_PER_LEASE
+    heartbeat = asyncio.create_task(
+        every(interval_s, stop, beat, "lease_renewal", wait_first=True, lease=what)
+    )
     try:
         yield
     finally:
-        heartbeat.cancel()
+        stop.set()
+        heartbeat.cancel()  # a renewal in flight is not waited for: the block's end gives the lease up
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat

@@ -326,6 +326,10 @@ class ExportTaskRecords(Protocol):
         """Put tasks whose lease expired back to pending; returns them."""
         ...
 
+    async def watch_open(self) -> int:
+        """Put open tasks missing from the watch list on it; how many (once per start)."""
+        ...
+
 
 class ExportRedeliveries(Protocol):
     """Deferred export tasks and their redelivery timers (``wm.stores.export_retry.ExportRetries``)."""

@@ -386,17 +386,15 @@ class FakeExportTasks(Outage):
     async def expire(self) -> list[ExportTask]:
         self._maybe_fail()
         now = _now()
-        expired = [
-            t.export_task_id
-            for t in self.tasks.values()
-            if t.state is ExportState.in_progress
-            and t.lease_expires_at is not None
-            and t.lease_expires_at < now
-        ]
+        expired = [t.export_task_id for t in self.tasks.values() if t.lease_expired(now)]
         return [
             self.change(task_id, state=ExportState.pending, lease_owner=None, lease_expires_at=None)
             for task_id in expired
         ]
+
+    async def watch_open(self) -> int:
+        self._maybe_fail()
+        return 0  # the fake reads its tasks directly: nothing to watch
 
 
 class FakeExportRetries(Outage):

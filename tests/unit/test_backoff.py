@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from wm.config import RetrySettings
+import pytest
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
+
+from wm.adapters.objectstore import request_retries
+from wm.config import ObjectStoreSettings, RetrySettings
 from wm.domain.backoff import delay_s
 from wm.retry import backoff_delays
 
@@ -18,3 +22,15 @@ def test_the_runtime_waits_between_its_attempts_on_the_same_policy() -> None:
     delays = list(backoff_delays(RetrySettings(attempts=10, initial_delay_s=0.2, max_delay_s=10.0)))
     assert len(delays) == 9
     assert 42.6 <= sum(delays) <= 43.8, "outlasts a restart of a service (6 to 33 s measured)"
+
+
+def test_the_object_store_retries_a_request_on_the_same_policy() -> None:
+    settings = ObjectStoreSettings(retry_attempts=4, retry_initial_delay_s=0.2, retry_max_delay_s=0.5)
+    retry = request_retries(settings)
+    waits = []
+    for _ in range(settings.retry_attempts - 1):
+        retry = retry.increment("GET", "/mwm/key", error=ConnectTimeoutError("down"))
+        waits.append(retry.get_backoff_time())
+    assert 0.2 <= waits[0] <= 0.4 and 0.4 <= waits[1] <= 0.5 and waits[2] == 0.5, waits
+    with pytest.raises(MaxRetryError):  # the fourth failure: no attempt left
+        retry.increment("GET", "/mwm/key", error=ConnectTimeoutError("down"))

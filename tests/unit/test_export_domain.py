@@ -157,3 +157,29 @@ def test_redeliveries_back_off_exponentially_with_jitter_and_stop_at_the_end_of_
     since = datetime(2026, 1, 1, tzinfo=UTC)
     assert policy.next_at(since, 3, since + timedelta(minutes=30)) is not None
     assert policy.next_at(since, 3, since + timedelta(minutes=59, seconds=55)) is None, "past the window"
+
+
+def test_a_task_is_claimable_when_pending_or_its_lease_ran_out() -> None:
+    now = datetime.now(UTC)
+    event = ExportRequested(
+        correlation_id="c1",
+        export_task_id="job-1.pacs",
+        job_id="job-1",
+        application_id="app",
+        sink=SinkRef(name="pacs", type="dicom"),
+        files=[ref("a.dcm")],
+    )
+    pending = task_for(event, now)
+    held = pending.model_copy(
+        update={
+            "state": ExportState.in_progress,
+            "lease_owner": "x",
+            "lease_expires_at": now + timedelta(seconds=5),
+        }
+    )
+    lapsed = held.model_copy(update={"lease_expires_at": now - timedelta(seconds=1)})
+    final = lapsed.model_copy(update={"state": ExportState.succeeded})
+    assert pending.claimable(now) and not pending.lease_expired(now)
+    assert not held.claimable(now) and not held.lease_expired(now)
+    assert lapsed.claimable(now) and lapsed.lease_expired(now)
+    assert not final.claimable(now) and not final.lease_expired(now)

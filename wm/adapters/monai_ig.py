@@ -10,7 +10,6 @@ tolerant models of ``schemas.monai_ig``. MWM publishes with the properties that 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -24,6 +23,7 @@ from schemas.monai_ig import IgMessage
 from wm.adapters.rabbitmq import Bus
 from wm.config import BusSettings, Settings
 from wm.errors import InvalidMessage, TransientError
+from wm.service_layer.periodic import every
 
 M = TypeVar("M", bound=IgMessage)
 
@@ -92,16 +92,16 @@ class IgPublisher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect (retrying while the broker is down) and hold the connection until ``stop`` is set."""
-        while not stop.is_set():
+
+        async def connected() -> None:
             try:
                 async with Bus(self._settings) as bus:
                     self._bus = bus
                     await stop.wait()
-            except TransientError:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self._settings.reconnect_interval_s)
             finally:
                 self._bus = None
+
+        await every(self._settings.reconnect_interval_s, stop, connected, "ig_broker_connection")
 
     async def publish(self, body: IgMessage, routing_key: str, correlation_id: str) -> str:
         """Publish with confirms; ``mandatory``: with no IG queue bound it fails (``TransientError``) rather

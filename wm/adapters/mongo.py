@@ -81,6 +81,24 @@ async def delete_matching(
     return result.deleted_count
 
 
+async def upsert(
+    collection: AsyncCollection[Document], criteria: Document, update: Document, what: str
+) -> None:
+    """``update_one(criteria, update, upsert=True)``, tried again once when two upserts raced to insert.
+
+    The MongoDB-wire server reports the loser of such a race as a duplicate key; the document exists by
+    then, so the second try updates it.
+    """
+    for attempt in range(2):
+        try:
+            async with translated_errors(what):
+                await collection.update_one(criteria, update, upsert=True)
+            return
+        except Duplicate:
+            if attempt:
+                raise
+
+
 class Database:
     """One ``AsyncMongoClient`` and database per process; use as an async context manager."""
 

@@ -13,6 +13,7 @@ import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from itertools import takewhile
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self, TypeVar
@@ -26,12 +27,36 @@ from urllib3.exceptions import HTTPError
 
 from schemas.events import FileRef
 from wm.config import ObjectStoreSettings
+from wm.domain.backoff import delay_s
 from wm.errors import NotFound, TransientError
 
 T = TypeVar("T")
 
 CHUNK_SIZE = 1024 * 1024
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NoSuchBucket"})
+
+
+class SharedBackoffRetry(urllib3.Retry):
+    """urllib3's retries of one S3 request, waiting as every MWM layer does (``wm.domain.backoff``).
+
+    ``backoff_factor`` is the first wait and ``backoff_max`` the longest (urllib3 carries both to every
+    retry it derives); urllib3's own formula would retry the first failure at once, without jitter.
+    """
+
+    def get_backoff_time(self) -> float:
+        """The wait before the next retry: ``delay_s`` of the failures in a row so far."""
+        failures = len(list(takewhile(lambda entry: entry.redirect_location is None, reversed(self.history))))
+        return 0.0 if failures == 0 else delay_s(failures, self.backoff_factor, self.backoff_max)
+
+
+def request_retries(settings: ObjectStoreSettings) -> SharedBackoffRetry:
+    """How one S3 request is retried: ``retry_attempts`` tries on a connection error or a 5xx."""
+    return SharedBackoffRetry(
+        total=settings.retry_attempts - 1,
+        backoff_factor=settings.retry_initial_delay_s,
+        backoff_max=settings.retry_max_delay_s,
+        status_forcelist=(500, 502, 503, 504),
+    )
 
 
 class ObjectStore:
@@ -43,8 +68,8 @@ class ObjectStore:
         http = urllib3.PoolManager(
             num_pools=4,
             maxsize=settings.workers,
-            timeout=urllib3.Timeout(connect=3.0, read=60.0),
-            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            timeout=urllib3.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s),
+            retries=request_retries(settings),
         )
         self._client = Minio(
             settings.endpoint,

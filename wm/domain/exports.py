@@ -108,6 +108,15 @@ class ExportTask(BaseModel):
         """Whether the task reached succeeded, partial or failed."""
         return self.state in FINAL_STATES
 
+    def lease_expired(self, now: datetime) -> bool:
+        """Whether the task is in progress under a lease that ran out before ``now`` (its holder died)."""
+        expires_at = self.lease_expires_at
+        return self.state is ExportState.in_progress and expires_at is not None and expires_at < now
+
+    def claimable(self, now: datetime) -> bool:
+        """Whether nobody holds the open task at ``now``: pending, or under a lease that expired."""
+        return self.state is ExportState.pending or self.lease_expired(now)
+
     @property
     def held_lease(self) -> Lease | None:
         """The lease the task is held under, as mirrored on the task; None when nobody holds it."""

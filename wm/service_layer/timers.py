@@ -23,6 +23,7 @@ from schemas.events import BucketReady
 from wm.adapters.mongo import Database, IndexSpec, translated_errors
 from wm.errors import Duplicate, TransientError
 from wm.ports import EventPublisher
+from wm.service_layer.periodic import every
 from wm.stores.buckets import BucketStore
 
 log = structlog.get_logger("wm.service_layer.timers")
@@ -76,12 +77,14 @@ class BucketTimers:
 
     async def _sweep_periodically(self, stop: asyncio.Event) -> None:
         watching = False
-        while not stop.is_set():
+
+        async def sweep() -> None:
+            nonlocal watching
             if not watching:  # once per start, retried while the database is out
                 watching = await self._watch_open()
             await self._guarded(self._sweep())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._sweep_interval)
+
+        await every(self._sweep_interval, stop, sweep, "bucket_sweep")
 
     async def _sleep_until_next(self, stop: asyncio.Event) -> None:
         soonest = min(self._armed.values(), default=None)

@@ -16,7 +16,7 @@ For one export task, downloading and sending overlap:
    their pairs.
 3. Each C-STORE response gives the file's result: Success or Warning -> succeeded, anything else -> failed.
 4. A transient failure (connection refused, association aborted, no response in time) is retried by the
-   lane with exponential backoff, ``export.retry_attempts`` association attempts in all; the file in hand
+   lane with the shared backoff (``wm.domain.backoff``), ``export.retry_attempts`` tries; the file in hand
    is sent again. When a lane gave up (or the destination answered "out of resources", 0xA7xx), the sink
    raises ``DestinationUnavailable`` with the results of the files that got through: the exporter sends
    the rest again after a delay (``wm.stores.export_retry``), over ``export.redelivery_window_s``. An
@@ -57,6 +57,7 @@ from pynetdicom.dsutils import split_dataset
 from schemas.applications import DicomSinkArgs, SinkDefinition
 from schemas.events import FileExportResult, FileRef
 from wm.config import Settings
+from wm.domain.backoff import delay_s
 from wm.domain.exports import lane_count
 from wm.errors import MwmError, NotFound, PermanentError
 from wm.pynetdicom_patches import check_version
@@ -249,7 +250,8 @@ class DicomSink(ExportSink):
         with backoff."""
         loop = asyncio.get_running_loop()
         results: list[FileExportResult] = []
-        attempts, delay = self.export_settings.retry_attempts, self.export_settings.retry_initial_delay_s
+        policy = self.export_settings
+        attempts = policy.retry_attempts
         for attempt in range(1, attempts + 1):
             opened = await loop.run_in_executor(
                 worker, open_association, self.args, self.export_settings, pairs
@@ -266,8 +268,7 @@ class DicomSink(ExportSink):
                 "export_association_failed", destination=self.destination, attempt=attempt, error=problem
             )
             if attempt < attempts:
-                await asyncio.sleep(delay)
-                delay *= 2
+                await asyncio.sleep(delay_s(attempt, policy.retry_initial_delay_s, policy.retry_max_delay_s))
         pipeline.gave_up = f"{problem} (gave up after {attempts} attempts)"
         pipeline.unsent.update(item.ref.key for item in carried)
         return results + [_failure(item.ref.key, pipeline.gave_up) for item in carried]

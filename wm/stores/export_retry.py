@@ -39,7 +39,8 @@ from wm.domain.exports import (
 )
 from wm.errors import Conflict
 from wm.ports import EventPublisher
-from wm.stores.exports import EXPORT_LEASES, EXPORT_TASKS, ExportTasks
+from wm.stores.export_leases import ExportLeases
+from wm.stores.exports import EXPORT_TASKS, ExportTasks
 
 EXPORT_RETRIES = "export_retries"
 INDEXES = (IndexSpec(EXPORT_RETRIES, (IndexModel([("due_at", ASCENDING)]),)),)
@@ -59,7 +60,7 @@ class ExportRetries:
         self._tasks = ExportTasks(database)
         self._documents = database.collection(EXPORT_TASKS)
         self._timers = database.collection(EXPORT_RETRIES)
-        self._leases = database.collection(EXPORT_LEASES)
+        self._leases = ExportLeases(database)
 
     async def defer(
         self,
@@ -136,12 +137,9 @@ class ExportRetries:
             "reruns": task.reruns + 1,
             "updated_at": _now(),
         }
+        # The last lease may still run (a final update leaves it be): end it, or no one could claim.
+        await self._leases.end(task_id, max(task.lease_number - 1, 0), changes["updated_at"])
         async with translated_errors("reopen export task"):
-            # The last lease may still run (a final update leaves it be): end it, or no one could claim.
-            await self._leases.update_many(
-                {"task_id": task_id, "expires_at": {"$gt": changes["updated_at"]}},
-                {"$set": {"expires_at": changes["updated_at"]}},
-            )
             result = await self._documents.update_one(
                 {"_id": task_id, "state": task.state.value, "completed_at": task.completed_at},
                 {"$set": changes},
@@ -149,5 +147,6 @@ class ExportRetries:
         if result.matched_count == 0:
             raise Conflict(f"export task {task_id!r} changed while it was being retried; look at it again")
         reopened = await self._tasks.get(task_id)
+        await self._tasks.watch(reopened)  # after the update: see ``wm.stores.export_index``
         await bus.publish(requested_event(reopened), message_id=f"{task_id}.requested.rerun{reopened.reruns}")
         return reopened

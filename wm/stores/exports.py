@@ -3,15 +3,12 @@
 Creating a task is a unique insert, so the monitor (which creates a task, then publishes
 ``export.requested``) and the exporter (which creates it from the self-contained event when it is missing)
 may both try. The final result is written once: a second final update changes nothing and returns the task
-as it is.
+as it is. Which tasks are open is kept apart, in a watch list read by ``_id`` (``wm.stores.export_index``).
 
-Claims and leases. Conditional updates are not atomic across clients on FerretDB, so mutual exclusion is a
-unique insert: the n-th lease of a task is the document ``{_id: "<task id>#lease<n>"}`` in
-``export_leases``. A claimer looks at the task's latest lease (``lease_number - 1``, a hint): if it is
-still live, someone holds the task; if it expired (or was released) the claimer tries to insert the next.
-Exactly one claimer wins each number, so two claimers never hold the same task, and a holder that dies
-gives the task back when its lease expires. The task document mirrors the live lease
-(``lease_owner``, ``lease_expires_at``) for queries; the lease documents are the truth.
+Claims and leases. Mutual exclusion is a unique insert of the task's next numbered lease
+(``wm.stores.export_leases``): exactly one claimer wins each number, so two claimers never hold the same
+task, and a holder that dies gives the task back when its lease expires. The task document mirrors the
+live lease (``lease_owner``, ``lease_expires_at``, ``lease_number``); the lease documents are the truth.
 
 Pull clients (the Export API) quote their lease back: ``owner`` and lease ``number``. Only the holder of
 the task's current, live lease may extend it, report progress, release it or make the task final
@@ -20,13 +17,13 @@ the task's current, live lease may extend it, report progress, release it or mak
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, IndexModel
 
 from schemas.events import ExportOutcome, FileExportResult
-from wm import metrics
 from wm.adapters.mongo import Database, Document, IndexSpec, translated_errors
 from wm.domain.exports import (
     FINAL_STATES,
@@ -41,35 +38,32 @@ from wm.domain.exports import (
 from wm.errors import Conflict, Duplicate, NotFound
 from wm.ports import EventPublisher, ExportTaskRecords
 from wm.registry.models import Page, PageRequest
+from wm.stores import export_index
+from wm.stores.export_index import ExportWatch
+from wm.stores.export_leases import EXPORT_LEASES, ExportLeases
 
 EXPORT_TASKS = "export_tasks"
-EXPORT_LEASES = "export_leases"
 
 INDEXES = (
     IndexSpec(
         EXPORT_TASKS,
         (
             IndexModel([("sink.name", ASCENDING), ("state", ASCENDING), ("created_at", ASCENDING)]),
-            IndexModel([("state", ASCENDING), ("lease_expires_at", ASCENDING)]),
+            IndexModel([("state", ASCENDING), ("created_at", ASCENDING)]),  # the fleet gauges (wm.fleet)
             IndexModel([("completed_at", ASCENDING)]),
         ),
     ),
     IndexSpec(EXPORT_LEASES, (IndexModel([("task_id", ASCENDING), ("owner", ASCENDING)]),)),
+    *export_index.INDEXES,
 )
 
 FIRST_PAGE = PageRequest()
 _CLAIM_CANDIDATES = 20
-_LEASE_PROBES = 64
 _OPEN = [state.value for state in OPEN_STATES]
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def lease_id(task_id: str, number: int) -> str:
-    """The ``_id`` of a task's ``number``-th lease."""
-    return f"{task_id}#lease{number}"
 
 
 def _task(document: Document) -> ExportTask:
@@ -81,31 +75,53 @@ def _document(task: ExportTask) -> Document:
     return {"_id": task.export_task_id, **document}
 
 
-def _claimable(now: datetime) -> dict[str, Any]:
-    """Open tasks nobody holds: pending, or in progress under a lease that expired."""
-    return {
-        "$or": [
-            {"state": ExportState.pending.value},
-            {"state": ExportState.in_progress.value, "lease_expires_at": {"$lt": now}},
-        ]
-    }
-
-
 class ExportTasks:
     """The export tasks and their leases."""
 
     def __init__(self, database: Database) -> None:
         self._tasks = database.collection(EXPORT_TASKS)
-        self._leases = database.collection(EXPORT_LEASES)
+        self._leases = ExportLeases(database)
+        self._watch = ExportWatch(database)
 
     async def create(self, task: ExportTask) -> bool:
-        """Insert the task; False when a task with its id exists already (nothing changes then)."""
+        """Insert the task; False when a task with its id exists already. Either way an open task is
+        watched."""
+        created = True
         try:
             async with translated_errors("create export task"):
                 await self._tasks.insert_one(_document(task))
         except Duplicate:
-            return False
-        return True
+            created, task = False, await self.get(task.export_task_id)
+        if not task.is_final:
+            await self.watch(task)
+        return created
+
+    async def watch(self, task: ExportTask) -> None:
+        """Put the open task on the watch list that the lease sweep and claims read."""
+        await self._watch.watch(task.export_task_id, task.sink.name, task.created_at, task.reruns)
+
+    async def watch_open(self) -> int:
+        """Watch every open task missing from the watch list; how many (once per start: a scan)."""
+        async with translated_errors("find open export tasks"):
+            documents = await self._tasks.find({"state": {"$in": _OPEN}}).to_list(None)
+        watched = await self._watch.watched()
+        missing = [_task(document) for document in documents if document["_id"] not in watched]
+        for task in missing:
+            await self.watch(task)
+        return len(missing)
+
+    async def _open_tasks(self, watched: list[tuple[str, int]]) -> list[ExportTask]:
+        """The watched tasks that are still open, read by ``_id``; the others leave the watch list."""
+        async with translated_errors("read export tasks"):
+            documents = await asyncio.gather(*(self._tasks.find_one({"_id": i}) for i, _ in watched))
+        open_tasks = []
+        for (task_id, reruns), document in zip(watched, documents, strict=True):
+            task = None if document is None else _task(document)
+            if task is not None and not task.is_final:
+                open_tasks.append(task)
+            elif task is None or task.reruns >= reruns:  # final (or purged); a newer run keeps its entry
+                await self._watch.unwatch(task_id, reruns)
+        return open_tasks
 
     async def get(self, task_id: str) -> ExportTask:
         """The task; ``NotFound`` when there is none."""
@@ -144,7 +160,10 @@ class ExportTasks:
             criteria["lease_owner"] = owner
         async with translated_errors("record export result"):
             await self._tasks.update_one(criteria, {"$set": update})
-        return await self.get(task_id)
+        task = await self.get(task_id)
+        if task.is_final:
+            await self._watch.unwatch(task_id, task.reruns)
+        return task
 
     async def mark_published(self, task_id: str) -> None:
         """Record that the task's ``export.completed`` was published (confirmed by the broker)."""
@@ -169,14 +188,12 @@ class ExportTasks:
     async def claim(self, sink: str, owner: str, lease_s: float) -> ExportTask | None:
         """Take the oldest claimable task of ``sink`` for ``lease_s`` seconds; None when there is none."""
         now = _now()
-        criteria = {"sink.name": sink, **_claimable(now)}
-        async with translated_errors("find claimable export tasks"):
-            cursor = self._tasks.find(criteria).sort([("created_at", 1), ("_id", 1)])
-            documents = await cursor.limit(_CLAIM_CANDIDATES).to_list()
-        for document in documents:
-            claimed = await self._lease(_task(document), owner, lease_s, now)
-            if claimed is not None:
-                return claimed
+        watched = await self._watch.open(sink)
+        for start in range(0, len(watched), _CLAIM_CANDIDATES):
+            for task in await self._open_tasks(watched[start : start + _CLAIM_CANDIDATES]):
+                claimed = await self._lease(task, owner, lease_s, now) if task.claimable(now) else None
+                if claimed is not None:
+                    return claimed
         return None
 
     async def claim_task(self, task_id: str, owner: str, lease_s: float) -> ExportTask | None:
@@ -191,49 +208,13 @@ class ExportTasks:
         expires_at = now + timedelta(seconds=lease_s)
         # Start at the task's latest lease, which may still be live: a claimer that read the task after
         # another one's claim was mirrored must not take the next number while that lease lives.
-        number = max(task.lease_number - 1, 0)
-        took_over = False  # the lease before ours expired without being released: its holder died or hung
-        for _ in range(_LEASE_PROBES):
-            holder = await self._lease_document(task.export_task_id, number)
-            if holder is None:
-                if await self._insert_lease(task.export_task_id, number, owner, now, expires_at):
-                    if took_over:
-                        metrics.LEASE_EXPIRIES.labels("export").inc()
-                    return await self._mirror_lease(task.export_task_id, number, owner, expires_at)
-                continue  # another claimer took this number just now: look at its lease
-            if holder["expires_at"] > now:
-                if holder["owner"] != owner:
-                    return None
-                await self._extend(holder["_id"], expires_at)
-                return await self._mirror_lease(task.export_task_id, number, owner, expires_at)
-            took_over = holder.get("released_at") is None
-            number += 1
-        return None
-
-    async def _insert_lease(
-        self, task_id: str, number: int, owner: str, now: datetime, expires_at: datetime
-    ) -> bool:
-        document = {
-            "_id": lease_id(task_id, number),
-            "task_id": task_id,
-            "owner": owner,
-            "acquired_at": now,
-            "expires_at": expires_at,
-        }
-        try:
-            async with translated_errors("insert export lease"):
-                await self._leases.insert_one(document)
-        except Duplicate:
-            return False
-        return True
-
-    async def _lease_document(self, task_id: str, number: int) -> Document | None:
-        async with translated_errors("read export lease"):
-            return await self._leases.find_one({"_id": lease_id(task_id, number)})
-
-    async def _extend(self, lease: str, expires_at: datetime) -> None:
-        async with translated_errors("extend export lease"):
-            await self._leases.update_one({"_id": lease}, {"$set": {"expires_at": expires_at}})
+        latest = max(task.lease_number - 1, 0)
+        number = await self._leases.take(task.export_task_id, latest, owner, now, expires_at)
+        return (
+            None
+            if number is None
+            else await self._mirror_lease(task.export_task_id, number, owner, expires_at)
+        )
 
     async def _mirror_lease(
         self, task_id: str, number: int, owner: str, expires_at: datetime
@@ -257,11 +238,10 @@ class ExportTasks:
     async def release(self, task_id: str, owner: str) -> bool:
         """End ``owner``'s live lease on the task, which becomes pending again; False if it held none."""
         now = _now()
+        # Only the latest lease can be live (the next number is taken once it ended): end it by ``_id``.
+        task = await self.get(task_id)
+        released = await self._leases.end(task_id, max(task.lease_number - 1, 0), now, owner)
         async with translated_errors("release export lease"):
-            result = await self._leases.update_many(
-                {"task_id": task_id, "owner": owner, "expires_at": {"$gt": now}},
-                {"$set": {"expires_at": now, "released_at": now}},
-            )
             await self._tasks.update_one(
                 {"_id": task_id, "state": ExportState.in_progress.value, "lease_owner": owner},
                 {
@@ -273,22 +253,22 @@ class ExportTasks:
                     }
                 },
             )
-        return result.modified_count > 0
+        return released
 
     async def expire(self) -> list[ExportTask]:
         """Put tasks whose lease expired back to pending; returns them (as they are now)."""
         now = _now()
-        criteria = {"state": ExportState.in_progress.value, "lease_expires_at": {"$lt": now}}
-        async with translated_errors("find expired export leases"):
-            documents = await self._tasks.find(criteria).to_list()
+        lapsed = [
+            task for task in await self._open_tasks(await self._watch.open()) if task.lease_expired(now)
+        ]
         expired = []
-        for document in documents:
+        for task in lapsed:
             async with translated_errors("expire export lease"):
                 await self._tasks.update_one(
                     {
-                        "_id": document["_id"],
+                        "_id": task.export_task_id,
                         "state": ExportState.in_progress.value,
-                        "lease_expires_at": document["lease_expires_at"],
+                        "lease_expires_at": task.lease_expires_at,
                     },
                     {
                         "$set": {
@@ -299,7 +279,7 @@ class ExportTasks:
                         }
                     },
                 )
-            expired.append(await self.get(document["_id"]))
+            expired.append(await self.get(task.export_task_id))
         return [task for task in expired if task.state == ExportState.pending]
 
     async def forget_before(self, cutoff: datetime, dry_run: bool = False) -> int:
@@ -313,7 +293,7 @@ class ExportTasks:
             ids = [d["_id"] for d in await self._tasks.find(criteria, {"_id": 1}).to_list()]
             if not ids or dry_run:
                 return len(ids)
-            await self._leases.delete_many({"task_id": {"$in": ids}})
+            await self._leases.forget(ids)
             result = await self._tasks.delete_many({"_id": {"$in": ids}})
         return result.deleted_count
 
@@ -323,7 +303,7 @@ class ExportTasks:
         With ``final_ok``, a final task whose last lease was ``owner``'s comes back too; else ``Conflict``.
         """
         task = await self.get(task_id)
-        lease = await self._lease_document(task_id, number)
+        lease = await self._leases.get(task_id, number)
         current = number == task.lease_number - 1 and lease is not None and lease["owner"] == owner
         if task.is_final:
             live = final_ok
@@ -338,7 +318,7 @@ class ExportTasks:
         """Extend the holder's live lease to ``lease_s`` seconds from now."""
         await self.holding(task_id, owner, number)
         expires_at = _now() + timedelta(seconds=lease_s)
-        await self._extend(lease_id(task_id, number), expires_at)
+        await self._leases.extend(task_id, number, expires_at)
         async with translated_errors("record export lease"):
             await self._tasks.update_one(
                 {"_id": task_id, "state": ExportState.in_progress.value, "lease_owner": owner},

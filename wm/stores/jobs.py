@@ -10,6 +10,13 @@ kept for the history, so a query over ``jobs`` would grow with every job ever ru
 server scans it: about 0.2 s per 1,000 jobs, four times a second). A check entry is written with the job
 (again by a duplicate ``create``, which repairs one lost to a crash) and removed once the job has ended;
 the monitor watches any unfinished job left out when it starts.
+
+Finish claims are kept for the retention period too, so the monitor's look for stale ones (claimed, never
+published: the claimer died) reads ``job_finish_watch`` instead, one small document per claim not yet
+published (``_id`` = job id, ``watched_at``), and the claims themselves by ``_id``. An entry is written
+before its claim (so no unpublished claim goes unwatched) and removed once the end is published or the
+claim released; an entry left by a claimer that died between its two writes, or lost its claim race, is
+removed by the first look that finds no unpublished claim behind it, once it is older than the lease.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Any
 
 from pymongo import ASCENDING, IndexModel
 
-from wm.adapters.mongo import Database, IndexSpec, delete_matching, translated_errors
+from wm.adapters.mongo import Database, IndexSpec, delete_matching, translated_errors, upsert
 from wm.domain.jobs import TERMINAL, JobAttempt, JobState, JobTransition, next_state
 from wm.domain.jobs import Job as Job  # the model lives in the domain; re-exported for the store's users
 from wm.domain.jobs import finished_event as finished_event
@@ -30,6 +37,7 @@ from wm.errors import Conflict, Duplicate, NotFound
 JOBS = "jobs"
 FINISHES = "job_finishes"
 CHECKS = "job_checks"
+FINISH_WATCH = "job_finish_watch"
 
 INDEXES = (
     IndexSpec(
@@ -71,6 +79,7 @@ class JobStore:
         self._jobs = database.collection(JOBS)
         self._finishes = database.collection(FINISHES)
         self._checks = database.collection(CHECKS)
+        self._finish_watch = database.collection(FINISH_WATCH)
 
     async def create(self, job: Job) -> Job:
         """Insert the job, or return the one that already exists under its id; either way it is watched."""
@@ -190,19 +199,25 @@ class JobStore:
         return job.model_copy(update={"cancel_requested": True})
 
     async def watch_unfinished(self) -> int:
-        """Watch every job that has not ended and is not watched; how many were added.
+        """Watch every job that has not ended, and every unpublished finish claim, not watched; how many.
 
-        The monitor runs this once at start: it repairs what a failed write left out and takes in jobs
-        recorded before the watch list existed. It reads every job once (a scan on the MongoDB-wire server).
+        The monitor runs this once at start: it repairs what a failed write left out and takes in jobs and
+        claims recorded before the watch lists existed. It reads every job and claim once (scans on the
+        MongoDB-wire server).
         """
         unfinished = [state.value for state in JobState if state not in TERMINAL]
         async with translated_errors("find unfinished jobs"):
             ids = await self._jobs.distinct("_id", {"state": {"$in": unfinished}})
             watched = set(await self._checks.distinct("_id"))
+            claims = await self._finishes.distinct("_id", {"published_at": None})
+            claims_watched = set(await self._finish_watch.distinct("_id"))
         missing = [job_id for job_id in ids if job_id not in watched]
         for job_id in missing:
             await self._watch(job_id, _now())
-        return len(missing)
+        unwatched_claims = [job_id for job_id in claims if job_id not in claims_watched]
+        for job_id in unwatched_claims:
+            await self._watch_finish(job_id)
+        return len(missing) + len(unwatched_claims)
 
     async def _watch(self, job_id: str, due_at: datetime) -> None:
         try:
@@ -231,6 +246,7 @@ class JobStore:
 
     async def claim_finish(self, job_id: str) -> bool:
         """True for exactly one caller per job: the one that publishes its end."""
+        await self._watch_finish(job_id)
         try:
             async with translated_errors("claim job finish"):
                 await self._finishes.insert_one({"_id": job_id, "claimed_at": _now(), "published_at": None})
@@ -238,12 +254,25 @@ class JobStore:
         except Duplicate:
             return False
 
-    async def stale_finishes(self, older_than: timedelta) -> list[str]:
-        """Finishes claimed but not published in time (the claimer died)."""
+    async def stale_finishes(self, older_than: timedelta, limit: int = 100) -> list[str]:
+        """Finishes claimed but not published in time (the claimer died), at most ``limit``."""
+        cutoff = _now() - older_than
         async with translated_errors("find stale finishes"):
-            cutoff = _now() - older_than
-            cursor = self._finishes.find({"published_at": None, "claimed_at": {"$lte": cutoff}})
-            return [str(doc["_id"]) for doc in await cursor.to_list(100)]
+            watched = await self._finish_watch.find().to_list(None)
+            claims = await asyncio.gather(*(self._finishes.find_one({"_id": w["_id"]}) for w in watched))
+        stale: list[str] = []
+        for entry, claim in zip(watched, claims, strict=True):
+            if claim is not None and claim["published_at"] is None:
+                if claim["claimed_at"] <= cutoff:
+                    stale.append(str(entry["_id"]))
+            elif (
+                entry["watched_at"] <= cutoff
+            ):  # published, released, or lost: a fresh entry may be a claimer's
+                async with translated_errors("unwatch job finish"):
+                    await self._finish_watch.delete_one(
+                        {"_id": entry["_id"], "watched_at": entry["watched_at"]}
+                    )
+        return stale[:limit]
 
     async def renew_finish(self, job_id: str) -> None:
         """The claimer is still at work: its unpublished claim is fresh again (``wm.leases.renewed``)."""
@@ -269,11 +298,18 @@ class JobStore:
         """Drop an unpublished finish claim, so the job's next check can claim its end again."""
         async with translated_errors("release job finish"):
             await self._finishes.delete_one({"_id": job_id, "published_at": None})
+            await self._finish_watch.delete_one({"_id": job_id})
 
     async def mark_finish_published(self, job_id: str) -> None:
         """The end of the job was published (confirmed by the broker)."""
         async with translated_errors("mark finish published"):
             await self._finishes.update_one({"_id": job_id}, {"$set": {"published_at": _now()}})
+            await self._finish_watch.delete_one({"_id": job_id})
+
+    async def _watch_finish(self, job_id: str) -> None:
+        await upsert(
+            self._finish_watch, {"_id": job_id}, {"$set": {"watched_at": _now()}}, "watch job finish"
+        )
 
     async def forget_finishes_before(self, cutoff: datetime, dry_run: bool = False) -> int:
         """Remove finish claims published before ``cutoff``; how many (``dry_run``: counts).
