@@ -23,7 +23,6 @@ Queue ``<bus.queue_prefix>.ig-exports`` on MWM's bus, bound to ``mwm.export.requ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -46,6 +45,7 @@ from wm.ports import (
 )
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer, Services
+from wm.service_layer.periodic import every
 from wm.sinks import registered_sink
 from wm.sinks.monai_ig import MonaiIgSink
 from wm.stores import exports, ig_exports
@@ -185,16 +185,12 @@ def announce_lease(settings: Settings) -> timedelta:
 
 async def sweep_overdue(deps: IgExportDeps, stop: asyncio.Event) -> None:
     """Background, every ``ig.sweep_interval_s``: fail overdue hand-offs, announce what dead claimers left."""
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), deps.ig_settings.sweep_interval_s)
-        if stop.is_set():
-            return
-        try:
-            await fail_overdue(deps, datetime.now(UTC))
-            await announce_stale(deps.tasks, deps.handoffs, deps.bus, announce_lease(deps.settings))
-        except Exception as exc:  # a sweep that fails is tried again at the next interval
-            log.warning("ig_export_sweep_failed", error=repr(exc))
+
+    async def sweep() -> None:
+        await fail_overdue(deps, datetime.now(UTC))
+        await announce_stale(deps.tasks, deps.handoffs, deps.bus, announce_lease(deps.settings))
+
+    await every(deps.ig_settings.sweep_interval_s, stop, sweep, "ig_export_sweep", wait_first=True)
 
 
 async def keep_ig_connection(deps: IgExportDeps, stop: asyncio.Event) -> None:
