@@ -35,7 +35,7 @@ from schemas.events import FileRef
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.sinks import FileSource
-from wm.sinks.dicom import DicomSink
+from wm.sinks.dicom import DicomSink, DicomSinkSettings
 from wm.testing.dicom import write_ct_study
 from wm.testing.peers import LOCALHOST, Orthanc, StoreSCP, astorescu
 
@@ -107,7 +107,7 @@ def bench_settings(root: Path, associations: int) -> Settings:
 def dicom_sink(settings: Settings, objects: ObjectStore, port: int, associations: int) -> DicomSink:
     args = {"ae_title": SCP_AET, "host": LOCALHOST, "port": port, "max_associations": associations}
     definition = SinkDefinition.model_validate({"name": "bench", "type": "dicom", "args": args})
-    return DicomSink(definition, settings, objects)
+    return DicomSink(definition, DicomSinkSettings.of(settings), objects)
 
 
 async def alternate(

@@ -34,7 +34,7 @@ from wm.domain.exports import ExportTask, Lease, failed_result
 from wm.errors import Conflict, MwmError, NotFound, PermanentError, TransientError
 from wm.leases import renewed
 from wm.sinks import DestinationUnavailable
-from wm.sinks.dicom import DicomSink
+from wm.sinks.dicom import DicomSink, DicomSinkSettings
 
 log = structlog.get_logger("producers.export_client")
 
@@ -162,7 +162,7 @@ async def export_one(
 ) -> ExportTask:
     """Send the claimed task's files and report the results; the task is given back if that fails."""
     definition = SinkDefinition(name=options.sink, type="dicom", args=options.destination)
-    sink = DicomSink(definition, settings, ApiFiles(api, claimed.task))
+    sink = DicomSink(definition, DicomSinkSettings.of(settings), ApiFiles(api, claimed.task))
     files = claimed.task.files
     try:
         try:

@@ -44,7 +44,7 @@ from wm.domain.monai_ig import (
     requested_files,
 )
 from wm.errors import InvalidMessage
-from wm.sinks.monai_ig import MonaiIgSink
+from wm.sinks.monai_ig import MonaiIgSink, MonaiIgSinkSettings
 from wm.testing.dicom import write_ct_study
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "monai_ig"
@@ -257,7 +257,7 @@ def test_the_sink_hands_off_deduplicated_keys_in_the_igs_bucket() -> None:
         created_at=now,
         updated_at=now,
     )
-    hand_off = MonaiIgSink(definition, settings).hand_off(task)
+    hand_off = MonaiIgSink(definition, MonaiIgSinkSettings.of(settings)).hand_off(task)
     assert hand_off.routing_key == "md.export.request.monaiscu"
     assert hand_off.request is not None
     assert hand_off.request.files == ["mwm-exports/j.pacs/mwm/jobs/j/output/a.dcm", "p/dcm/b.dcm"]

@@ -11,7 +11,7 @@ import typer
 from wm.adapters.mongo import PROCESSED_MESSAGES_INDEXES, Database, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
-from wm.engines.local import LocalEngine
+from wm.engines.local import LocalEngine, LocalEngineSettings
 from wm.errors import MwmError
 from wm.stores import buckets, exports, jobs
 from wm.stores.discovery_retention import DiscoveryRetention
@@ -44,7 +44,7 @@ async def _clean_up(settings: Settings, dry_run: bool) -> Removed:
             jobs.JobStore(database),
             objects,
             ProcessedMessages(database),
-            LocalEngine(settings),
+            LocalEngine(LocalEngineSettings.of(settings)),
             DiscoveryRetention(database, objects),
         )
         return await clean_up(stores, cutoff_for(settings.export.retention_days), dry_run)
