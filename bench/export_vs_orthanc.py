@@ -30,14 +30,14 @@ import time
 import uuid
 from pathlib import Path
 
+from devkit.dicom import write_ct_study
+from devkit.peers import LOCALHOST, Orthanc, StoreSCP, astorescu
 from schemas.applications import SinkDefinition
 from schemas.events import FileRef
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.sinks import FileSource
 from wm.sinks.dicom import DicomSink, DicomSinkSettings
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, Orthanc, StoreSCP, astorescu
 
 TARGET_RATIO = 2.5
 TARGET_FLOOR_RATIO = 1.3

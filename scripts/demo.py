@@ -23,16 +23,16 @@ import aio_pika
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from devkit.dicom import write_ct_study  # noqa: E402
+from devkit.peers import StoreSCP, free_port, storescu, wait_for_port  # noqa: E402
+from devkit.services import settings_env, unique_settings  # noqa: E402
 from schemas.applications import SinkDefinition  # noqa: E402
-from tests.support.services import settings_env, unique_settings  # noqa: E402
 from wm.adapters.mongo import Database  # noqa: E402
 from wm.adapters.rabbitmq import Bus  # noqa: E402
 from wm.cli.bus import resolve_consumer  # noqa: E402
 from wm.config import Settings  # noqa: E402
 from wm.fleet import consumer_names as available_consumers  # noqa: E402
 from wm.registry import Registry, engine_validator  # noqa: E402
-from wm.testing.dicom import write_ct_study  # noqa: E402
-from wm.testing.peers import StoreSCP, free_port, storescu, wait_for_port  # noqa: E402
 
 STARTED = time.perf_counter()
 

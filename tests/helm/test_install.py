@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from devkit.argo_stack import ArgoStack, argo_stack
+from devkit.services import wait_for
 from tests.helm.test_chart import CHART, FULL_VALUES, run_helm
-from tests.support.argo_stack import ArgoStack, argo_stack
-from tests.support.services import wait_for
 from wm.config import Settings
 from wm.engines.argo import ArgoEngine
 from wm.engines.argo_workflow import ArgoEngineSettings

@@ -1,7 +1,7 @@
 """The ``argo`` engine through the official SDK against a real Argo Server and workflow-controller.
 
 The stack is ``scripts/argo-stack`` (kube-apiserver, etcd, kwok for the nodes): see
-``tests.support.argo_stack`` for what stands in for the containers that never run.
+``devkit.argo_stack`` for what stands in for the containers that never run.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from schemas.applications import ApplicationDefinition
-from tests.support.argo_stack import (
+from devkit.argo_stack import (
     ARGO_GROUP,
     ArgoStack,
     Executor,
@@ -24,6 +23,7 @@ from tests.support.argo_stack import (
     stack_command,
     workflow_path,
 )
+from schemas.applications import ApplicationDefinition
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.engines import EngineStatus, JobSpec

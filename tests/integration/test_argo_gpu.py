@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from devkit.argo_stack import ArgoStack, Executor, argo_stack, workflow_path
 from tests.integration.test_argo_engine import _pods, application, job, wait_status
-from tests.support.argo_stack import ArgoStack, Executor, argo_stack, workflow_path
 from wm.config import Settings
 from wm.engines.argo import ArgoEngine
 from wm.engines.argo_workflow import ArgoEngineSettings

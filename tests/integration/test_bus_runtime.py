@@ -11,10 +11,10 @@ import aio_pika
 import pytest
 from prometheus_client import REGISTRY
 
+from devkit.events import payload_arrived
+from devkit.services import consumer_log, consumer_processes, queue_settled, services_command, wait_for
 from schemas.events import PayloadArrived
 from tests.support import probe
-from tests.support.events import payload_arrived
-from tests.support.services import consumer_log, consumer_processes, queue_settled, services_command, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import Bus, dead_letter_queue_name, describe_dead_letter, queue_name
 from wm.config import Settings

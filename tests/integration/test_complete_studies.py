@@ -18,20 +18,20 @@ from typing import Any, TypeVar
 import pytest
 
 from consumers import discovery, exporter, monitor, scheduler
+from devkit.dicom import GeneratedStudy, write_ct_study
+from devkit.peers import LOCALHOST, StoreSCP, astorescu, free_port
+from devkit.pipeline import consumers_running, mip_application, register, wait_until_consuming
+from devkit.services import services_command, wait_for
 from producers.gateway import Gateway, serving
 from schemas.applications import SinkDefinition
 from schemas.events import BucketReady, Event, ExportCompleted, JobFinished
 from tests.faults.harness import DurableTap, durable_tap
 from tests.integration.test_gateway_spool import send_raw
-from tests.support.pipeline import consumers_running, mip_application, register, wait_until_consuming
-from tests.support.services import services_command, wait_for
 from wm.adapters.mongo import Database
 from wm.config import Settings
 from wm.registry import Registry
 from wm.runtime import Consumer
 from wm.stores.jobs import JobStore
-from wm.testing.dicom import GeneratedStudy, write_ct_study
-from wm.testing.peers import LOCALHOST, StoreSCP, astorescu, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pydicom
 
+from devkit.dicom import write_ct_study
+from devkit.peers import LOCALHOST, StoreSCP
+from devkit.services import settings_env
 from tests.support.cli import Cli
 from tests.support.exports import SINK, create_task, served_api, upload
-from tests.support.services import settings_env
 from wm.config import Settings
 from wm.domain.exports import ExportState
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, StoreSCP
 
 
 def datasets_by_sop(paths: list[Path]) -> dict[str, pydicom.Dataset]:

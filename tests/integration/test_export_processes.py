@@ -14,6 +14,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from devkit.dicom import write_ct_study
+from devkit.peers import LOCALHOST, StoreSCP
 from schemas.applications import SinkDefinition
 from schemas.events import FileExportResult, FileRef
 from wm.adapters.objectstore import ObjectStore
@@ -21,8 +23,6 @@ from wm.config import Settings
 from wm.sinks import DestinationUnavailable
 from wm.sinks.dicom import DicomSink, DicomSinkSettings
 from wm.sinks.dicom_lanes import lane_executor
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, StoreSCP
 
 SCP_AET = "PROCSCP"
 MODES = [pytest.param(True, id="processes"), pytest.param(False, id="threads")]

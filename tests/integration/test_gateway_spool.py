@@ -21,6 +21,10 @@ from prometheus_client import REGISTRY
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from devkit.dicom import GeneratedStudy, write_ct_study
+from devkit.peers import LOCALHOST, astorescu, free_port, wait_for_port
+from devkit.pipeline import bound_queue
+from devkit.services import REPO, services_command, settings_env, wait_for
 from producers.gateway import serving, spool_directory
 from schemas.events import PayloadArrived
 from tests.integration.test_gateway import (
@@ -33,11 +37,7 @@ from tests.integration.test_gateway import (
     stored_keys,
     with_gateway,
 )
-from tests.support.pipeline import bound_queue
-from tests.support.services import REPO, services_command, settings_env, wait_for
 from wm.config import Settings
-from wm.testing.dicom import GeneratedStudy, write_ct_study
-from wm.testing.peers import LOCALHOST, astorescu, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 

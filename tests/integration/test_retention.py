@@ -6,11 +6,11 @@ import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from devkit.events import payload_arrived
+from devkit.services import settings_env
 from tests.support.cli import Cli
-from tests.support.events import payload_arrived
 from tests.support.exports import create_task, placeholder_files
 from tests.support.jobs import SLEEPER, job_finished, launch_job, pipeline_and_api
-from tests.support.services import settings_env
 from wm.adapters.mongo import PROCESSED_MESSAGES, Database, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings

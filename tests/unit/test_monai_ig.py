@@ -12,6 +12,16 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
+from devkit.dicom import write_ct_study
+from devkit.events import payload_arrived
+from devkit.ig_emulator import (
+    VERSIONS,
+    Version,
+    dicom_json,
+    export_complete_body,
+    newtonsoft_time,
+    workflow_request_body,
+)
 from schemas.applications import ApplicationDefinition, SinkDefinition
 from schemas.events import BucketFile, FileExportResult, FileRef, SinkRef
 from schemas.monai_ig import (
@@ -21,15 +31,6 @@ from schemas.monai_ig import (
     ExportStatus,
     FileExportStatus,
     WorkflowRequestEvent,
-)
-from tests.support.events import payload_arrived
-from tests.support.ig_emulator import (
-    VERSIONS,
-    Version,
-    dicom_json,
-    export_complete_body,
-    newtonsoft_time,
-    workflow_request_body,
 )
 from wm.adapters.monai_ig import decode, message_for
 from wm.config import Settings
@@ -45,7 +46,6 @@ from wm.domain.monai_ig import (
 )
 from wm.errors import InvalidMessage
 from wm.sinks.monai_ig import MonaiIgSink, MonaiIgSinkSettings
-from wm.testing.dicom import write_ct_study
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "monai_ig"
 

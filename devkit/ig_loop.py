@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from consumers import ig_completions, ig_exports, ig_requests, monitor, scheduler
+from devkit.ig_emulator import Destination, IgEmulator, Version, vhost
 from schemas.applications import SinkDefinition
-from tests.support.ig_emulator import Destination, IgEmulator, Version, vhost
 from wm.adapters.mongo import Database
 from wm.config import Settings
 from wm.registry.sinks import Sinks
