@@ -96,8 +96,14 @@ def services_command(*args: str) -> None:
     """Run ``scripts/services`` (fault injection: stop/start a service).
 
     It gets this process's environment, so ``MWM_SERVICES_PORT_OFFSET`` (and the ``MWM_*`` URLs) select
-    the same stack the test talks to.
+    the same stack the test talks to. Never on the shared stack (no offset): others' runs use it, so the
+    tests that stop services are the fault suite's, on a stack of its own (``scripts/faults``).
     """
+    if not int(os.environ.get("MWM_SERVICES_PORT_OFFSET") or 0):
+        raise AssertionError(
+            f"scripts/services {' '.join(args)} refused on the shared stack: set MWM_SERVICES_PORT_OFFSET "
+            "(the fault suite, `bash scripts/faults`, runs on a stack of its own)"
+        )
     subprocess.run(
         ["bash", str(REPO / "scripts" / "services"), *args],
         check=True,
