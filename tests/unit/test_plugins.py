@@ -3,15 +3,17 @@ optional dependency is a clear error."""
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import pytest
 
-from schemas.applications import SinkDefinition
+from schemas.applications import ApplicationDefinition, SinkDefinition
 from wm.config import ArgoSettings, Settings
 from wm.engines import ENGINE_GROUP, available_engines, load_engine
+from wm.engines.local_runner import map_command
 from wm.errors import PermanentError
 from wm.plugins import PluginSettings, plugin_settings
 from wm.sinks import ENTRY_POINT_GROUP, load_sink, sink_class
@@ -173,3 +175,21 @@ def test_the_argo_engine_without_its_extra_names_the_extra(
 
     with pytest.raises(PermanentError, match=r"engine 'argo' cannot be loaded.*pip install 'mwm\[argo\]'"):
         load_engine("argo", settings)
+
+
+def test_an_application_the_local_engine_runs_as_a_command_sees_none_of_mwms_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MWM_MONGO__URL", f"mongodb://mwm:{SECRETS['database']}@db:27017/")
+    monkeypatch.setenv("MWM_OBJECT_STORE__SECRET_KEY", SECRETS["object store secret key"])
+    application = ApplicationDefinition.model_validate(
+        {
+            "name": "mip",
+            "version": "1",
+            "map": {"command": ["python", "-m", "app"], "environment": {"A": "1"}},
+        },
+    )
+    _, environment = map_command(application, tmp_path)
+    assert not [name for name in environment if name.startswith("MWM_")]
+    assert environment["A"] == "1" and environment["MONAI_INPUTPATH"] == str(tmp_path / "input")
+    assert environment["PATH"] == os.environ["PATH"], "the rest of the runner's environment is kept"

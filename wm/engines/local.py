@@ -5,7 +5,8 @@ job's inputs from the object store into ``JOB_DIR/input``, runs the MAP, uploads
 job's output prefix and records its phase in ``JOB_DIR/status.json``. The MAP runs with docker or podman
 when one is installed and the application names an image; otherwise the application's command runs as a
 subprocess. Either way it gets the MAP conventions: ``MONAI_INPUTPATH`` / ``MONAI_OUTPUTPATH`` and
-``HOLOSCAN_INPUT_PATH`` / ``HOLOSCAN_OUTPUT_PATH``. In a command, ``python`` means MWM's own interpreter.
+``HOLOSCAN_INPUT_PATH`` / ``HOLOSCAN_OUTPUT_PATH``. In a command, ``python`` means MWM's own interpreter;
+the command inherits the runner's environment without MWM's own ``MWM_*`` settings.
 
 The status lives on disk, not in the process that launched the job, so any consumer replica on this
 machine can follow the job, and a restarted monitor loses nothing. The engine job id is the job id.
