@@ -30,14 +30,18 @@ import time
 import uuid
 from pathlib import Path
 
-from devkit.dicom import write_ct_study
-from devkit.peers import LOCALHOST, Orthanc, StoreSCP, astorescu
-from schemas.applications import SinkDefinition
-from schemas.events import FileRef
-from wm.adapters.objectstore import ObjectStore
-from wm.config import Settings
-from wm.sinks import FileSource
-from wm.sinks.dicom import DicomSink, DicomSinkSettings
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python bench/export_vs_orthanc.py` from anywhere: devkit is not installed
+    sys.path.insert(0, str(REPO))
+
+from devkit.dicom import write_ct_study  # noqa: E402
+from devkit.peers import LOCALHOST, Orthanc, StoreSCP, astorescu  # noqa: E402
+from schemas.applications import SinkDefinition  # noqa: E402
+from schemas.events import FileRef  # noqa: E402
+from wm.adapters.objectstore import ObjectStore  # noqa: E402
+from wm.config import Settings  # noqa: E402
+from wm.sinks import FileSource  # noqa: E402
+from wm.sinks.dicom import DicomSink, DicomSinkSettings  # noqa: E402
 
 TARGET_RATIO = 2.5
 TARGET_FLOOR_RATIO = 1.3
