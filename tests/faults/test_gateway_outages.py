@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from devkit.dicom import GeneratedStudy, write_ct_study
-from devkit.peers import LOCALHOST, astorescu, free_port, wait_for_port
+from devkit.dicom import GeneratedStudy
+from devkit.peers import LOCALHOST, astorescu, wait_for_port
 from devkit.pipeline import bound_queue
 from devkit.services import REPO, services_command, settings_env, wait_for
 from producers.gateway import serving, spool_directory
 from schemas.events import BucketReady, JobFinished, PayloadArrived
+from tests.integration import test_gateway_spool as spool
 from tests.integration.test_complete_studies import SETTLE_S, ct, stack
 from tests.integration.test_gateway import (
     AET,
@@ -33,19 +34,12 @@ from tests.integration.test_gateway import (
     stored_keys,
     with_gateway,
 )
-from tests.integration.test_gateway_spool import announced, sop_uids
 from wm.config import Settings
 
-
-@pytest.fixture
-def settings(live_settings: Settings) -> Settings:
-    """The gateway on a free port (the spool tests' settings: tests/integration/test_gateway_spool.py)."""
-    return with_gateway(live_settings, host=LOCALHOST, port=free_port(), abort_grace_s=3.0)
-
-
-@pytest.fixture
-def study(tmp_path: Path) -> GeneratedStudy:
-    return write_ct_study(tmp_path / "study", series=2, slices_per_series=5, rows=64, columns=64, seed=43)
+# The spool tests' fixtures, shared: the gateway on a free port with a short grace period, a small study.
+settings = spool.settings
+study = spool.study
+announced, sop_uids = spool.announced, spool.sop_uids
 
 
 STAGES = {"s3": "upload", "rabbitmq": "publish"}
