@@ -66,7 +66,7 @@ class ExportSink(ABC, Generic[SettingsT]):
     """A destination for exported files, with one result per file.
 
     A subclass sets ``settings_type`` to its own `PluginSettings` model (``SettingsT``): what it is given
-    of MWM's settings.
+    of MWM's settings (by default, nothing).
     """
 
     settings_type: ClassVar[type[PluginSettings]] = PluginSettings
