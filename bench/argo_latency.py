@@ -7,7 +7,7 @@ Needs the services and the Argo stack (``bash scripts/services up`` starts both 
 ``scheduler_latency.py``; N buckets of one small CT file each go out one at a time (the next bucket.ready
 after the previous job.finished), first on the ``local`` engine (command ``true``), then on the ``argo``
 engine (a real Argo Server and workflow-controller; kwok finishes the pod after its 1 s stage, and
-``tests.support.argo_stack.Executor`` reports the outputs as Argo's executor would):
+``devkit.argo_stack.Executor`` reports the outputs as Argo's executor would):
 
 - bucket.ready -> job.launched: from just before the publish to the arrival of ``job.launched`` on a tap
   queue (for Argo: the workflow's create through the Argo Server included).
@@ -44,22 +44,22 @@ from bus_hop import bench_settings, wait_for_services  # noqa: E402
 from scheduler_latency import APPLICATION, arrival, finish_delay, percentile, ready_events  # noqa: E402
 
 from consumers import monitor, scheduler  # noqa: E402
-from schemas.events import BucketReady, JobFinished, JobLaunched  # noqa: E402
-from tests.support.argo_stack import (  # noqa: E402
+from devkit.argo_stack import (  # noqa: E402
     ArgoStack,
     Executor,
     argo_stack,
     forget_workflows,
     workflow_path,
 )
-from tests.support.pipeline import (  # noqa: E402
+from devkit.pipeline import (  # noqa: E402
     consumers_running,
     mip_application,
     register,
     tap,
     wait_until_consuming,
 )
-from tests.support.services import cleanup  # noqa: E402
+from devkit.services import cleanup  # noqa: E402
+from schemas.events import BucketReady, JobFinished, JobLaunched  # noqa: E402
 from wm.adapters.rabbitmq import Bus  # noqa: E402
 from wm.config import Settings  # noqa: E402
 from wm.domain.jobs import job_id_for  # noqa: E402

@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/bus_hop.py` from anywhere
     sys.path.insert(0, str(REPO))
 
+from devkit.events import payload_arrived  # noqa: E402
+from devkit.services import cleanup, reachable, service_endpoints, unique_settings  # noqa: E402
 from schemas.events import PayloadArrived  # noqa: E402
-from tests.support.events import payload_arrived  # noqa: E402
-from tests.support.services import cleanup, reachable, service_endpoints, unique_settings  # noqa: E402
 from wm.adapters.mongo import PROCESSED_MESSAGES, Database, Document  # noqa: E402
 from wm.adapters.rabbitmq import Bus, event_message, queue_name  # noqa: E402
 from wm.config import Settings  # noqa: E402

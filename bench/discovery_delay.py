@@ -7,7 +7,7 @@ Runs the real discovery consumer in this process (``wm.runtime.run_consumers``, 
 and its database sweep) on the real services, with this run's own exchange, queues, database and bucket,
 and an application mapped to an AE title. N small generated CT studies (``--files`` files each) arrive as
 the gateway would deliver them (stored in the object store, one ``payload.arrived`` per file,
-`tests.support.pipeline.arrive`), study ``i`` starting ``i * spacing`` seconds after the first, so buckets
+`devkit.pipeline.arrive`), study ``i`` starting ``i * spacing`` seconds after the first, so buckets
 open and close while others are still filling. The feeder runs in a process of its own, as the gateway
 does (``--feeder inline``: on the consumer's event loop, competing with it).
 
@@ -40,14 +40,14 @@ from bus_hop import bench_settings, wait_for_services  # noqa: E402
 from scheduler_latency import percentile  # noqa: E402
 
 from consumers import discovery  # noqa: E402
+from devkit.dicom import write_ct_study  # noqa: E402
+from devkit.pipeline import arrive, consumers_running, mip_application, register, tap  # noqa: E402
+from devkit.services import cleanup, settings_env  # noqa: E402
 from schemas.events import BucketReady  # noqa: E402
-from tests.support.pipeline import arrive, consumers_running, mip_application, register, tap  # noqa: E402
-from tests.support.services import cleanup, settings_env  # noqa: E402
 from wm.adapters.mongo import Database  # noqa: E402
 from wm.config import Settings  # noqa: E402
 from wm.logging import configure_logging  # noqa: E402
 from wm.stores.buckets import BUCKETS, FILES  # noqa: E402
-from wm.testing.dicom import write_ct_study  # noqa: E402
 
 APPLICATION = "bench-discovery"
 AET = "MWM-BENCH"

@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:  # `python bench/discovery_history.py` from anywhe
 from bus_hop import bench_settings, wait_for_services  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
 
-from tests.support.events import payload_arrived  # noqa: E402
+from devkit.events import payload_arrived  # noqa: E402
 from wm.adapters.mongo import Database  # noqa: E402
 from wm.config import Settings  # noqa: E402
 from wm.domain.discovery import Placement  # noqa: E402

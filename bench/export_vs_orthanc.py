@@ -30,14 +30,18 @@ import time
 import uuid
 from pathlib import Path
 
-from schemas.applications import SinkDefinition
-from schemas.events import FileRef
-from wm.adapters.objectstore import ObjectStore
-from wm.config import Settings
-from wm.sinks import FileSource
-from wm.sinks.dicom import DicomSink
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, Orthanc, StoreSCP, astorescu
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python bench/export_vs_orthanc.py` from anywhere: devkit is not installed
+    sys.path.insert(0, str(REPO))
+
+from devkit.dicom import write_ct_study  # noqa: E402
+from devkit.peers import LOCALHOST, Orthanc, StoreSCP, astorescu  # noqa: E402
+from schemas.applications import SinkDefinition  # noqa: E402
+from schemas.events import FileRef  # noqa: E402
+from wm.adapters.objectstore import ObjectStore  # noqa: E402
+from wm.config import Settings  # noqa: E402
+from wm.sinks import FileSource  # noqa: E402
+from wm.sinks.dicom import DicomSink, DicomSinkSettings  # noqa: E402
 
 TARGET_RATIO = 2.5
 TARGET_FLOOR_RATIO = 1.3
@@ -107,7 +111,7 @@ def bench_settings(root: Path, associations: int) -> Settings:
 def dicom_sink(settings: Settings, objects: ObjectStore, port: int, associations: int) -> DicomSink:
     args = {"ae_title": SCP_AET, "host": LOCALHOST, "port": port, "max_associations": associations}
     definition = SinkDefinition.model_validate({"name": "bench", "type": "dicom", "args": args})
-    return DicomSink(definition, settings, objects)
+    return DicomSink(definition, DicomSinkSettings.of(settings), objects)
 
 
 async def alternate(

@@ -43,19 +43,19 @@ from pynetdicom import evt
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from devkit.dicom import write_ct_study  # noqa: E402
+from devkit.peers import LOCALHOST, Orthanc, free_port, storescu, wait_for_port  # noqa: E402
+from devkit.pipeline import bound_queue  # noqa: E402
+from devkit.process import peak_rss_mb  # noqa: E402
+from devkit.services import cleanup, settings_env  # noqa: E402
 from producers.gateway import STATUS  # noqa: E402
 from producers.gateway_ae import application_entity, disable_nagle  # noqa: E402
 from schemas.applications import CallingPeer  # noqa: E402
 from schemas.events import PayloadArrived  # noqa: E402
-from tests.support.pipeline import bound_queue  # noqa: E402
-from tests.support.process import peak_rss_mb  # noqa: E402
-from tests.support.services import cleanup, settings_env  # noqa: E402
 from wm.adapters.mongo import Database  # noqa: E402
 from wm.adapters.objectstore import ObjectStore  # noqa: E402
 from wm.config import Settings  # noqa: E402
 from wm.registry import Registry  # noqa: E402
-from wm.testing.dicom import write_ct_study  # noqa: E402
-from wm.testing.peers import LOCALHOST, Orthanc, free_port, storescu, wait_for_port  # noqa: E402
 
 AET = "MWM-BENCH"
 CALLING = "STORESCU"

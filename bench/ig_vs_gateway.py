@@ -8,7 +8,7 @@ generated CT study of ``--slices`` instances is sent ``--payloads`` times each w
 a study of its own (new Study, Series and SOP Instance UIDs, written before the timed part): MWM runs a
 resent study again only when it brings new instances, so the same study twice would launch nothing.
 
-- IG path: the IG emulator (``tests/support/ig_emulator.py``) on a vhost of this run uploads the study to
+- IG path: the IG emulator (``devkit/ig_emulator.py``) on a vhost of this run uploads the study to
   its own bucket (``.dcm`` and ``.dcm.json``, not timed), then publishes ``md.workflow.request``. Measured:
   from that publish to ``job.launched`` (identifiers from the ``.dcm.json`` files, the copy into MWM's
   bucket, one ``bucket.ready``, staging and the launch).
@@ -40,16 +40,16 @@ from bus_hop import bench_settings, wait_for_services  # noqa: E402
 from scheduler_latency import percentile  # noqa: E402
 
 from consumers import discovery, ig_requests, scheduler  # noqa: E402
+from devkit.dicom import write_ct_study  # noqa: E402
+from devkit.ig_emulator import IgEmulator, vhost  # noqa: E402
+from devkit.ig_loop import with_ig  # noqa: E402
+from devkit.peers import LOCALHOST, astorescu, free_port  # noqa: E402
+from devkit.pipeline import EventTap, consumers_running, mip_application, register, tap  # noqa: E402
+from devkit.services import cleanup, wait_for  # noqa: E402
 from producers.gateway import serving  # noqa: E402
 from schemas.events import JobLaunched, PayloadArrived  # noqa: E402
-from tests.support.ig_emulator import IgEmulator, vhost  # noqa: E402
-from tests.support.ig_loop import with_ig  # noqa: E402
-from tests.support.pipeline import EventTap, consumers_running, mip_application, register, tap  # noqa: E402
-from tests.support.services import cleanup, wait_for  # noqa: E402
 from wm.logging import configure_logging  # noqa: E402
 from wm.runtime import Consumer  # noqa: E402
-from wm.testing.dicom import write_ct_study  # noqa: E402
-from wm.testing.peers import LOCALHOST, astorescu, free_port  # noqa: E402
 
 TARGET_ADDED_MS = 200.0
 IG_AET, GATEWAY_AET = "MONAI-BENCH", "MWM-BENCH"

@@ -40,8 +40,8 @@ if str(REPO) not in sys.path:  # `python bench/scheduler_latency.py` from anywhe
 from bus_hop import bench_settings, wait_for_services  # noqa: E402
 
 from consumers import monitor, scheduler  # noqa: E402
-from schemas.events import BucketFile, BucketReady, JobFinished, JobLaunched  # noqa: E402
-from tests.support.pipeline import (  # noqa: E402
+from devkit.dicom import write_ct_study  # noqa: E402
+from devkit.pipeline import (  # noqa: E402
     EventTap,
     consumers_running,
     mip_application,
@@ -49,7 +49,8 @@ from tests.support.pipeline import (  # noqa: E402
     tap,
     wait_until_consuming,
 )
-from tests.support.services import cleanup  # noqa: E402
+from devkit.services import cleanup  # noqa: E402
+from schemas.events import BucketFile, BucketReady, JobFinished, JobLaunched  # noqa: E402
 from wm.adapters.objectstore import ObjectStore  # noqa: E402
 from wm.adapters.rabbitmq import Bus  # noqa: E402
 from wm.config import Settings  # noqa: E402
@@ -58,7 +59,6 @@ from wm.domain.discovery import Placement, bucket_ready  # noqa: E402
 from wm.domain.jobs import job_id_for  # noqa: E402
 from wm.engines.local import STATUS_FILE  # noqa: E402
 from wm.logging import configure_logging  # noqa: E402
-from wm.testing.dicom import write_ct_study  # noqa: E402
 
 APPLICATION = "bench-latency"
 LAUNCH_TARGET_MS = 100.0

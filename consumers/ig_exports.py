@@ -35,6 +35,7 @@ from wm.domain.exports import ExportTask, failed_result, final_result, task_for
 from wm.domain.monai_ig import IgExport
 from wm.errors import Duplicate, NotFound, PermanentError, TransientError
 from wm.ig_queues import ig_publisher
+from wm.plugins import plugin_settings
 from wm.ports import (
     BucketObjects,
     EventPublisher,
@@ -85,7 +86,8 @@ async def handle(event: ExportRequested, deps: IgExportDeps) -> None:
         return
     try:
         definition = await deps.sinks.get(task.sink.name)
-        sink = registered_sink(definition.type, MonaiIgSink)(definition, deps.settings)
+        sink_type = registered_sink(definition.type, MonaiIgSink)
+        sink = sink_type(definition, plugin_settings(sink_type, deps.settings))
     except (NotFound, PermanentError) as exc:
         final = await deps.tasks.record_result(
             task.export_task_id, "failed", failed_result(task.files, str(exc)).results, str(exc)

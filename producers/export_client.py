@@ -43,7 +43,7 @@ from wm.errors import Conflict, MwmError, NotFound, PermanentError, TransientErr
 from wm.leases import renewed
 from wm.service_layer.periodic import every, stopped_within
 from wm.sinks import DestinationUnavailable
-from wm.sinks.dicom import DicomSink
+from wm.sinks.dicom import DicomSink, DicomSinkSettings
 
 log = structlog.get_logger("producers.export_client")
 
@@ -181,7 +181,7 @@ async def export_one(
     """Send the claimed task's files and report the results; None when ``stop`` came while the destination
     was awaited. The task is given back then, and if sending or reporting fails."""
     definition = SinkDefinition(name=options.sink, type="dicom", args=options.destination)
-    sink = DicomSink(definition, settings, ApiFiles(api, claimed.task))
+    sink = DicomSink(definition, DicomSinkSettings.of(settings), ApiFiles(api, claimed.task))
     try:
         async with renewed(lambda: api.extend(claimed, options.lease_s), options.lease_s, "export lease"):
             results = await _send_awaiting_destination(api, claimed, sink, settings, stop or asyncio.Event())

@@ -18,21 +18,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import aio_pika
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from devkit.dicom import write_ct_study  # noqa: E402
+from devkit.peers import StoreSCP, free_port, storescu, wait_for_port  # noqa: E402
+from devkit.pipeline import bound_queue  # noqa: E402
+from devkit.services import settings_env, unique_settings  # noqa: E402
 from schemas.applications import SinkDefinition  # noqa: E402
-from tests.support.services import settings_env, unique_settings  # noqa: E402
 from wm.adapters.mongo import Database  # noqa: E402
 from wm.adapters.rabbitmq import Bus  # noqa: E402
 from wm.cli.bus import resolve_consumer  # noqa: E402
 from wm.config import Settings  # noqa: E402
 from wm.fleet import consumer_names as available_consumers  # noqa: E402
 from wm.registry import Registry, engine_validator  # noqa: E402
-from wm.testing.dicom import write_ct_study  # noqa: E402
-from wm.testing.peers import StoreSCP, free_port, storescu, wait_for_port  # noqa: E402
 
 STARTED = time.perf_counter()
 
@@ -74,14 +73,7 @@ async def configure(settings: Settings, pacs_port: int) -> None:
 
 async def wait_for_export(settings: Settings, timeout: float) -> dict[str, object]:
     """The first export.completed on the exchange, with progress lines for the events before it."""
-    connection = await aio_pika.connect(settings.bus.url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            settings.bus.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue(exclusive=True)
-        await queue.bind(exchange, "mwm.#")
+    async with bound_queue(settings, "mwm.#") as queue:
         seen_files = 0
         deadline = time.monotonic() + timeout
         async with queue.iterator() as messages:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import cleanup, require_services, unique_settings
+from devkit.services import cleanup, unique_settings
+from tests.support.services import require_services
 from wm.config import Settings
 
 MARKS_BY_DIRECTORY = {

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from tests.support.services import service_endpoints
+from devkit.services import service_endpoints
 from wm.config import Settings
 
 DEFAULT_PORTS = {"RabbitMQ": 5672, "MongoDB-wire server": 27017, "S3 server": 8333}

@@ -20,9 +20,9 @@ import aio_pika
 import pydicom
 from aio_pika.abc import AbstractIncomingMessage
 
+from devkit.pipeline import consumer_command
+from devkit.services import REPO
 from schemas.events import EVENTS_BY_TYPE_NAME, Event, ExportCompleted, JobFinished
-from tests.support.pipeline import consumer_command
-from tests.support.services import REPO
 from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import dead_letter_queue_name, queue_name
 from wm.config import Settings

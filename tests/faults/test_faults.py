@@ -21,6 +21,10 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from devkit.dicom import GeneratedStudy, write_ct_study
+from devkit.peers import StoreSCP
+from devkit.pipeline import arrive, mip_application, register
+from devkit.services import services_command, settings_env, wait_for
 from schemas.applications import SinkDefinition
 from schemas.events import (
     BucketReady,
@@ -44,14 +48,10 @@ from tests.faults.harness import (
     received_at_sink,
     snapshot,
 )
-from tests.support.pipeline import arrive, mip_application, register
-from tests.support.services import services_command, settings_env, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import queue_name
 from wm.config import MongoSettings, RetrySettings, Settings
 from wm.registry import Registry
-from wm.testing.dicom import GeneratedStudy, write_ct_study
-from wm.testing.peers import StoreSCP
 
 STUDIES = 12
 SLICES = 3

@@ -15,17 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ig_emulator import Destination
-from tests.support.ig_loop import LOOP_CONSUMERS, add_ig_sink, ig_stack
-from tests.support.pipeline import MIP_APP, consumers_running, mip_application, register
-from tests.support.services import require_services, services_command, wait_for
+from devkit.dicom import write_ct_study
+from devkit.ig_emulator import Destination
+from devkit.ig_loop import LOOP_CONSUMERS, add_ig_sink, ig_stack
+from devkit.peers.dcmtk import StoreSCP
+from devkit.pipeline import MIP_APP, consumers_running, mip_application, register
+from devkit.services import services_command, wait_for
+from tests.support.services import require_services
 from wm.adapters.mongo import Database
 from wm.config import Settings
 from wm.domain.exports import ExportState, ExportTask
 from wm.stores.exports import ExportTasks
 from wm.stores.jobs import JOBS
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers.dcmtk import StoreSCP
 
 JOB_SLEEP_S = 15  # the job ends during or just after the restart: its events travel after it
 

@@ -15,10 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.peers import LOCALHOST, StoreSCP, free_port, wait_for_port
+from devkit.services import REPO, cleanup, settings_env
 from tests.support.api import api_settings
-from tests.support.services import REPO, cleanup, require_services, settings_env
+from tests.support.services import require_services
 from wm.config import Settings
-from wm.testing.peers import LOCALHOST, StoreSCP, free_port, wait_for_port
 
 
 @dataclass

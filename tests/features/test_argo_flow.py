@@ -10,10 +10,10 @@ import pydicom
 import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
+from devkit.argo_stack import ArgoStack, Executor, argo_application, argo_stack, forget_workflows
+from devkit.pipeline import register
 from tests.features.conftest import Stack, eventually, start_mwm
 from tests.features.test_flows import create_sink, jobs_succeed, receiver_listening, send_studies
-from tests.support.argo_stack import ArgoStack, Executor, argo_application, argo_stack, forget_workflows
-from tests.support.pipeline import register
 
 scenarios("argo_engine.feature")
 

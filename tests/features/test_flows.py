@@ -7,13 +7,13 @@ import yaml
 from pydicom.uid import SecondaryCaptureImageStorage
 from pytest_bdd import given, parsers, scenarios, then, when
 
+from devkit.dicom import write_ct_study
+from devkit.peers import LOCALHOST, storescu
+from devkit.pipeline import MIP_APP
 from tests.features.conftest import Stack, eventually, start_mwm
-from tests.support.pipeline import MIP_APP
 from wm.adapters.mongo import Database
 from wm.stores.buckets import BUCKETS
 from wm.stores.jobs import JobStore
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, storescu
 
 scenarios("deploy_and_setup.feature", "trigger.feature", "data_export.feature")
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 
+from devkit.argo_stack import ArgoStack, argo_stack
+from devkit.services import wait_for
 from tests.helm.test_chart import CHART, FULL_VALUES, run_helm
-from tests.support.argo_stack import ArgoStack, argo_stack
-from tests.support.services import wait_for
 from wm.config import Settings
 from wm.engines.argo import ArgoEngine
+from wm.engines.argo_workflow import ArgoEngineSettings
 from wm.errors import PermanentError
 
 RELEASE = "mwm"
@@ -223,7 +224,9 @@ async def test_the_engine_account_may_do_what_the_docs_say_and_nothing_more(
     assert engine_rbac_problems(release) == []
     from tests.integration.test_argo_engine import application, job, wait_status
 
-    engine = ArgoEngine(release.stack.settings(live_settings, token=await engine_token(release)))
+    engine = ArgoEngine(
+        ArgoEngineSettings.of(release.stack.settings(live_settings, token=await engine_token(release)))
+    )
     try:
         assert await engine.validate(application()) == []
         engine_job_id = await engine.launch(job())
@@ -259,7 +262,9 @@ async def test_removing_a_role_rule_the_engine_needs_is_caught(
         assert problems and all(removed in problem for problem in problems), problems
         from tests.integration.test_argo_engine import application, job
 
-        engine = ArgoEngine(release.stack.settings(live_settings, token=await engine_token(release)))
+        engine = ArgoEngine(
+            ArgoEngineSettings.of(release.stack.settings(live_settings, token=await engine_token(release)))
+        )
         try:
             if rule == 0:
                 with pytest.raises(PermanentError, match="403"):

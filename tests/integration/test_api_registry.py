@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.peers import LOCALHOST, StoreSCP, free_port
 from schemas.applications import ApplicationDefinition
 from tests.support.api import assert_problem
 from wm.adapters.mongo import Database
@@ -20,7 +21,6 @@ from wm.api.server import running
 from wm.config import Settings
 from wm.registry import Registry, migrate
 from wm.stores.auth import API_KEYS, ApiKeys
-from wm.testing.peers import LOCALHOST, StoreSCP, free_port
 
 
 async def fake_engine(application: ApplicationDefinition) -> list[str]:

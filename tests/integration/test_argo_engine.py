@@ -1,7 +1,7 @@
 """The ``argo`` engine through the official SDK against a real Argo Server and workflow-controller.
 
 The stack is ``scripts/argo-stack`` (kube-apiserver, etcd, kwok for the nodes): see
-``tests.support.argo_stack`` for what stands in for the containers that never run.
+``devkit.argo_stack`` for what stands in for the containers that never run.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from schemas.applications import ApplicationDefinition
-from tests.support.argo_stack import (
+from devkit.argo_stack import (
     ARGO_GROUP,
     ArgoStack,
     Executor,
@@ -24,11 +23,12 @@ from tests.support.argo_stack import (
     stack_command,
     workflow_path,
 )
+from schemas.applications import ApplicationDefinition
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.engines import EngineStatus, JobSpec
 from wm.engines.argo import ArgoEngine
-from wm.engines.argo_workflow import build_workflow
+from wm.engines.argo_workflow import ArgoEngineSettings, build_workflow
 from wm.errors import PermanentError, TransientError
 
 
@@ -45,7 +45,7 @@ def argo_settings(live_settings: Settings, stack: ArgoStack) -> Settings:
 @pytest.fixture
 async def engine(argo_settings: Settings) -> AsyncIterator[ArgoEngine]:
     """The engine under test, closed afterwards."""
-    built = ArgoEngine(argo_settings)
+    built = ArgoEngine(ArgoEngineSettings.of(argo_settings))
     yield built
     built.close()
 
@@ -156,7 +156,7 @@ async def test_the_controller_runs_the_workflow_the_engine_built(
         stored = await kube.get(workflow_path(stack.namespace, spec.job_id))
         assert stored is not None
         pods = await _pods(stack, spec.job_id)
-    expected = build_workflow(spec, argo_settings, datetime.now(UTC))
+    expected = build_workflow(spec, ArgoEngineSettings.of(argo_settings), datetime.now(UTC))
     assert stored["metadata"]["labels"].items() >= expected["metadata"]["labels"].items()
     assert stored["spec"]["serviceAccountName"] == "mwm-workflow"
     assert stored["spec"]["templates"][0]["container"]["args"] == ["--fast"]
@@ -274,7 +274,7 @@ async def test_validate_lints_the_generated_workflow(engine: ArgoEngine) -> None
 async def test_the_server_refuses_a_missing_or_wrong_token(
     argo_settings: Settings, stack: ArgoStack, token: str
 ) -> None:
-    anonymous = ArgoEngine(stack.settings(argo_settings, token=token))
+    anonymous = ArgoEngine(ArgoEngineSettings.of(stack.settings(argo_settings, token=token)))
     spec = job()
     try:
         with pytest.raises(PermanentError, match="401"):
@@ -315,7 +315,7 @@ async def test_cleanup_deletes_the_workflow_and_its_pods(
 async def test_the_servers_certificate_is_verified_with_the_configured_ca(
     argo_settings: Settings, stack: ArgoStack
 ) -> None:
-    untrusting = ArgoEngine(stack.settings(argo_settings, ca_cert="", retries=0))
+    untrusting = ArgoEngine(ArgoEngineSettings.of(stack.settings(argo_settings, ca_cert="", retries=0)))
     try:
         with pytest.raises(TransientError, match="CERTIFICATE_VERIFY_FAILED"):
             await untrusting.status(f"{stack.namespace}/any")

@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from devkit.argo_stack import ArgoStack, Executor, argo_stack, workflow_path
 from tests.integration.test_argo_engine import _pods, application, job, wait_status
-from tests.support.argo_stack import ArgoStack, Executor, argo_stack, workflow_path
 from wm.config import Settings
 from wm.engines.argo import ArgoEngine
+from wm.engines.argo_workflow import ArgoEngineSettings
 
 GPU_NODE = "kwok-gpu-0"
 
@@ -42,7 +43,7 @@ async def gpu_node(stack: ArgoStack) -> AsyncIterator[str]:
 
 @pytest.fixture
 def engine(live_settings: Settings, stack: ArgoStack) -> Iterator[ArgoEngine]:
-    built = ArgoEngine(stack.settings(live_settings))
+    built = ArgoEngine(ArgoEngineSettings.of(stack.settings(live_settings)))
     yield built
     built.close()
 
@@ -66,7 +67,7 @@ async def test_a_gpu_application_lands_only_on_the_gpu_node(
 async def test_a_gpu_job_no_node_can_take_fails_saying_it_could_not_be_scheduled(
     live_settings: Settings, stack: ArgoStack, gpu_node: str
 ) -> None:
-    engine = ArgoEngine(stack.settings(live_settings, unschedulable_timeout_s=3.0))
+    engine = ArgoEngine(ArgoEngineSettings.of(stack.settings(live_settings, unschedulable_timeout_s=3.0)))
     try:
         spec = job(application(gpu=4, timeout_s=120))  # the node has 2
         engine_job_id = await engine.launch(spec)

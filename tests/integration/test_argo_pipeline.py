@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 from consumers import discovery, monitor, scheduler
-from schemas.events import JobFinished, JobLaunched
-from tests.support.argo_stack import (
+from devkit.argo_stack import (
     ArgoStack,
     Executor,
     argo_application,
@@ -20,11 +19,12 @@ from tests.support.argo_stack import (
     stack_command,
     workflow_path,
 )
-from tests.support.pipeline import arrive, consumers_running, register, tap
+from devkit.dicom import write_ct_study
+from devkit.pipeline import arrive, consumers_running, register, tap
+from schemas.events import JobFinished, JobLaunched
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.runtime import Consumer
-from wm.testing.dicom import write_ct_study
 
 CONSUMERS: list[Consumer[Any]] = [discovery.CONSUMER, scheduler.CONSUMER, monitor.CONSUMER]
 

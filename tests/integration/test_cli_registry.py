@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devkit.peers import LOCALHOST, free_port
+from devkit.services import REPO, settings_env, wait_for
 from tests.support.api import api_settings
 from tests.support.cli import Cli, cli_against_api
-from tests.support.services import REPO, settings_env, wait_for
 from wm.config import Settings
-from wm.testing.peers import LOCALHOST, free_port
 
 APP_YAML = """\
 name: liver

@@ -1,9 +1,9 @@
 """Complete studies, end to end: the gateway, every consumer and dcmtk's storescp as the PACS.
 
-A modality's study runs the application once, on the whole study, whatever happens on the way: RabbitMQ or
-the S3 server restarted while it is sent, an association aborted and resent, a study resent after its job
-ran. pynetdicom's SCU aborts an association (dcmtk's storescu cannot be told to abort midway); storescu
-sends everything else. Services are stopped and started on this run's own stack only.
+A modality's study runs the application once, on the whole study, whatever happens on the way: an
+association aborted and resent, a study resent after its job ran (RabbitMQ or the S3 server restarted while
+it is sent: tests/faults/test_gateway_outages.py, on the fault suite's own stack). pynetdicom's SCU aborts
+an association (dcmtk's storescu cannot be told to abort midway); storescu sends everything else.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from typing import Any, TypeVar
 import pytest
 
 from consumers import discovery, exporter, monitor, scheduler
+from devkit.dicom import GeneratedStudy, write_ct_study
+from devkit.peers import LOCALHOST, StoreSCP, astorescu, free_port
+from devkit.pipeline import consumers_running, mip_application, register, wait_until_consuming
+from devkit.services import wait_for
 from producers.gateway import Gateway, serving
 from schemas.applications import SinkDefinition
 from schemas.events import BucketReady, Event, ExportCompleted, JobFinished
 from tests.faults.harness import DurableTap, durable_tap
 from tests.integration.test_gateway_spool import send_raw
-from tests.support.pipeline import consumers_running, mip_application, register, wait_until_consuming
-from tests.support.services import services_command, wait_for
 from wm.adapters.mongo import Database
 from wm.config import Settings
 from wm.registry import Registry
 from wm.runtime import Consumer
 from wm.stores.jobs import JobStore
-from wm.testing.dicom import GeneratedStudy, write_ct_study
-from wm.testing.peers import LOCALHOST, StoreSCP, astorescu, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -114,26 +114,6 @@ def ct(work: Path, slices: int, seed: int) -> GeneratedStudy:
 async def job_record(settings: Settings, job_id: str) -> bool:
     async with Database(settings.mongo) as database:
         return (await JobStore(database).get(job_id)).possibly_incomplete
-
-
-@pytest.mark.parametrize("service", ["rabbitmq", "s3"])
-async def test_a_service_restarted_during_a_send_gives_one_job_on_the_whole_study_and_one_result(
-    live_settings: Settings, tmp_path: Path, service: str
-) -> None:
-    study = ct(tmp_path, 60, seed=61)
-    async with stack(live_settings, tmp_path) as mwm:
-        services_command("stop", service)
-        try:
-            await mwm.send(study.files)
-        finally:
-            services_command("start", service)
-        [finished] = await mwm.jobs(1, timeout=180)
-        await asyncio.sleep(SETTLE_S)
-        assert len(mwm.of(JobFinished)) == 1
-        [ready] = mwm.of(BucketReady)
-        assert len(ready.files) == len(study.files)
-        assert finished.status == "succeeded", finished.message
-        assert len(mwm.pacs.received_files()) == 1, "one result (one MIP) at the PACS"
 
 
 async def test_an_association_aborted_after_40_of_150_then_resent_runs_one_job_on_150(

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
+from devkit.services import REPO
 from tests.support.roles import RoleSpec, RunningRole, resolve_command, started_role
-from tests.support.services import REPO, require_services
+from tests.support.services import require_services
 from wm.config import Settings
 
 COMPOSE = REPO / "docker-compose.rabbitmq.yml"

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import httpx
 
+from devkit.dicom import write_ct_study
+from devkit.peers import LOCALHOST, astorescu, free_port
+from devkit.pipeline import mip_application, register
 from producers.gateway import serving
 from tests.support.api import api_settings, assert_problem
-from tests.support.pipeline import mip_application, register
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.api.app import create_app
@@ -22,8 +24,6 @@ from wm.api.server import running
 from wm.config import Settings
 from wm.registry import Registry
 from wm.stores.auth import ApiKeys
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, astorescu, free_port
 
 AET = "MWM-MIP"
 

@@ -7,17 +7,17 @@ from datetime import timedelta
 from pathlib import Path
 
 from consumers import discovery
+from devkit.dicom import write_ct_study
+from devkit.events import payload_arrived
+from devkit.pipeline import EventTap, arrive, consumers_running, mip_application, register, tap
+from devkit.services import consumer_processes, queue_settled, wait_for
 from schemas.events import BucketReady
-from tests.support.events import payload_arrived
-from tests.support.pipeline import EventTap, arrive, consumers_running, mip_application, register, tap
-from tests.support.services import consumer_processes, queue_settled, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import Bus, queue_name
 from wm.config import Settings
 from wm.domain.discovery import Placement, file_id
 from wm.stores import buckets
 from wm.stores.buckets import BucketStore, Closing
-from wm.testing.dicom import write_ct_study
 
 QUIET = 1.0
 

@@ -9,10 +9,10 @@ import sys
 
 import aio_pika
 
+from devkit.events import payload_arrived
+from devkit.pipeline import consumers_running
+from devkit.services import REPO, settings_env, wait_for
 from tests.support import probe
-from tests.support.events import payload_arrived
-from tests.support.pipeline import consumers_running
-from tests.support.services import REPO, settings_env, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.rabbitmq import Bus
 from wm.config import Settings

@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.dicom import write_ct_study
+from devkit.pipeline import tap
+from devkit.services import wait_for
 from schemas.events import ExportCompleted
 from tests.support.api import assert_problem
 from tests.support.exports import SINK, ServedApi, create_task, placeholder_files, served_api, upload
-from tests.support.pipeline import tap
-from tests.support.services import wait_for
 from wm.config import Settings
-from wm.testing.dicom import write_ct_study
 
 
 @pytest.fixture

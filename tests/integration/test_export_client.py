@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pydicom
 
+from devkit.dicom import write_ct_study
+from devkit.peers import LOCALHOST, StoreSCP, free_port
+from devkit.services import settings_env, wait_for
 from tests.support.cli import Cli, finished
 from tests.support.exports import SINK, create_task, served_api, upload
-from tests.support.services import settings_env, wait_for
 from wm.config import Settings
 from wm.domain.exports import ExportState
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, StoreSCP, free_port
 
 
 def datasets_by_sop(paths: list[Path]) -> dict[str, pydicom.Dataset]:

@@ -14,15 +14,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from devkit.dicom import write_ct_study
+from devkit.peers import LOCALHOST, StoreSCP
 from schemas.applications import SinkDefinition
 from schemas.events import FileExportResult, FileRef
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.sinks import DestinationUnavailable
-from wm.sinks.dicom import DicomSink
+from wm.sinks.dicom import DicomSink, DicomSinkSettings
 from wm.sinks.dicom_lanes import lane_executor
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, StoreSCP
 
 SCP_AET = "PROCSCP"
 MODES = [pytest.param(True, id="processes"), pytest.param(False, id="threads")]
@@ -40,7 +40,7 @@ def export_settings(settings: Settings, send_processes: bool, **values: object) 
 def sink(settings: Settings, objects: ObjectStore, port: int) -> DicomSink:
     args = {"ae_title": SCP_AET, "host": LOCALHOST, "port": port, "max_associations": 2}
     definition = SinkDefinition.model_validate({"name": "pacs", "type": "dicom", "args": args})
-    return DicomSink(definition, settings, objects)
+    return DicomSink(definition, DicomSinkSettings.of(settings), objects)
 
 
 async def study_with_bad_files(objects: ObjectStore, directory: Path, slices: int) -> list[FileRef]:

@@ -7,6 +7,9 @@ import json
 import time
 from pathlib import Path
 
+from devkit.dicom import write_ct_study
+from devkit.peers import StoreSCP
+from devkit.services import settings_env, wait_for
 from schemas.events import FileRef
 from tests.integration.test_exporter import (
     add_sink,
@@ -18,15 +21,12 @@ from tests.integration.test_exporter import (
 )
 from tests.support.cli import Cli
 from tests.support.exports import served_api
-from tests.support.services import settings_env, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.domain.exports import ExportState, ExportTask
 from wm.errors import NotFound
 from wm.stores.exports import ExportTasks
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import StoreSCP
 
 OUTAGE_S = 90.0
 

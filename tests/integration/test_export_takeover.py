@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 from consumers import exporter
+from devkit.peers import StoreSCP
+from devkit.services import consumer_processes
 from tests.integration.test_exporter import add_sink, completions, job_outputs, publish, request
-from tests.support.services import consumer_processes
 from wm.adapters.rabbitmq import Bus
 from wm.config import Settings
-from wm.testing.peers import StoreSCP
 
 TAKEN_OVER_WITHIN_S = 60
 

@@ -21,9 +21,11 @@ import aio_pika
 import pydicom
 
 from consumers import exporter
+from devkit.dicom import write_ct_study
+from devkit.peers import LOCALHOST, Orthanc, StoreSCP, free_port
+from devkit.services import wait_for
 from schemas.applications import SinkDefinition
 from schemas.events import ExportCompleted, ExportRequested, FileExportResult, FileRef, SinkRef, utc_now
-from tests.support.services import wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
@@ -33,8 +35,6 @@ from wm.registry.models import PageRequest
 from wm.registry.sinks import Sinks
 from wm.runtime import open_services, run_consumers
 from wm.stores.exports import ExportTasks
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, Orthanc, StoreSCP, free_port
 
 
 def with_export(settings: Settings, **values: Any) -> Settings:

@@ -23,18 +23,18 @@ from prometheus_client import REGISTRY
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from devkit.dicom import GeneratedStudy, write_ct_study
+from devkit.peers import LOCALHOST, astorescu, dcmtk_tool, free_port, peer_env
+from devkit.pipeline import bound_queue
+from devkit.services import wait_for
 from producers.gateway import Gateway, serving
 from producers.gateway_spool import SpooledFile
 from schemas.applications import CallingPeer
 from schemas.events import PayloadArrived
-from tests.support.pipeline import bound_queue
-from tests.support.services import wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.registry import Registry
-from wm.testing.dicom import GeneratedStudy, write_ct_study
-from wm.testing.peers import LOCALHOST, astorescu, dcmtk_tool, free_port, peer_env
 
 pytestmark = pytest.mark.integration
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from devkit.ig_emulator import Destination
+from devkit.ig_loop import IG_CONSUMERS, add_ig_sink, ig_stack, request_export
+from devkit.peers.dcmtk import StoreSCP
+from devkit.pipeline import consumers_running, tap
+from devkit.services import settings_env, wait_for
 from schemas.events import ExportCompleted
 from tests.support.cli import Cli
-from tests.support.ig_emulator import Destination
-from tests.support.ig_loop import IG_CONSUMERS, add_ig_sink, ig_stack, request_export
-from tests.support.pipeline import consumers_running, tap
-from tests.support.services import settings_env, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
@@ -21,7 +22,6 @@ from wm.domain.monai_ig import IG_EXPORTS_PREFIX
 from wm.stores import exports
 from wm.stores.ig_exports import IG_EXPORT_ANNOUNCEMENTS, IG_EXPORTS
 from wm.stores.ig_retention import IgRemoved, IgRetention
-from wm.testing.peers.dcmtk import StoreSCP
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,7 @@ import uuid
 from pathlib import Path
 
 from consumers import discovery, monitor, scheduler
-from schemas.applications import SinkDefinition
-from schemas.events import ExportRequested, JobFinished, JobLaunched
-from tests.support.api import api_settings
-from tests.support.argo_stack import (
+from devkit.argo_stack import (
     ArgoStack,
     Executor,
     Produce,
@@ -22,9 +19,14 @@ from tests.support.argo_stack import (
     forget_workflows,
     stack_command,
 )
+from devkit.dicom import write_ct_study
+from devkit.peers import LOCALHOST, free_port
+from devkit.pipeline import arrive, consumers_running, register, tap
+from devkit.services import settings_env
+from schemas.applications import SinkDefinition
+from schemas.events import ExportRequested, JobFinished, JobLaunched
+from tests.support.api import api_settings
 from tests.support.cli import Cli
-from tests.support.pipeline import arrive, consumers_running, register, tap
-from tests.support.services import settings_env
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
@@ -33,8 +35,6 @@ from wm.api.server import running
 from wm.config import Settings
 from wm.registry import Registry
 from wm.stores.exports import EXPORT_TASKS
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, free_port
 
 AE_TITLE = "MWM-SEG"
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import httpx
 
+from devkit.peers import free_port
 from tests.support.api import api_settings, assert_problem
 from tests.support.jobs import SLEEPER, job_finished, launch_job, pipeline_and_api
 from wm.adapters.mongo import Database
 from wm.config import Settings
 from wm.stores.auth import ApiKeys
-from wm.testing.peers import free_port
 
 
 def client(settings: Settings, token: str | None = None) -> httpx.AsyncClient:

@@ -7,12 +7,12 @@ import json
 import signal
 from pathlib import Path
 
+from devkit.peers import free_port
+from devkit.services import settings_env
 from tests.support.api import api_settings
 from tests.support.cli import Cli, finished
 from tests.support.jobs import SLEEPER, job_finished, launch_job, pipeline_and_api
-from tests.support.services import settings_env
 from wm.config import Settings
-from wm.testing.peers import free_port
 
 LINE_TIMEOUT_S = 30.0
 

@@ -12,9 +12,8 @@ import pydicom
 import pytest
 
 from consumers import discovery
-from producers.gateway import serving
-from schemas.events import ExportCompleted, JobLaunched, SinkRef
-from tests.support.ig_emulator import (
+from devkit.dicom import write_ct_study
+from devkit.ig_emulator import (
     APP_ID,
     VERSIONS,
     Destination,
@@ -24,18 +23,19 @@ from tests.support.ig_emulator import (
     newtonsoft,
     properties,
 )
-from tests.support.ig_loop import IG_CONSUMERS, LOOP_CONSUMERS, add_ig_sink, ig_stack, request_export
-from tests.support.pipeline import consumers_running, mip_application, register, tap
-from tests.support.services import queue_settled, wait_for
+from devkit.ig_loop import IG_CONSUMERS, LOOP_CONSUMERS, add_ig_sink, ig_stack, request_export
+from devkit.peers import LOCALHOST, astorescu, free_port
+from devkit.peers.dcmtk import StoreSCP
+from devkit.pipeline import consumers_running, mip_application, register, tap
+from devkit.services import queue_settled, wait_for
+from producers.gateway import serving
+from schemas.events import ExportCompleted, JobLaunched, SinkRef
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import REASON_HEADER, dead_letter_queue_name
 from wm.config import Settings
 from wm.domain.exports import ExportState
 from wm.stores.exports import ExportTasks
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, astorescu, free_port
-from wm.testing.peers.dcmtk import StoreSCP
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.support.ig_emulator import management_url
-from tests.support.ig_loop import IG_CONSUMERS, ig_stack
-from tests.support.pipeline import consumers_running
+from devkit.ig_emulator import management_url
+from devkit.ig_loop import IG_CONSUMERS, ig_stack
+from devkit.pipeline import consumers_running
 from wm.adapters.rabbitmq import dead_letter_queue_name, queue_name
 from wm.config import Settings
 

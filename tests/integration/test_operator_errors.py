@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from devkit.peers import free_port
+from devkit.services import REPO, settings_env
 from tests.support.cli import Cli, cli_against_api
-from tests.support.services import REPO, settings_env
 from wm.config import Settings
-from wm.testing.peers import free_port
 
 
 @pytest.fixture

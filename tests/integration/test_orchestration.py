@@ -7,9 +7,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from consumers import discovery, monitor, scheduler
+from devkit.dicom import write_ct_study
+from devkit.pipeline import arrive, consumers_running, mip_application, register, tap
+from devkit.services import consumer_processes, queue_settled
 from schemas.events import BucketReady, ExportRequested, JobFinished, JobLaunched
-from tests.support.pipeline import arrive, consumers_running, mip_application, register, tap
-from tests.support.services import consumer_processes, queue_settled
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus, queue_name
@@ -18,7 +19,6 @@ from wm.domain.jobs import JobState, JobTransition
 from wm.registry import Registry
 from wm.stores import jobs
 from wm.stores.jobs import JOBS, Job, JobStore
-from wm.testing.dicom import write_ct_study
 
 
 async def add_sink(settings: Settings) -> None:

@@ -13,19 +13,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devkit.dicom import write_corrupt_file, write_ct_study
+from devkit.peers import LOCALHOST, free_port
+from devkit.pipeline import EventTap, mip_application, register, tap
+from devkit.process import api_process, peak_rss_mb
+from devkit.services import queue_settled
 from schemas.events import PayloadArrived
 from tests.support.api import api_settings, assert_problem
-from tests.support.pipeline import EventTap, mip_application, register, tap
-from tests.support.process import api_process, peak_rss_mb
-from tests.support.services import queue_settled
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.api.app import create_app
 from wm.api.server import running
 from wm.config import Settings
 from wm.stores.auth import ApiKeys, Scope
-from wm.testing.dicom import write_corrupt_file, write_ct_study
-from wm.testing.peers import LOCALHOST, free_port
 
 BOUNDARY = "mwm-test-boundary"
 RELATED = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'

@@ -1,4 +1,4 @@
-"""The real DICOM peers (dcmtk storescu/storescp, Orthanc 1.10) driven by wm.testing.peers.
+"""The real DICOM peers (dcmtk storescu/storescp, Orthanc 1.10) driven by devkit.peers.
 
 These tests never skip: a missing dcmtk or Orthanc fails them with PeerUnavailableError, whose message says
 which Debian package to install.
@@ -15,8 +15,8 @@ import httpx
 import pydicom
 import pytest
 
-from wm.testing.dicom import GeneratedStudy, write_corrupt_file, write_ct_study
-from wm.testing.peers import (
+from devkit.dicom import GeneratedStudy, write_corrupt_file, write_ct_study
+from devkit.peers import (
     LOCALHOST,
     Orthanc,
     StoreSCP,

@@ -6,7 +6,7 @@ import asyncio
 
 from prometheus_client import REGISTRY
 
-from tests.support.services import wait_for
+from devkit.services import wait_for
 from wm.adapters.mongo import PROCESSED_MESSAGES, PROCESSED_MESSAGES_INDEXES, Database, ProcessedMessages
 from wm.config import Settings
 

@@ -11,9 +11,9 @@ import asyncio
 from datetime import timedelta
 
 from consumers import exporter
+from devkit.services import wait_for
 from schemas.events import utc_now
 from tests.integration.test_exporter import pull_task
-from tests.support.services import wait_for
 from tests.unit.fakes import FakePublisher
 from wm.adapters.mongo import Database
 from wm.config import Settings

@@ -6,17 +6,17 @@ import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from devkit.events import payload_arrived
+from devkit.services import settings_env
 from tests.support.cli import Cli
-from tests.support.events import payload_arrived
 from tests.support.exports import create_task, placeholder_files
 from tests.support.jobs import SLEEPER, job_finished, launch_job, pipeline_and_api
-from tests.support.services import settings_env
 from wm.adapters.mongo import PROCESSED_MESSAGES, Database, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.domain.discovery import Placement
 from wm.domain.jobs import JobState
-from wm.engines.local import LocalEngine
+from wm.engines.local import LocalEngine, LocalEngineSettings
 from wm.stores import bucket_index, buckets, exports, jobs
 from wm.stores.buckets import BucketStore
 from wm.stores.discovery_retention import DiscoveryRetention
@@ -59,7 +59,7 @@ async def seed(settings: Settings, database: Database, objects: ObjectStore, scr
         (scratch / "data.dcm").write_bytes(b"x")
         await objects.put_file(f"jobs/{job_id}/input/a.dcm", scratch / "data.dcm")
         await objects.put_file(f"jobs/{job_id}/output/b.dcm", scratch / "data.dcm")
-        LocalEngine(settings).job_dir(job_id).mkdir(parents=True)
+        LocalEngine(LocalEngineSettings.of(settings)).job_dir(job_id).mkdir(parents=True)
     await create_task(tasks, "job-pending", placeholder_files(settings, "job-pending"))
     # An old claim whose end was never published: the monitor's to take over, not retention's to remove.
     await database.collection(jobs.FINISHES).insert_one(
@@ -104,8 +104,8 @@ async def test_cleanup_removes_only_what_is_older_than_the_retention(
     assert remaining_objects == ["jobs/job-new/input/a.dcm", "jobs/job-new/output/b.dcm"]
     assert remaining_keys == ["exporter:m-new"] and purged == ["job-old"]
     assert sorted(claims) == ["job-new", "job-pending"]
-    assert not LocalEngine(live_settings).job_dir("job-old").exists()
-    assert LocalEngine(live_settings).job_dir("job-new").exists()
+    assert not LocalEngine(LocalEngineSettings.of(live_settings)).job_dir("job-old").exists()
+    assert LocalEngine(LocalEngineSettings.of(live_settings)).job_dir("job-new").exists()
 
 
 DISCOVERY = (

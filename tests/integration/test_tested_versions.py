@@ -5,7 +5,7 @@ from __future__ import annotations
 import aio_pika
 from pymongo import AsyncMongoClient
 
-from tests.support.services import REPO
+from devkit.services import REPO
 from wm.config import Settings
 
 

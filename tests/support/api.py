@@ -7,8 +7,8 @@ from typing import Any
 
 import httpx
 
+from devkit.peers import LOCALHOST
 from wm.config import Settings
-from wm.testing.peers import LOCALHOST
 
 
 def api_settings(settings: Settings, port: int) -> Settings:

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from devkit.peers import LOCALHOST, free_port
+from devkit.services import REPO, settings_env
 from schemas.applications import ApplicationDefinition
 from tests.support.api import api_settings
-from tests.support.services import REPO, settings_env
 from wm.api.app import create_app
 from wm.api.server import running
 from wm.config import Settings
-from wm.testing.peers import LOCALHOST, free_port
 
 TIMEOUT_S = 60.0
 
@@ -30,7 +30,7 @@ class Result:
 
 @dataclass
 class Cli:
-    """Runs ``python -m wm ARGS`` in ``env`` (see `tests.support.services.settings_env`)."""
+    """Runs ``python -m wm ARGS`` in ``env`` (see `devkit.services.settings_env`)."""
 
     env: dict[str, str]
 

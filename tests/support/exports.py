@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from devkit.peers import LOCALHOST, free_port
 from schemas.events import ExportRequested, FileRef, SinkRef, utc_now
 from tests.support.api import api_settings
 from wm.adapters.mongo import Database
@@ -19,7 +20,6 @@ from wm.config import Settings
 from wm.domain.exports import task_for
 from wm.stores.auth import ApiKeys
 from wm.stores.exports import INDEXES, ExportTasks
-from wm.testing.peers import LOCALHOST, free_port
 
 SINK = "ig"
 

@@ -7,14 +7,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from consumers import discovery, monitor, scheduler
+from devkit.dicom import write_ct_study
+from devkit.peers import LOCALHOST
+from devkit.pipeline import EventTap, arrive, consumers_running, mip_application, register, tap
+from devkit.services import wait_for
 from schemas.events import JobFinished, JobLaunched
-from tests.support.pipeline import EventTap, arrive, consumers_running, mip_application, register, tap
-from tests.support.services import wait_for
 from wm.api.app import create_app
 from wm.api.server import running
 from wm.config import Settings
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST
 
 SLEEPER = ["bash", "-c", "sleep 30"]
 """An application that runs until it is cancelled."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from devkit.events import payload_arrived
 from schemas.applications import ApplicationDefinition, SinkDefinition
 from schemas.events import BucketFile, BucketReady, DicomIdentifiers, ExportRequested, FileRef, SinkRef
-from tests.support.events import payload_arrived
 from wm.domain.discovery import Candidate, Placement, bucket_ready
 from wm.domain.jobs import Job, JobState
 

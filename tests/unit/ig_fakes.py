@@ -17,9 +17,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from devkit.ig_emulator import APP_ID, Version
 from schemas.events import Event, FileRef, PayloadArrived
 from schemas.monai_ig import IgMessage
-from tests.support.ig_emulator import APP_ID, Version
 from tests.unit.fakes import FakePublisher, Outage
 from wm.domain.discovery import Candidate
 from wm.domain.monai_ig import IgExport

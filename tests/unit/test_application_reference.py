@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from devkit.services import REPO
 from schemas.applications import ApplicationDefinition
 from schemas.reference import application_reference
-from tests.support.services import REPO
 
 
 def test_the_reference_matches_the_model() -> None:

@@ -11,7 +11,7 @@ import pytest
 from schemas.applications import ApplicationDefinition
 from wm.config import Settings
 from wm.engines import JobSpec
-from wm.engines.argo_workflow import build_workflow, label_value, workflow_name
+from wm.engines.argo_workflow import ArgoEngineSettings, build_workflow, label_value, workflow_name
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 LABEL = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -49,6 +49,12 @@ def job(app: ApplicationDefinition | None = None, deadline_in_s: float = 3600, *
     return JobSpec(**{**values, **overrides})
 
 
+@pytest.fixture(name="settings")
+def engine_settings(settings: Settings) -> ArgoEngineSettings:
+    """What the Argo engine is given of this test's settings."""
+    return ArgoEngineSettings.of(settings)
+
+
 def template(manifest: dict[str, Any]) -> dict[str, Any]:
     """The generated workflow's only template."""
     templates: list[dict[str, Any]] = manifest["spec"]["templates"]
@@ -56,7 +62,7 @@ def template(manifest: dict[str, Any]) -> dict[str, Any]:
     return templates[0]
 
 
-def test_generated_workflow_runs_the_map_container(settings: Settings) -> None:
+def test_generated_workflow_runs_the_map_container(settings: ArgoEngineSettings) -> None:
     manifest = build_workflow(job(), settings, NOW)
     assert manifest["kind"] == "Workflow"
     assert manifest["spec"]["entrypoint"] == template(manifest)["name"]
@@ -66,7 +72,7 @@ def test_generated_workflow_runs_the_map_container(settings: Settings) -> None:
     assert container["resources"] == {"limits": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"}}
 
 
-def test_environment_has_the_map_paths_and_they_win(settings: Settings) -> None:
+def test_environment_has_the_map_paths_and_they_win(settings: ArgoEngineSettings) -> None:
     app = application(map={"image": "x", "environment": {"A": "1", "MONAI_INPUTPATH": "/elsewhere"}})
     container = template(build_workflow(job(app), settings, NOW))["container"]
     env = {item["name"]: item["value"] for item in container["env"]}
@@ -79,13 +85,13 @@ def test_environment_has_the_map_paths_and_they_win(settings: Settings) -> None:
     }
 
 
-def test_no_limits_and_no_args_when_the_application_sets_none(settings: Settings) -> None:
+def test_no_limits_and_no_args_when_the_application_sets_none(settings: ArgoEngineSettings) -> None:
     container = template(build_workflow(job(application(map={"image": "x"})), settings, NOW))["container"]
     assert "resources" not in container
     assert "args" not in container
 
 
-def test_artifacts_point_at_the_job_prefixes_in_the_object_store(settings: Settings) -> None:
+def test_artifacts_point_at_the_job_prefixes_in_the_object_store(settings: ArgoEngineSettings) -> None:
     store = settings.object_store
     generated = template(build_workflow(job(), settings, NOW))
     [source] = generated["inputs"]["artifacts"]
@@ -108,7 +114,7 @@ def test_artifacts_point_at_the_job_prefixes_in_the_object_store(settings: Setti
     )
 
 
-def test_metadata_names_and_labels_the_workflow_after_the_job(settings: Settings) -> None:
+def test_metadata_names_and_labels_the_workflow_after_the_job(settings: ArgoEngineSettings) -> None:
     metadata = build_workflow(job(), settings, NOW)["metadata"]
     assert metadata["name"] == "job-1234"
     assert metadata["namespace"] == "imaging"
@@ -117,18 +123,18 @@ def test_metadata_names_and_labels_the_workflow_after_the_job(settings: Settings
     assert LABEL.match(metadata["labels"]["mwm.correlation-id"])
 
 
-def test_default_namespace_without_argo_options(settings: Settings) -> None:
+def test_default_namespace_without_argo_options(settings: ArgoEngineSettings) -> None:
     app = application(engine={"name": "argo"})
     assert build_workflow(job(app), settings, NOW)["metadata"]["namespace"] == settings.argo.namespace
 
 
-def test_deadline_is_the_timeout_but_never_past_the_job_deadline(settings: Settings) -> None:
+def test_deadline_is_the_timeout_but_never_past_the_job_deadline(settings: ArgoEngineSettings) -> None:
     assert build_workflow(job(), settings, NOW)["spec"]["activeDeadlineSeconds"] == 600
     assert build_workflow(job(deadline_in_s=90.2), settings, NOW)["spec"]["activeDeadlineSeconds"] == 91
     assert build_workflow(job(deadline_in_s=-5), settings, NOW)["spec"]["activeDeadlineSeconds"] == 1
 
 
-def test_ttl_strategy_and_service_account_from_settings_and_application(settings: Settings) -> None:
+def test_ttl_strategy_and_service_account_from_settings_and_application(settings: ArgoEngineSettings) -> None:
     app = application(engine={"name": "argo", "argo": {"service_account": "mwm-runner"}})
     spec = build_workflow(job(app), settings, NOW)["spec"]
     assert spec["ttlStrategy"] == {"secondsAfterSuccess": 3600, "secondsAfterFailure": 86400}
@@ -140,7 +146,7 @@ def test_ttl_strategy_and_service_account_from_settings_and_application(settings
     assert "serviceAccountName" not in build_workflow(job(), no_default, NOW)["spec"]
 
 
-def test_artifacts_name_the_endpoint_the_pods_reach_when_one_is_set(settings: Settings) -> None:
+def test_artifacts_name_the_endpoint_the_pods_reach_when_one_is_set(settings: ArgoEngineSettings) -> None:
     for_pods = settings.model_copy(
         update={"argo": settings.argo.model_copy(update={"artifact_endpoint": "minio.storage:9000"})}
     )
@@ -151,7 +157,7 @@ def test_artifacts_name_the_endpoint_the_pods_reach_when_one_is_set(settings: Se
     assert endpoints == {"minio.storage:9000"} != {settings.object_store.endpoint}
 
 
-def test_template_mode_refers_to_the_template_with_artifact_arguments(settings: Settings) -> None:
+def test_template_mode_refers_to_the_template_with_artifact_arguments(settings: ArgoEngineSettings) -> None:
     app = application(engine={"name": "argo", "argo": {"workflow_template": "liver-seg-v1"}})
     spec = build_workflow(job(app), settings, NOW)["spec"]
     assert spec["workflowTemplateRef"] == {"name": "liver-seg-v1"}

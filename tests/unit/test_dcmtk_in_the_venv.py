@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.services import REPO
+from devkit.services import REPO
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -11,9 +11,9 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
+from devkit.dicom import write_ct_study
 from wm.dicom_encoding import encoding_problem
 from wm.pynetdicom_patches import UnsupportedPynetdicom, check_version
-from wm.testing.dicom import write_ct_study
 
 
 @pytest.fixture

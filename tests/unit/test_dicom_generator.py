@@ -1,4 +1,4 @@
-"""The synthetic DICOM generator (wm.testing.dicom) writes valid, deterministic CT studies."""
+"""The synthetic DICOM generator (devkit.dicom) writes valid, deterministic CT studies."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from wm.testing.dicom import CT_IMAGE_STORAGE, GeneratedStudy, main, write_corrupt_file, write_ct_study
+from devkit.dicom import CT_IMAGE_STORAGE, GeneratedStudy, main, write_corrupt_file, write_ct_study
 
 REQUIRED_KEYWORDS = [
     "PatientID",

@@ -9,9 +9,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from devkit.dicom import CT_IMAGE_STORAGE, GeneratedStudy, write_corrupt_file, write_ct_study
 from wm.dicom import InvalidDicom, read_identifiers
 from wm.errors import PermanentError
-from wm.testing.dicom import CT_IMAGE_STORAGE, GeneratedStudy, write_corrupt_file, write_ct_study
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 from schemas.applications import SinkDefinition
 from schemas.events import FileExportResult, FileRef
 from wm.config import Settings
+from wm.plugins import PluginSettings
 from wm.sinks import ExportSink, UnknownSinkType, load_sink, sink_class
 from wm.sinks.dicom import DicomSink
 
@@ -19,7 +20,7 @@ class NoFiles:
         raise AssertionError("not used")
 
 
-class Recording(ExportSink):
+class Recording(ExportSink[PluginSettings]):
     """Reports the first file it is given as succeeded and forgets the rest."""
 
     sent: list[str]
@@ -38,8 +39,8 @@ def ref(key: str) -> FileRef:
     return FileRef(bucket="mwm-test", key=key, size=1)
 
 
-async def test_export_filters_sends_the_rest_and_reports_every_file(settings: Settings) -> None:
-    sink = Recording(definition(extensions=[".dcm"]), settings, NoFiles())
+async def test_export_filters_sends_the_rest_and_reports_every_file() -> None:
+    sink = Recording(definition(extensions=[".dcm"]), PluginSettings(), NoFiles())
     outcome, results, message = await sink.export([ref("a.dcm"), ref("notes.txt"), ref("b.dcm")])
     assert sink.sent == ["a.dcm", "b.dcm"]
     assert [(r.key, r.status) for r in results] == [
@@ -51,8 +52,8 @@ async def test_export_filters_sends_the_rest_and_reports_every_file(settings: Se
     assert outcome == "partial" and message.startswith("1 succeeded, 1 failed, 1 skipped")
 
 
-async def test_nothing_wanted_means_nothing_sent(settings: Settings) -> None:
-    sink = Recording(definition(extensions=[".dcm"]), settings, NoFiles())
+async def test_nothing_wanted_means_nothing_sent() -> None:
+    sink = Recording(definition(extensions=[".dcm"]), PluginSettings(), NoFiles())
     outcome, results, _ = await sink.export([ref("notes.txt")])
     assert not hasattr(sink, "sent")
     assert [r.status for r in results] == ["skipped"]

@@ -12,9 +12,9 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from consumers import ig_completions
 from consumers.ig_completions import IgCompletionDeps, handle
+from devkit.ig_emulator import VERSIONS, Version
 from schemas.events import ExportCompleted, FileExportResult, FileRef, SinkRef
 from schemas.monai_ig import ExportCompleteEvent
-from tests.support.ig_emulator import VERSIONS, Version
 from tests.unit.fakes import FakeExportTasks
 from tests.unit.ig_fakes import ConfirmingPublisher, Delivery, FakeIgExports, golden
 from wm.domain.exports import ExportState, ExportTask

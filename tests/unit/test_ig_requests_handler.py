@@ -9,16 +9,16 @@ from typing import Any
 import pytest
 
 from consumers.ig_requests import IgRequestDeps, handle
+from devkit.dicom import write_ct_study
+from devkit.ig_emulator import VERSIONS, Version, dicom_json
 from schemas.events import BucketReady, DicomIdentifiers, PayloadArrived
 from schemas.monai_ig import WorkflowRequestEvent
-from tests.support.ig_emulator import VERSIONS, Version, dicom_json
 from tests.unit.builders import application, candidate
 from tests.unit.fakes import FakePublisher
 from tests.unit.ig_fakes import FakeAeCatalog, FakeObjectStore, golden
 from wm.config import IgSettings
 from wm.dicom import InvalidDicom, read_identifiers
 from wm.errors import PermanentError, TransientError
-from wm.testing.dicom import write_ct_study
 
 IG_BUCKET = "monaideploy"
 

@@ -11,6 +11,16 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
+from devkit.dicom import write_ct_study
+from devkit.events import payload_arrived
+from devkit.ig_emulator import (
+    VERSIONS,
+    Version,
+    dicom_json,
+    export_complete_body,
+    newtonsoft_time,
+    workflow_request_body,
+)
 from schemas.applications import ApplicationDefinition, SinkDefinition
 from schemas.events import BucketFile, FileExportResult, FileRef, SinkRef
 from schemas.monai_ig import (
@@ -20,15 +30,6 @@ from schemas.monai_ig import (
     ExportStatus,
     FileExportStatus,
     WorkflowRequestEvent,
-)
-from tests.support.events import payload_arrived
-from tests.support.ig_emulator import (
-    VERSIONS,
-    Version,
-    dicom_json,
-    export_complete_body,
-    newtonsoft_time,
-    workflow_request_body,
 )
 from tests.unit.ig_fakes import Delivery, golden
 from wm.adapters.monai_ig import decode, message_for
@@ -44,8 +45,7 @@ from wm.domain.monai_ig import (
     requested_files,
 )
 from wm.errors import InvalidMessage
-from wm.sinks.monai_ig import MonaiIgSink
-from wm.testing.dicom import write_ct_study
+from wm.sinks.monai_ig import MonaiIgSink, MonaiIgSinkSettings
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -250,7 +250,7 @@ def test_the_sink_hands_off_deduplicated_keys_in_the_igs_bucket() -> None:
         created_at=now,
         updated_at=now,
     )
-    hand_off = MonaiIgSink(definition, settings).hand_off(task)
+    hand_off = MonaiIgSink(definition, MonaiIgSinkSettings.of(settings)).hand_off(task)
     assert hand_off.routing_key == "md.export.request.monaiscu"
     assert hand_off.request is not None
     assert hand_off.request.files == ["mwm-exports/j.pacs/mwm/jobs/j/output/a.dcm", "p/dcm/b.dcm"]

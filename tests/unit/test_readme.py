@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.support.services import REPO
+from devkit.services import REPO
 from wm.config import settings_table
 
 

@@ -8,8 +8,8 @@ from typing import Any, cast
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
+from devkit.events import payload_arrived
 from schemas.events import BucketReady, PayloadArrived
-from tests.support.events import payload_arrived
 from wm.delivery import decode
 from wm.errors import InvalidMessage
 

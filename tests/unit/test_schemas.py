@@ -7,9 +7,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from devkit.events import payload_arrived
 from schemas.events import EVENT_TYPES, EVENTS_BY_TYPE_NAME, ExportRequested, FileRef, PayloadArrived, SinkRef
 from schemas.generate import rendered_files
-from tests.support.events import payload_arrived
 
 
 def test_the_committed_schema_files_match_the_models() -> None:

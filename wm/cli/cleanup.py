@@ -11,7 +11,7 @@ import typer
 from wm.adapters.mongo import PROCESSED_MESSAGES_INDEXES, Database, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
-from wm.engines.local import LocalEngine
+from wm.engines.local import LocalEngine, LocalEngineSettings
 from wm.errors import MwmError
 from wm.stores import buckets, exports, ig_exports, jobs
 from wm.stores.discovery_retention import DiscoveryRetention
@@ -51,7 +51,7 @@ async def _clean_up(settings: Settings, dry_run: bool) -> Removed:
             jobs.JobStore(database),
             objects,
             ProcessedMessages(database),
-            LocalEngine(settings),
+            LocalEngine(LocalEngineSettings.of(settings)),
             DiscoveryRetention(database, objects),
             # The IG's bucket exists only where the IG path is on.
             IgRetention(database, objects.in_bucket(settings.ig.bucket) if settings.ig.enabled else None),

@@ -3,16 +3,20 @@
 An engine validates an application, launches a job, reports its status, cancels it and cleans up.
 Built in: ``local`` (one machine: a container runtime if present, else a local command) and ``argo``
 (Argo Workflows through its official SDK, installed with the ``argo`` extra: ``pip install 'mwm[argo]'``).
+
+An entry point names an `EngineFactory`: it declares its ``settings_type`` (`wm.plugins`) and is called
+with that part of MWM's settings alone.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Protocol
+from typing import Any, Protocol
 
 from wm.config import Settings
 from wm.domain.engines import EnginePhase, EngineStatus, JobSpec
 from wm.errors import PermanentError
+from wm.plugins import PluginSettings, plugin_settings
 from wm.ports import Engine
 
 __all__ = [
@@ -31,9 +35,16 @@ ENGINE_GROUP = "mwm.engines"
 
 
 class EngineFactory(Protocol):
-    """What the ``mwm.engines`` entry point names: builds an engine from the settings."""
+    """What an ``mwm.engines`` entry point names: an engine built from the settings it declares."""
 
-    def __call__(self, settings: Settings) -> Engine: ...
+    @property
+    def settings_type(self) -> type[PluginSettings]:
+        """What the engine reads of MWM's settings (`wm.plugins`)."""
+        ...
+
+    def __call__(self, settings: Any) -> Engine:
+        """The engine, given a ``settings_type`` instance (``Any``: each engine names its own model)."""
+        ...
 
 
 def available_engines() -> list[str]:
@@ -55,7 +66,7 @@ def load_engine(name: str, settings: Settings) -> Engine:
             f"engine {name!r} cannot be loaded, a dependency is missing ({exc}); "
             f"the built-in ones come with their extra: pip install 'mwm[{name}]'"
         ) from exc
-    return factory(settings)
+    return factory(plugin_settings(factory, settings))
 
 
 class LoadedEngines:

@@ -38,10 +38,10 @@ from argo_workflows.exceptions import ApiException
 
 from schemas.applications import ApplicationDefinition
 from schemas.events import FileRef
-from wm.config import ArgoSettings, Settings
+from wm.config import ArgoSettings
 from wm.domain.backoff import delay_s
 from wm.engines import EnginePhase, EngineStatus, JobSpec
-from wm.engines.argo_workflow import Manifest, build_workflow, namespace_of, workflow_name
+from wm.engines.argo_workflow import ArgoEngineSettings, Manifest, build_workflow, namespace_of, workflow_name
 from wm.errors import Conflict, MwmError, NotFound, PermanentError, TransientError
 
 PHASES: dict[str, EnginePhase] = {
@@ -146,11 +146,12 @@ def unscheduled_pod(workflow: Manifest) -> tuple[str, datetime] | None:
 
 
 class ArgoEngine:
-    """The Argo Workflows engine (an ``Engine``); build it with the settings, the entry point's factory."""
+    """The Argo Workflows engine (an ``Engine``); the ``mwm.engines`` entry point, built with its settings."""
 
     name = "argo"
+    settings_type = ArgoEngineSettings
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ArgoEngineSettings) -> None:
         self._settings = settings
         self._client = sdk_client(settings.argo)
         self._workflows = WorkflowServiceApi(self._client)

@@ -31,8 +31,9 @@ from datetime import datetime
 from typing import Any
 
 from schemas.applications import ApplicationDefinition
-from wm.config import Settings
+from wm.config import ArgoSettings
 from wm.engines import JobSpec
+from wm.plugins import PluginSettings
 
 INPUT_PATH = "/var/monai/input"
 OUTPUT_PATH = "/var/monai/output"
@@ -47,6 +48,21 @@ _NAME_MAX = 63
 _NOT_NAME = re.compile(r"[^a-z0-9-]+")
 _NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
 _VALID_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class ArtifactStore(PluginSettings):
+    """Where the workflows' artifacts live: MWM's bucket, not its keys (the pods read the artifact secret)."""
+
+    endpoint: str
+    secure: bool
+    bucket: str
+
+
+class ArgoEngineSettings(PluginSettings):
+    """What the Argo engine reads of MWM's settings: its own section and where the artifacts are."""
+
+    argo: ArgoSettings
+    object_store: ArtifactStore
 
 
 def _digest(value: str) -> str:
@@ -69,7 +85,7 @@ def label_value(value: str) -> str:
     return f"{cleaned[: _NAME_MAX - 11].strip('-_.')}-{_digest(value)}".lstrip("-")
 
 
-def namespace_of(application: ApplicationDefinition, settings: Settings) -> str:
+def namespace_of(application: ApplicationDefinition, settings: ArgoEngineSettings) -> str:
     """The application's Argo namespace, or the default one when it has no Argo options."""
     options = application.engine.argo
     return options.namespace if options else settings.argo.namespace
@@ -81,7 +97,7 @@ def active_deadline_s(job: JobSpec, now: datetime) -> int:
     return max(1, min(job.application.map.timeout_s, remaining))
 
 
-def s3_location(key: str, settings: Settings) -> Manifest:
+def s3_location(key: str, settings: ArgoEngineSettings) -> Manifest:
     """An S3 artifact location in the MWM bucket; credentials from the artifact secret.
 
     The endpoint is the one the workflow pods reach (``argo.artifact_endpoint``), which in another
@@ -127,7 +143,7 @@ def _container(job: JobSpec) -> Manifest:
     return container
 
 
-def _generated_spec(job: JobSpec, settings: Settings) -> Manifest:
+def _generated_spec(job: JobSpec, settings: ArgoEngineSettings) -> Manifest:
     template = {
         "name": ENTRYPOINT,
         "inputs": {
@@ -150,7 +166,7 @@ def _generated_spec(job: JobSpec, settings: Settings) -> Manifest:
     return {"entrypoint": ENTRYPOINT, "templates": [template]}
 
 
-def _template_ref_spec(job: JobSpec, settings: Settings, template: str) -> Manifest:
+def _template_ref_spec(job: JobSpec, settings: ArgoEngineSettings, template: str) -> Manifest:
     return {
         "workflowTemplateRef": {"name": template},
         "arguments": {
@@ -172,7 +188,7 @@ def job_labels(job: JobSpec) -> dict[str, str]:
     }
 
 
-def build_workflow(job: JobSpec, settings: Settings, now: datetime) -> Manifest:
+def build_workflow(job: JobSpec, settings: ArgoEngineSettings, now: datetime) -> Manifest:
     """The Workflow manifest (Argo's JSON shape) for ``job``; ``now`` fixes the deadline arithmetic."""
     options = job.application.engine.argo
     spec: Manifest = {

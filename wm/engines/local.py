@@ -5,7 +5,8 @@ job's inputs from the object store into ``JOB_DIR/input``, runs the MAP, uploads
 job's output prefix and records its phase in ``JOB_DIR/status.json``. The MAP runs with docker or podman
 when one is installed and the application names an image; otherwise the application's command runs as a
 subprocess. Either way it gets the MAP conventions: ``MONAI_INPUTPATH`` / ``MONAI_OUTPUTPATH`` and
-``HOLOSCAN_INPUT_PATH`` / ``HOLOSCAN_OUTPUT_PATH``. In a command, ``python`` means MWM's own interpreter.
+``HOLOSCAN_INPUT_PATH`` / ``HOLOSCAN_OUTPUT_PATH``. In a command, ``python`` means MWM's own interpreter;
+the command inherits the runner's environment without MWM's own ``MWM_*`` settings.
 
 The status lives on disk, not in the process that launched the job, so any consumer replica on this
 machine can follow the job, and a restarted monitor loses nothing. The engine job id is the job id.
@@ -23,9 +24,10 @@ import sys
 from pathlib import Path
 
 from schemas.applications import ApplicationDefinition
-from wm.config import Settings
+from wm.config import ObjectStoreSettings
 from wm.engines import EngineStatus, JobSpec
 from wm.errors import PermanentError
+from wm.plugins import PluginSettings
 
 STATUS_FILE = "status.json"
 SPEC_FILE = "job.json"
@@ -37,12 +39,23 @@ def container_runtime() -> str | None:
     return shutil.which("docker") or shutil.which("podman")
 
 
+class LocalEngineSettings(PluginSettings):
+    """What the local engine reads: its work directory, and the object store its runners stage files with
+    (credentials included: the runner downloads the inputs and uploads the outputs itself)."""
+
+    work_dir: str
+    object_store: ObjectStoreSettings
+
+
 class LocalEngine:
-    """Runs jobs as detached processes under ``settings.work_dir/jobs``."""
+    """Runs jobs as detached processes under ``settings.work_dir/jobs``; the ``mwm.engines`` entry point."""
 
     name = "local"
+    settings_type = LocalEngineSettings
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: LocalEngineSettings) -> None:
+        if not settings.work_dir:
+            raise PermanentError("the local engine needs MWM_WORK_DIR")
         self._settings = settings
         self._root = Path(settings.work_dir) / "jobs"
 
@@ -133,14 +146,7 @@ def write_status(job_dir: Path, phase: str, message: str) -> None:
     temporary.replace(job_dir / STATUS_FILE)
 
 
-def _settings_env(settings: Settings) -> dict[str, str]:
+def _settings_env(settings: LocalEngineSettings) -> dict[str, str]:
     """The object-store settings the runner needs, as MWM_ variables."""
     store = settings.object_store
     return {f"MWM_OBJECT_STORE__{name.upper()}": str(value) for name, value in store}
-
-
-def build(settings: Settings) -> LocalEngine:
-    """Entry point of the ``mwm.engines`` group."""
-    if not settings.work_dir:
-        raise PermanentError("the local engine needs MWM_WORK_DIR")
-    return LocalEngine(settings)

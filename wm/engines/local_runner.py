@@ -60,8 +60,10 @@ def map_command(application: ApplicationDefinition, job_dir: Path) -> tuple[list
             command += ["--gpus", str(spec.gpu)]
         return [*command, spec.image, *spec.command], dict(os.environ)
     executable = sys.executable if spec.command[0] == "python" else spec.command[0]
+    # The runner's environment without MWM's settings: the application is not MWM, and those hold the
+    # database's and the broker's URLs, the S3 keys and the API keys.
     environment = {
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if not name.startswith("MWM_")},
         **spec.environment,
         **map_environment(str(job_dir / "input"), str(job_dir / "output")),
     }

@@ -11,7 +11,9 @@ files it did send: the exporter tries the rest again later (a delayed redelivery
 rejected) fails the files at once. ``TransientError`` means MWM's own services failed (object store down),
 so the consumer's runtime retries the whole task.
 
-Register a sink type in a package's ``pyproject.toml`` (MWM's own ``dicom`` sink is declared this way)::
+A sink class declares ``settings_type`` (`wm.plugins`), the part of MWM's settings it reads, and is built
+with that alone: ``Sink(definition, settings, objects)``. Register a sink type in a package's
+``pyproject.toml`` (MWM's own ``dicom`` sink is declared this way)::
 
     [project.entry-points."mwm.sinks"]
     dicom = "wm.sinks.dicom:DicomSink"
@@ -22,13 +24,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from schemas.applications import SinkDefinition
 from schemas.events import FileExportResult, FileRef
 from wm.config import Settings
 from wm.domain.exports import ExportResult, final_result, split_by_extension
 from wm.errors import MwmError, PermanentError
+from wm.plugins import PluginSettings, plugin_settings
 from wm.ports import FileSource
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "mwm.sinks"
 S = TypeVar("S")
+SettingsT = TypeVar("SettingsT", bound=PluginSettings)
 
 
 class UnknownSinkType(PermanentError):
@@ -58,10 +62,16 @@ class DestinationUnavailable(MwmError):
         self.results = list(results)
 
 
-class ExportSink(ABC):
-    """A destination for exported files, with one result per file."""
+class ExportSink(ABC, Generic[SettingsT]):
+    """A destination for exported files, with one result per file.
 
-    def __init__(self, definition: SinkDefinition, settings: Settings, objects: FileSource) -> None:
+    A subclass sets ``settings_type`` to its own `PluginSettings` model (``SettingsT``): what it is given
+    of MWM's settings (by default, nothing).
+    """
+
+    settings_type: ClassVar[type[PluginSettings]] = PluginSettings
+
+    def __init__(self, definition: SinkDefinition, settings: SettingsT, objects: FileSource) -> None:
         self.definition = definition
         self.settings = settings
         self.objects = objects
@@ -83,7 +93,7 @@ class ExportSink(ABC):
         """Send ``files`` (already filtered); report on each (an unreported file counts as failed)."""
 
 
-def sink_class(sink_type: str) -> type[ExportSink]:
+def sink_class(sink_type: str) -> type[ExportSink[Any]]:
     """The sink implementation registered for ``sink_type``; ``UnknownSinkType`` when there is none."""
     return registered_sink(sink_type, ExportSink)  # type: ignore[type-abstract]
 
@@ -102,6 +112,8 @@ def registered_sink(sink_type: str, kind: type[S]) -> type[S]:
     return loaded
 
 
-def load_sink(definition: SinkDefinition, settings: Settings, objects: FileSource) -> ExportSink:
-    """An instance of the sink ``definition`` describes, reading files from ``objects``."""
-    return sink_class(definition.type)(definition, settings, objects)
+def load_sink(definition: SinkDefinition, settings: Settings, objects: FileSource) -> ExportSink[Any]:
+    """An instance of the sink ``definition`` describes, reading files from ``objects``, given only the
+    part of ``settings`` it declares."""
+    kind = sink_class(definition.type)
+    return kind(definition, plugin_settings(kind, settings), objects)

@@ -56,10 +56,11 @@ from pynetdicom.dsutils import split_dataset
 
 from schemas.applications import DicomSinkArgs, SinkDefinition
 from schemas.events import FileExportResult, FileRef
-from wm.config import Settings
+from wm.config import ExportSettings
 from wm.domain.backoff import delay_s
 from wm.domain.exports import lane_count
 from wm.errors import MwmError, NotFound, PermanentError
+from wm.plugins import PluginSettings
 from wm.pynetdicom_patches import check_version
 from wm.sinks import DestinationUnavailable, ExportSink, FileSource
 from wm.sinks.dicom_lanes import lane_executor, open_association, release, store_all
@@ -149,10 +150,26 @@ class Pipeline:
         return pipeline
 
 
-class DicomSink(ExportSink):
+class Downloads(PluginSettings):
+    """How many files the sink fetches from the object store at a time (its client comes with ``objects``)."""
+
+    workers: int
+
+
+class DicomSinkSettings(PluginSettings):
+    """What the DICOM sink reads of MWM's settings: the export section, its scratch space, its downloads."""
+
+    export: ExportSettings
+    work_dir: str
+    object_store: Downloads
+
+
+class DicomSink(ExportSink[DicomSinkSettings]):
     """C-STORE SCU to ``definition.args`` (AE title, host, port, calling AE title)."""
 
-    def __init__(self, definition: SinkDefinition, settings: Settings, objects: FileSource) -> None:
+    settings_type = DicomSinkSettings
+
+    def __init__(self, definition: SinkDefinition, settings: DicomSinkSettings, objects: FileSource) -> None:
         super().__init__(definition, settings, objects)
         if not isinstance(definition.args, DicomSinkArgs):
             raise PermanentError(f"dicom sink {definition.name!r} has no args (ae_title, host, port)")

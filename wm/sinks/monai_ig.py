@@ -14,10 +14,23 @@ from dataclasses import dataclass
 from schemas.applications import MonaiIgSinkArgs, SinkDefinition
 from schemas.events import FileExportResult, FileRef
 from schemas.monai_ig import ExportRequestEvent
-from wm.config import Settings
 from wm.domain.exports import ExportTask, split_by_extension
 from wm.domain.monai_ig import ig_keys
 from wm.errors import PermanentError
+from wm.plugins import PluginSettings
+
+
+class IgHandOffSettings(PluginSettings):
+    """Of the IG's settings, what a hand-off names: where its export service listens, and its bucket."""
+
+    export_request_prefix: str
+    bucket: str
+
+
+class MonaiIgSinkSettings(PluginSettings):
+    """What the ``monai-ig`` sink reads of MWM's settings (not the IG broker's URL and credentials)."""
+
+    ig: IgHandOffSettings
 
 
 @dataclass(frozen=True)
@@ -36,7 +49,9 @@ class HandOff:
 class MonaiIgSink:
     """Export through a MONAI Informatics Gateway (``args``: agent, destinations, plug-in assemblies)."""
 
-    def __init__(self, definition: SinkDefinition, settings: Settings) -> None:
+    settings_type = MonaiIgSinkSettings
+
+    def __init__(self, definition: SinkDefinition, settings: MonaiIgSinkSettings) -> None:
         if not isinstance(definition.args, MonaiIgSinkArgs):
             raise PermanentError(f"monai-ig sink {definition.name!r} has no args (agent, destinations)")
         self.definition = definition

@@ -12,7 +12,7 @@ Missing binaries raise `PeerUnavailableError` (install the Debian packages ``dcm
 tests must let it fail rather than skip.
 """
 
-from wm.testing.peers._process import (
+from devkit.peers._process import (
     LOCALHOST,
     PeerStartError,
     PeerUnavailableError,
@@ -22,8 +22,8 @@ from wm.testing.peers._process import (
     peer_env,
     wait_for_port,
 )
-from wm.testing.peers.dcmtk import StoreSCP, astorescu, storescu, storescu_args
-from wm.testing.peers.orthanc import Orthanc
+from devkit.peers.dcmtk import StoreSCP, astorescu, storescu, storescu_args
+from devkit.peers.orthanc import Orthanc
 
 __all__ = [
     "LOCALHOST",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from devkit.services import services_command, settings_env
 from tests.support.roles import Probe, RoleSpec, RunningRole, started_role
-from tests.support.services import services_command, settings_env
 from wm.config import Settings
 
 READY = Probe(path="/readyz", port="observability", timeout_s=3)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.services import REPO, settings_env, wait_for
+from devkit.services import REPO, settings_env, wait_for
 from wm.config import Settings
 
 STARTUP_TIMEOUT_S = 30.0

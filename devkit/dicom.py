@@ -5,7 +5,7 @@ UIDs and pixel data are deterministic functions of ``seed`` and ``patient_id``: 
 arguments write byte-identical files, so use different seeds (or patient IDs) for distinct studies.
 `write_corrupt_file` writes a file that looks like DICOM from the outside but cannot be parsed.
 
-Run as ``python -m wm.testing.dicom OUTDIR --series N --slices N --rows N --columns N`` to write a study; the
+Run as ``python -m devkit.dicom OUTDIR --series N --slices N --rows N --columns N`` to write a study; the
 benchmark study (1 series x 324 slices of 512 x 512, about 164 MB) takes a few seconds.
 """
 
@@ -241,7 +241,7 @@ def write_corrupt_file(path: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write a study into OUTDIR and print its StudyInstanceUID and file count."""
-    parser = argparse.ArgumentParser(prog="python -m wm.testing.dicom", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devkit.dicom", description=main.__doc__)
     parser.add_argument("outdir", type=Path, metavar="OUTDIR", help="directory to write the study into")
     parser.add_argument("--series", type=int, default=1, help="number of series (default 1)")
     parser.add_argument("--slices", type=int, default=4, help="slices per series (default 4)")

@@ -14,8 +14,8 @@ from typing import Any
 
 import aio_pika
 
+from devkit.services import REPO, wait_for
 from schemas.events import EVENTS_BY_TYPE_NAME, DicomIdentifiers, Event, PayloadArrived
-from tests.support.services import REPO, wait_for
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus, queue_name

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.support.services import REPO
+from devkit.services import REPO
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 
@@ -110,10 +109,10 @@ def _stack() -> ArgoStack | str:
 
 
 def argo_stack() -> ArgoStack:
-    """The running stack; fails the test (never skips) when it is not up."""
+    """The running stack; ``AssertionError`` (a test fails, never skips) when it is not up."""
     stack = _stack()
     if isinstance(stack, str):
-        pytest.fail(f"Argo stack unavailable ({stack}); start it with `bash scripts/argo-stack up`")
+        raise AssertionError(f"Argo stack unavailable ({stack}); start it with `bash scripts/argo-stack up`")
     probe = f"{stack.argo_url}/api/v1/workflows/{stack.namespace}"
     try:
         answer = httpx.get(
@@ -123,9 +122,13 @@ def argo_stack() -> ArgoStack:
             timeout=10,
         )
     except httpx.HTTPError as error:
-        pytest.fail(f"Argo Server at {stack.argo_url} unreachable ({error}): `bash scripts/argo-stack up`")
+        raise AssertionError(
+            f"Argo Server at {stack.argo_url} unreachable ({error}): `bash scripts/argo-stack up`"
+        ) from error
     if answer.status_code != 200:
-        pytest.fail(f"Argo Server at {stack.argo_url} answered {answer.status_code}: {answer.text[:300]}")
+        raise AssertionError(
+            f"Argo Server at {stack.argo_url} answered {answer.status_code}: {answer.text[:300]}"
+        )
     return stack
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from wm.testing.peers._process import (
+from devkit.peers._process import (
     LOCALHOST,
     PeerProcess,
     PeerStartError,

@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from consumers import ig_completions, ig_exports, ig_requests, monitor, scheduler
+from devkit.dicom import write_ct_study
+from devkit.ig_emulator import Destination, IgEmulator, Version, vhost
 from schemas.applications import SinkDefinition
 from schemas.events import ExportRequested, FileRef, SinkRef
-from tests.support.ig_emulator import Destination, IgEmulator, Version, vhost
 from wm.adapters.mongo import Database
 from wm.adapters.objectstore import ObjectStore
 from wm.adapters.rabbitmq import Bus
 from wm.config import Settings
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer
-from wm.testing.dicom import write_ct_study
 
 IG_CONSUMERS: list[Consumer[Any]] = [ig_requests.CONSUMER, ig_exports.CONSUMER, ig_completions.CONSUMER]
 LOOP_CONSUMERS: list[Consumer[Any]] = [*IG_CONSUMERS, scheduler.CONSUMER, monitor.CONSUMER]

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from wm.testing.peers._process import (
+from devkit.peers._process import (
     LOCALHOST,
     PeerProcess,
     dcmtk_tool,
@@ -155,7 +155,7 @@ class StoreSCP(PeerProcess):
                 raise TimeoutError(f"storescp received {len(files)} of {count} files in {timeout} s")
             time.sleep(0.05)
 
-    async def await_files(self, count: int, timeout: float = 30.0) -> list[Path]:  # noqa: ASYNC109
+    async def await_files(self, count: int, timeout: float = 30.0) -> list[Path]:
         """`wait_for_files` for async code (cancellation-safe, so ``asyncio.timeout`` works as well)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -230,7 +230,7 @@ async def astorescu(
     files_or_dir: Path | Sequence[Path],
     *,
     calling_aet: str = "STORESCU",
-    timeout: float = 120.0,  # noqa: ASYNC109 - same signature as storescu; cancellation also kills it
+    timeout: float = 120.0,
     extra_args: Sequence[str] = (),
     check: bool = False,
 ) -> subprocess.CompletedProcess[str]:
