@@ -28,15 +28,17 @@ from schemas.applications import DicomSinkArgs
 from schemas.events import FileExportResult, FileRef
 from wm.config import ExportSettings
 from wm.sinks.dicom_lanes import ExecutorLane, LocalFile, SendLane
-from wm.sinks.dicom_wire import (
+from wm.sinks.dicom_pdus import (
     COMMAND,
     LAST,
-    WireLane,
+    ProtocolError,
+    accepted_contexts,
     associate_request,
     command_values,
     p_data,
     store_command,
 )
+from wm.sinks.dicom_wire import WireLane
 from wm.testing.dicom import write_ct_study
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -254,3 +256,12 @@ def test_command_set_and_fragments_match_pynetdicoms_encoder(tmp_path: Path) -> 
         expected = [P_DATA_TF(pdata).encode() for pdata in pdus]
         framed = b"".join(p_data(5, COMMAND, command, fragment))
         assert framed == b"".join(expected)
+
+
+def test_a_malformed_answer_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        # an A-ASSOCIATE-AC whose presentation context item runs past its end (pynetdicom asserts)
+        truncated = b"\x02\x00\x00\x00\x00\x50\x00\x01" + b"\x00" * 66 + b"\x21\x00\x00\x08\x01"
+        accepted_contexts([(CT, EXPLICIT_LE)], truncated)
+    with pytest.raises(ProtocolError):
+        command_values(b"\x00\x00\x00\x00\xff\x00\x00\x00")  # a value longer than the command

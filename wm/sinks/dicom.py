@@ -1,4 +1,4 @@
-"""The DICOM sink: C-STORE SCU (pynetdicom) to the destination in the sink's ``args``.
+"""The DICOM sink: C-STORE SCU to the destination in the sink's ``args``.
 
 For one export task, downloading and sending overlap:
 
@@ -11,7 +11,7 @@ For one export task, downloading and sending overlap:
    ``export.files_per_association`` files each) open one association each and send files from the
    queue as they come. Presentation contexts are known up front: the first file's (SOP class, transfer
    syntax) and the common storage classes (CT, MR, SC, SEG, RT, SR, PDF) in its syntax and the two little
-   endian ones, so files go as stored, never transcoded (pynetdicom streams them from the file). Files
+   endian ones, so files go as stored, never transcoded (streamed from the file). Files
    whose pair the destination did not accept are sent at the end over an association proposing exactly
    their pairs.
 3. Each C-STORE response gives the file's result: Success or Warning -> succeeded, anything else -> failed.
@@ -25,17 +25,16 @@ For one export task, downloading and sending overlap:
    fails every file not sent: retrying cannot help, and a retry loop on rejection is how exports loop
    forever (MONAI Informatics Gateway #153, #200).
 
-Sockets run with TCP_NODELAY (set when the connection opens, before the association request), so no
-C-STORE waits on a delayed ACK. A C-STORE response that pynetdicom's association reactor takes by mistake
-goes back to the waiting ``send_c_store`` (`wm.pynetdicom_patches.keep_responses`), instead of a 30 s DIMSE
-timeout and abort.
+Who sends (``export.sender``, a `wm.sinks.dicom_lanes.SendLane` per lane): ``wire`` (default,
+`wm.sinks.dicom_wire`) writes each file's stored bytes from the exporter's event loop; ``pynetdicom`` runs
+pynetdicom's SCU in a thread per lane, or with ``export.send_processes`` in a process per lane
+(`wm.sinks.dicom_lanes`). Both map results, rejections and aborts the same way (the unit tests compare
+them). Sockets run with TCP_NODELAY (set before the association request), so no C-STORE waits on a
+delayed ACK.
 
-Cost (issue #6, 324 CT slices, 164 MB, dcmtk storescp with its 16 KB maximum PDU): pynetdicom spends about
-2.2 s of CPU per study sending from local files (about 10,000 P-DATA PDUs through its DUL thread, one
-Python round trip each), the S3 download 1.0 to 2.2 s more. With ``export.send_processes`` each lane's
-association lives in a worker process of its own (`wm.sinks.dicom_lanes`; one process per association,
-so never more than ``max_associations``): files go to it by path in batches, results come back per
-file. Off by default: not faster than threads on the loaded two-core machine measured (bench/README.md).
+Cost (324 CT slices, 170 MB, dcmtk storescp with its 16 KB maximum PDU): pynetdicom spends about 2.2 s of
+CPU sending them from local files (about 10,000 P-DATA PDUs through its DUL thread), the wire sender
+about 0.45 s; the download of the study costs about 0.6 s more (bench/README.md).
 """
 
 from __future__ import annotations
@@ -317,7 +316,8 @@ class DicomSink(ExportSink):
         except NotFound:
             return _failure(file.key, "not found in the object store")
         try:
-            meta, offset = await asyncio.to_thread(split_dataset, path)  # a third of read_file_meta_info's
+            # split_dataset: a third of read_file_meta_info's CPU
+            meta, offset = await asyncio.to_thread(split_dataset, path)
             return LocalFile(
                 file,
                 path,
