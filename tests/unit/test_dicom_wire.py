@@ -55,6 +55,7 @@ class Script:
     status: int = SUCCESS
     reject: bool = False
     abort_after_command: bool = False
+    accept_none: bool = False
     requests: list[bytes] = field(default_factory=list)
     p_data: list[bytes] = field(default_factory=list)
 
@@ -81,7 +82,7 @@ def answer(request: bytes, script: Script) -> bytes:
     contexts = []
     for proposed in pdu.presentation_context_definition_list:
         context = build_context(proposed.abstract_syntax, proposed.transfer_syntax[:1])
-        context.context_id, context.result = proposed.context_id, 0x00
+        context.context_id, context.result = proposed.context_id, 0x03 if script.accept_none else 0x00
         contexts.append(context)
     primitive.presentation_context_definition_results_list = contexts
     maximum = MaximumLengthNotification()
@@ -117,6 +118,8 @@ async def serve(script: Script, reader: asyncio.StreamReader, writer: asyncio.St
         pdu = await read_pdu(reader)
         if pdu[0] == 0x05:  # A-RELEASE-RQ
             writer.write(A_RELEASE_RP().encode())
+            break
+        if pdu[0] != 0x04:  # an A-ABORT
             break
         script.p_data.append(pdu)
         control = pdu[11]
@@ -229,6 +232,19 @@ async def test_a_rejection_reads_as_pynetdicoms(peer: tuple[Script, DicomSinkArg
     assert (
         wire_outcome[0]
         and "Rejected Permanent, Service User: Called AE title not recognised" in wire_outcome[1]
+    )
+
+
+async def test_no_accepted_context_is_no_association_as_with_pynetdicom(
+    peer: tuple[Script, DicomSinkArgs], tmp_path: Path
+) -> None:
+    script, args = peer
+    script.accept_none = True
+    pynetdicom_outcome, wire_outcome = [await send(lane, []) for lane in lanes(args)]
+    assert wire_outcome == pynetdicom_outcome
+    assert (
+        wire_outcome[1]
+        == f"no association with SCRIPTED@127.0.0.1:{args.port} (refused, aborted or timed out)"
     )
 
 

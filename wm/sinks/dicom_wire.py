@@ -115,6 +115,8 @@ class WireAssociation:
             if kind != ASSOCIATE_AC:
                 raise AssociationLost(f"answered with PDU type 0x{kind:02X}")
             accepted, max_pdu = accepted_contexts(pairs, pdu)
+            if not accepted:  # as pynetdicom: aborted, not established (a transient failure)
+                raise AssociationLost("no presentation context accepted")
         except FAILURES as exc:
             association.abort()
             raise AssociationLost(repr(exc)) from exc
