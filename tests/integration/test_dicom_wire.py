@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom.dsutils import split_dataset
 
 from schemas.applications import SinkDefinition
@@ -28,7 +28,7 @@ from wm.sinks.dicom import DicomSink
 from wm.testing.dicom import write_ct_study
 from wm.testing.peers import LOCALHOST, Orthanc, StoreSCP
 
-ULTRASOUND = "1.2.840.10008.5.1.4.1.1.6.1"
+ULTRASOUND = UID("1.2.840.10008.5.1.4.1.1.6.1")
 """Ultrasound Image Storage: not among the sink's common classes, so it needs its own association."""
 
 

@@ -81,7 +81,7 @@ def answer(request: bytes, script: Script) -> bytes:
     primitive.result, primitive.result_source = 0x00, 0x01
     contexts = []
     for proposed in pdu.presentation_context_definition_list:
-        context = build_context(proposed.abstract_syntax, proposed.transfer_syntax[:1])
+        context = build_context(str(proposed.abstract_syntax), [str(proposed.transfer_syntax[0])])
         context.context_id, context.result = proposed.context_id, 0x03 if script.accept_none else 0x00
         contexts.append(context)
     primitive.presentation_context_definition_results_list = contexts
