@@ -178,6 +178,15 @@ def lanes(args: DicomSinkArgs) -> tuple[SendLane, SendLane]:
     return ExecutorLane(args, settings), WireLane(args, settings)
 
 
+async def same_outcome(
+    args: DicomSinkArgs, files: list[LocalFile]
+) -> tuple[bool, str, list[FileExportResult]]:
+    """`send` through pynetdicom's lane, then the wire lane: the wire lane's outcome, checked the same."""
+    pynetdicom_outcome, wire_outcome = [await send(lane, files) for lane in lanes(args)]
+    assert wire_outcome == pynetdicom_outcome
+    return wire_outcome
+
+
 async def test_the_association_request_is_pynetdicoms(
     peer: tuple[Script, DicomSinkArgs], tmp_path: Path
 ) -> None:
@@ -216,8 +225,7 @@ async def test_statuses_give_the_same_results_as_pynetdicoms_lane(
     script, args = peer
     script.status = status
     files = local_files(tmp_path, slices=2, rows=8)
-    pynetdicom_outcome, wire_outcome = [await send(lane, files) for lane in lanes(args)]
-    assert wire_outcome == pynetdicom_outcome
+    wire_outcome = await same_outcome(args, files)
     succeeded = status == COERCED
     assert {result.status for result in wire_outcome[2]} == {"succeeded" if succeeded else "failed"}
     if not succeeded:
@@ -227,8 +235,7 @@ async def test_statuses_give_the_same_results_as_pynetdicoms_lane(
 async def test_a_rejection_reads_as_pynetdicoms(peer: tuple[Script, DicomSinkArgs], tmp_path: Path) -> None:
     script, args = peer
     script.reject = True
-    pynetdicom_outcome, wire_outcome = [await send(lane, []) for lane in lanes(args)]
-    assert wire_outcome == pynetdicom_outcome
+    wire_outcome = await same_outcome(args, [])
     assert (
         wire_outcome[0]
         and "Rejected Permanent, Service User: Called AE title not recognised" in wire_outcome[1]
@@ -240,8 +247,7 @@ async def test_no_accepted_context_is_no_association_as_with_pynetdicom(
 ) -> None:
     script, args = peer
     script.accept_none = True
-    pynetdicom_outcome, wire_outcome = [await send(lane, []) for lane in lanes(args)]
-    assert wire_outcome == pynetdicom_outcome
+    wire_outcome = await same_outcome(args, [])
     assert (
         wire_outcome[1]
         == f"no association with SCRIPTED@127.0.0.1:{args.port} (refused, aborted or timed out)"
@@ -254,8 +260,7 @@ async def test_an_abort_mid_send_leaves_the_file_to_send_again(
     script, args = peer
     script.abort_after_command = True
     files = local_files(tmp_path, slices=2, rows=256)
-    pynetdicom_outcome, wire_outcome = [await send(lane, files) for lane in lanes(args)]
-    assert wire_outcome == pynetdicom_outcome == (False, "", [])
+    assert await same_outcome(args, files) == (False, "", [])
 
 
 def test_command_set_and_fragments_match_pynetdicoms_encoder(tmp_path: Path) -> None:
