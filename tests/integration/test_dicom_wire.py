@@ -2,8 +2,8 @@
 
 The sink runs in this process (``DicomSink.export``) on the real object store. The study mixes what an
 application may write: CT slices in explicit VR little endian, one slice in implicit VR little endian, and
-one instance of a storage class outside the sink's common list (sent over a second association proposing
-exactly its pair). Each receiver must store every file unchanged: storescp in bit-preserving mode (``+B``)
+instances of storage classes outside the sink's common list (sent over a second association proposing
+exactly their pairs). Each receiver must store every file unchanged: storescp in bit-preserving mode (``+B``)
 writes the data set bytes exactly as they came, so they are compared byte for byte with the originals;
 Orthanc's copies are compared by SOP Instance UID and pixel data.
 """
@@ -28,8 +28,9 @@ from wm.sinks.dicom import DicomSink
 from wm.testing.dicom import write_ct_study
 from wm.testing.peers import LOCALHOST, Orthanc, StoreSCP
 
-ULTRASOUND = UID("1.2.840.10008.5.1.4.1.1.6.1")
-"""Ultrasound Image Storage: not among the sink's common classes, so it needs its own association."""
+UNCOMMON = (UID("1.2.840.10008.5.1.4.1.1.6.1"), UID("1.2.840.10008.5.1.4.1.1.20"))
+"""Ultrasound and Nuclear Medicine Image Storage: not among the sink's common classes. Whichever file
+arrives first sets the first association's classes, so at least one of them goes over a second one."""
 
 
 def wire_settings(settings: Settings, **values: object) -> Settings:
@@ -45,16 +46,17 @@ def sink(settings: Settings, objects: ObjectStore, aet: str, port: int) -> Dicom
 
 def mixed_study(directory: Path) -> list[Path]:
     """CT slices (explicit VR little endian), the second rewritten in implicit VR little endian, the third
-    made an Ultrasound instance."""
+    and fourth made `UNCOMMON` instances."""
     files = write_ct_study(
         directory, slices_per_series=12, rows=128, columns=96, seed=uuid.uuid4().int % 10**6
     )
     implicit = pydicom.dcmread(files.files[1])
     implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     implicit.save_as(files.files[1], implicit_vr=True, little_endian=True)
-    other = pydicom.dcmread(files.files[2])
-    other.SOPClassUID = other.file_meta.MediaStorageSOPClassUID = ULTRASOUND
-    other.save_as(files.files[2])
+    for path, sop_class in zip(files.files[2:4], UNCOMMON, strict=True):
+        other = pydicom.dcmread(path)
+        other.SOPClassUID = other.file_meta.MediaStorageSOPClassUID = sop_class
+        other.save_as(path)
     return files.files
 
 
@@ -83,7 +85,7 @@ async def test_storescp_stores_every_file_bit_for_bit(
             log = scp.log()
     assert [result.status for result in results] == ["succeeded"] * len(files), results
     assert dict(map(dataset_bytes, received)) == dict(map(dataset_bytes, files))
-    assert log.count("Association Acknowledged") == 2, log  # the study, then the ultrasound instance
+    assert log.count("Association Acknowledged") == 2, log  # the study, then the uncommon class(es)
 
 
 async def test_orthanc_stores_every_file_with_identical_pixels(
