@@ -14,8 +14,10 @@ same run, alternating, ``--rounds`` times each; the median of each is compared.
 Needs the S3 server (``bash scripts/services up``), dcmtk and Orthanc. Prints markdown-table rows: export
 vs Orthanc (target <= 2.5) and export vs the download floor (target <= 1.3).
 
-Run: ``python -m bench.export_vs_orthanc [--slices 324] [--rounds 3] [--associations 1]``; with
-``MWM_EXPORT__SEND_PROCESSES=false`` the sink sends from threads of its own process (the earlier design).
+Run: ``python -m bench.export_vs_orthanc [--slices 324] [--rounds 3] [--associations 1]``; the sender
+is the sink's default (``wire``: the exporter's event loop writes the files' bytes) unless
+``MWM_EXPORT__SENDER=pynetdicom`` (pynetdicom's SCU in a thread per association, or in a process per
+association with ``MWM_EXPORT__SEND_PROCESSES=true``).
 """
 
 from __future__ import annotations
@@ -178,9 +180,11 @@ def main() -> None:
     mwm, orthanc, floor = asyncio.run(
         run(options.slices, options.rounds, options.associations, options.scp_max_pdu)
     )
-    senders = "processes" if Settings().export.send_processes else "threads"
+    export = Settings().export
+    senders = "processes" if export.send_processes else "threads"
+    sender = "wire" if export.sender == "wire" else f"pynetdicom in {senders}"
     what = (
-        f"{options.slices}-slice CT, {options.associations} association(s) in {senders}, "
+        f"{options.slices}-slice CT, {options.associations} association(s), {sender}, "
         f"PDU {options.scp_max_pdu}"
     )
     print(

@@ -173,8 +173,12 @@ class ExportSettings(BaseModel):
     files_per_association: int = Field(
         32, ge=1, description="split a task over several associations only when each gets this many files"
     )
+    sender: Literal["wire", "pynetdicom"] = Field(
+        "wire",
+        description="C-STORE sender: files' stored bytes written on the event loop, or pynetdicom's SCU",
+    )
     send_processes: bool = Field(
-        False, description="each association sends from its own process (one per association, not one GIL)"
+        False, description="with sender pynetdicom: each association sends from its own process"
     )
     retry_attempts: int = Field(3, ge=1, description="association attempts for transient failures")
     retry_initial_delay_s: float = Field(

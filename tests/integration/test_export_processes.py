@@ -1,5 +1,6 @@
-"""The DICOM sink sending from worker processes (``export.send_processes``), on the real object store
-and dcmtk ``storescp`` as the peer, each case also in threads (the same results either way).
+"""The DICOM sink's senders on the real object store and dcmtk ``storescp`` as the peer: the wire sender
+on the event loop (``export.sender = "wire"``, the default) and pynetdicom's from worker processes
+(``export.send_processes``) or threads; every case gives the same results with each.
 
 The sink runs in this process (``DicomSink.export``); the files are generated CT slices put in the test's
 own bucket, plus a key missing from the store and an object that is not DICOM.
@@ -25,14 +26,19 @@ from wm.sinks.dicom import DicomSink, DicomSinkSettings
 from wm.sinks.dicom_lanes import lane_executor
 
 SCP_AET = "PROCSCP"
-MODES = [pytest.param(True, id="processes"), pytest.param(False, id="threads")]
+MODES = [
+    pytest.param(("wire", False), id="wire"),
+    pytest.param(("pynetdicom", True), id="processes"),
+    pytest.param(("pynetdicom", False), id="threads"),
+]
 
 
-def export_settings(settings: Settings, send_processes: bool, **values: object) -> Settings:
-    """Two associations for any study of 8 files or more, senders in processes or threads."""
+def export_settings(settings: Settings, mode: tuple[str, bool], **values: object) -> Settings:
+    """Two associations for any study of 8 files or more, with the ``mode``'s sender (and processes)."""
+    sender, send_processes = mode
+    lanes = {"associations_per_task": 2, "files_per_association": 4}
     export = settings.export.model_copy(
-        update={"send_processes": send_processes, "associations_per_task": 2, "files_per_association": 4}
-        | values
+        update={"sender": sender, "send_processes": send_processes} | lanes | values
     )
     return settings.model_copy(update={"export": export})
 
@@ -63,11 +69,11 @@ def test_a_lane_process_is_another_process() -> None:
         assert worker.submit(os.getpid).result(timeout=60) != os.getpid()
 
 
-@pytest.mark.parametrize("send_processes", MODES)
+@pytest.mark.parametrize("mode", MODES)
 async def test_every_file_gets_its_own_result_over_two_associations(
-    live_settings: Settings, tmp_path: Path, send_processes: bool
+    live_settings: Settings, tmp_path: Path, mode: tuple[str, bool]
 ) -> None:
-    settings = export_settings(live_settings, send_processes)
+    settings = export_settings(live_settings, mode)
     async with ObjectStore(settings.object_store) as objects:
         refs = await study_with_bad_files(objects, tmp_path / "study", slices=20)
         async with StoreSCP(tmp_path / "scp", aet=SCP_AET, extra_args=["--fork"]) as scp:
@@ -85,11 +91,11 @@ async def test_every_file_gets_its_own_result_over_two_associations(
     assert log.count("Association Acknowledged") == 2, log
 
 
-@pytest.mark.parametrize("send_processes", MODES)
+@pytest.mark.parametrize("mode", MODES)
 async def test_a_pacs_that_refuses_fails_every_file_at_once(
-    live_settings: Settings, tmp_path: Path, send_processes: bool
+    live_settings: Settings, tmp_path: Path, mode: tuple[str, bool]
 ) -> None:
-    settings = export_settings(live_settings, send_processes, retry_attempts=5, retry_initial_delay_s=30.0)
+    settings = export_settings(live_settings, mode, retry_attempts=5, retry_initial_delay_s=30.0)
     async with ObjectStore(settings.object_store) as objects:
         refs = await study_with_bad_files(objects, tmp_path / "study", slices=12)
         # --fork: each lane's request gets its own A-ASSOCIATE-RJ (storescp serving one at a time may drop
@@ -107,11 +113,11 @@ async def test_a_pacs_that_refuses_fails_every_file_at_once(
     assert 1 <= log.count("Refusing Association") <= 3, log
 
 
-@pytest.mark.parametrize("send_processes", MODES)
+@pytest.mark.parametrize("mode", MODES)
 async def test_a_peer_that_aborts_is_retried_then_left_to_a_redelivery(
-    live_settings: Settings, tmp_path: Path, send_processes: bool
+    live_settings: Settings, tmp_path: Path, mode: tuple[str, bool]
 ) -> None:
-    settings = export_settings(live_settings, send_processes, retry_attempts=2, retry_initial_delay_s=0.1)
+    settings = export_settings(live_settings, mode, retry_attempts=2, retry_initial_delay_s=0.1)
     async with ObjectStore(settings.object_store) as objects:
         refs = await study_with_bad_files(objects, tmp_path / "study", slices=10)
         async with StoreSCP(tmp_path / "scp", aet=SCP_AET, extra_args=["--fork", "--abort-after"]) as scp:

@@ -1,4 +1,4 @@
-"""The DICOM sink: C-STORE SCU (pynetdicom) to the destination in the sink's ``args``.
+"""The DICOM sink: C-STORE SCU to the destination in the sink's ``args``.
 
 For one export task, downloading and sending overlap:
 
@@ -11,7 +11,7 @@ For one export task, downloading and sending overlap:
    ``export.files_per_association`` files each) open one association each and send files from the
    queue as they come. Presentation contexts are known up front: the first file's (SOP class, transfer
    syntax) and the common storage classes (CT, MR, SC, SEG, RT, SR, PDF) in its syntax and the two little
-   endian ones, so files go as stored, never transcoded (pynetdicom streams them from the file). Files
+   endian ones, so files go as stored, never transcoded (streamed from the file). Files
    whose pair the destination did not accept are sent at the end over an association proposing exactly
    their pairs.
 3. Each C-STORE response gives the file's result: Success or Warning -> succeeded, anything else -> failed.
@@ -25,17 +25,16 @@ For one export task, downloading and sending overlap:
    fails every file not sent: retrying cannot help, and a retry loop on rejection is how exports loop
    forever (MONAI Informatics Gateway #153, #200).
 
-Sockets run with TCP_NODELAY (set when the connection opens, before the association request), so no
-C-STORE waits on a delayed ACK. A C-STORE response that pynetdicom's association reactor takes by mistake
-goes back to the waiting ``send_c_store`` (`wm.pynetdicom_patches.keep_responses`), instead of a 30 s DIMSE
-timeout and abort.
+Who sends (``export.sender``, a `wm.sinks.dicom_lanes.SendLane` per lane): ``wire`` (default,
+`wm.sinks.dicom_wire`) writes each file's stored bytes from the exporter's event loop; ``pynetdicom`` runs
+pynetdicom's SCU in a thread per lane, or with ``export.send_processes`` in a process per lane
+(`wm.sinks.dicom_lanes`). Both map results, rejections and aborts the same way (the unit tests compare
+them). Sockets run with TCP_NODELAY (set before the association request), so no C-STORE waits on a
+delayed ACK.
 
-Cost (issue #6, 324 CT slices, 164 MB, dcmtk storescp with its 16 KB maximum PDU): pynetdicom spends about
-2.2 s of CPU per study sending from local files (about 10,000 P-DATA PDUs through its DUL thread, one
-Python round trip each), the S3 download 1.0 to 2.2 s more. With ``export.send_processes`` each lane's
-association lives in a worker process of its own (`wm.sinks.dicom_lanes`; one process per association,
-so never more than ``max_associations``): files go to it by path in batches, results come back per
-file. Off by default: not faster than threads on the loaded two-core machine measured (bench/README.md).
+Cost (324 CT slices, 170 MB, dcmtk storescp with its 16 KB maximum PDU): pynetdicom spends about 2.2 s of
+CPU sending them from local files (about 10,000 P-DATA PDUs through its DUL thread), the wire sender
+about 0.45 s; the download of the study costs about 0.6 s more (bench/README.md).
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ import asyncio
 import contextlib
 import tempfile
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -63,7 +61,8 @@ from wm.errors import MwmError, NotFound, PermanentError
 from wm.plugins import PluginSettings
 from wm.pynetdicom_patches import check_version
 from wm.sinks import DestinationUnavailable, ExportSink, FileSource
-from wm.sinks.dicom_lanes import lane_executor, open_association, release, store_all
+from wm.sinks.dicom_lanes import ExecutorLane, LocalFile, SendLane
+from wm.sinks.dicom_wire import WireLane
 
 log = structlog.get_logger("wm.sinks.dicom")
 
@@ -90,16 +89,6 @@ COMMON_STORAGE_CLASSES = (
 """Proposed on every association besides the first file's class: most outputs need no second one."""
 OUT_OF_RESOURCES = "C-STORE status 0xA7"
 """How the result of a file refused for lack of resources begins (0xA7xx, PS3.4 B.2.3: full for now)."""
-
-
-@dataclass(frozen=True)
-class LocalFile:
-    """A downloaded file ready to send."""
-
-    ref: FileRef
-    path: Path
-    sop_class_uid: str
-    transfer_syntax_uid: str
 
 
 @dataclass
@@ -188,13 +177,13 @@ class DicomSink(ExportSink[DicomSinkSettings]):
         settings = self.export_settings
         most = min(self.args.max_associations, settings.associations_per_task)
         lanes = lane_count(len(files), most, settings.files_per_association)
-        workers = [lane_executor(settings.send_processes) for _ in range(lanes)]
+        senders = [self._new_lane() for _ in range(lanes)]
         pipeline = Pipeline()
         fetch_failures: list[FileExportResult] = []
         with tempfile.TemporaryDirectory(prefix="mwm-export-", dir=scratch_root) as scratch:
             download = asyncio.create_task(self._download(files, Path(scratch), pipeline, fetch_failures))
             try:
-                sent = await self._send_feed(pipeline, workers)
+                sent = await self._send_feed(pipeline, senders)
             finally:
                 download.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -202,10 +191,10 @@ class DicomSink(ExportSink[DicomSinkSettings]):
                 # A cancelled download's thread still writes its file: let it land before the scratch
                 # directory goes (else its removal finds a new file and fails).
                 await asyncio.gather(*pipeline.fetches, return_exceptions=True)
-                # Lanes release their associations before they return; on cancellation a worker ends
-                # once its current C-STORE does (a process exits and its socket closes).
-                for worker in workers:
-                    worker.shutdown(wait=False, cancel_futures=True)
+                # Lanes release their associations before they return; on cancellation a lane aborts
+                # its association (a worker ends once its current C-STORE does).
+                for sender in senders:
+                    sender.close()
         results = [*fetch_failures, *sent]
         if not pipeline.stopped:  # down or full for now: the files not sent go again later
             kept = [r for r in results if not _worth_resending(r, pipeline.unsent)]
@@ -216,6 +205,12 @@ class DicomSink(ExportSink[DicomSinkSettings]):
         reason = pipeline.stopped or "export stopped"
         reported = {result.key for result in results}
         return results + [_failure(file.key, reason) for file in files if file.key not in reported]
+
+    def _new_lane(self) -> SendLane:
+        """A lane of the configured kind (``export.sender``)."""
+        if self.export_settings.sender == "wire":
+            return WireLane(self.args, self.export_settings)
+        return ExecutorLane(self.args, self.export_settings)
 
     async def _download(
         self, files: Sequence[FileRef], scratch: Path, pipeline: Pipeline, failures: list[FileExportResult]
@@ -245,39 +240,36 @@ class DicomSink(ExportSink[DicomSinkSettings]):
         finally:
             pipeline.feed.put_nowait(None)  # the lanes end, whatever happened
 
-    async def _send_feed(self, pipeline: Pipeline, workers: list[Executor]) -> list[FileExportResult]:
-        """Send the feed over one association per worker, then any outliers over one proposing their pairs."""
+    async def _send_feed(self, pipeline: Pipeline, lanes: list[SendLane]) -> list[FileExportResult]:
+        """Send the feed over one association per lane, then any outliers over one proposing their pairs."""
         first = await pipeline.next()
         if first is None:
             return []
         pairs = presentation_contexts([first], common=True)
-        carried = [[first]] + [[] for _ in workers[1:]]
-        sent = await asyncio.gather(*map(partial(self._lane, pipeline, pairs), workers, carried))
+        carried = [[first]] + [[] for _ in lanes[1:]]
+        sent = await asyncio.gather(*map(partial(self._lane, pipeline, pairs), lanes, carried))
         results = [result for lane in sent for result in lane]
         if pipeline.outliers and not pipeline.stopped:
             outliers = Pipeline.of(pipeline.outliers)
-            results += await self._lane(outliers, presentation_contexts(pipeline.outliers), workers[0], [])
+            results += await self._lane(outliers, presentation_contexts(pipeline.outliers), lanes[0], [])
             pipeline.stopped, pipeline.gave_up = outliers.stopped, outliers.gave_up or pipeline.gave_up
         return results
 
     async def _lane(
-        self, pipeline: Pipeline, pairs: list[Pair], worker: Executor, carried: list[LocalFile]
+        self, pipeline: Pipeline, pairs: list[Pair], lane: SendLane, carried: list[LocalFile]
     ) -> list[FileExportResult]:
-        """One association at a time (held by ``worker``) sending ``carried``, then the feed; reconnects
+        """One association at a time (held by ``lane``) sending ``carried``, then the feed; reconnects
         with backoff."""
-        loop = asyncio.get_running_loop()
         results: list[FileExportResult] = []
         policy = self.export_settings
         attempts = policy.retry_attempts
         for attempt in range(1, attempts + 1):
-            opened = await loop.run_in_executor(
-                worker, open_association, self.args, self.export_settings, pairs
-            )
+            opened = await lane.open(pairs)
             if opened.rejected:
                 pipeline.stopped = opened.problem
                 return results + [_failure(item.ref.key, opened.problem) for item in carried]
             if opened.established:
-                ended = await self._pump(opened.accepted, pipeline, carried, results, worker)
+                ended = await self._pump(opened.accepted, pipeline, carried, results, lane)
                 if ended:
                     return results
             problem = opened.problem or f"association with {self.destination} lost (aborted or no response)"
@@ -296,25 +288,22 @@ class DicomSink(ExportSink[DicomSinkSettings]):
         pipeline: Pipeline,
         carried: list[LocalFile],
         results: list[FileExportResult],
-        worker: Executor,
+        lane: SendLane,
     ) -> bool:
-        """Send files over the worker's association until the feed ends (True) or it is lost (False).
+        """Send files over the lane's association until the feed ends (True) or it is lost (False).
 
         A file the association could not take stays in ``carried`` for the next association.
         """
-        loop = asyncio.get_running_loop()
         try:
             while batch := await self._batch(accepted, pipeline, carried):
-                first_id = len(results)
-                paths = [(item.path, item.ref.key) for item in batch]
-                sent = await loop.run_in_executor(worker, store_all, paths, first_id)
+                sent = await lane.store_all(batch, len(results))
                 results.extend(sent)
                 if len(sent) < len(batch):
                     carried[:0] = batch[len(sent) :]
                     return False
             return True
         finally:
-            await loop.run_in_executor(worker, release)
+            await lane.release()
 
     @staticmethod
     async def _batch(
@@ -345,8 +334,16 @@ class DicomSink(ExportSink[DicomSinkSettings]):
         except NotFound:
             return _failure(file.key, "not found in the object store")
         try:
-            meta, _ = await asyncio.to_thread(split_dataset, path)  # a third of read_file_meta_info's CPU
-            return LocalFile(file, path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+            # split_dataset: a third of read_file_meta_info's CPU
+            meta, offset = await asyncio.to_thread(split_dataset, path)
+            return LocalFile(
+                file,
+                path,
+                sop_class_uid=str(meta.MediaStorageSOPClassUID),
+                transfer_syntax_uid=str(meta.TransferSyntaxUID),
+                sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+                dataset_offset=offset,
+            )
         except (InvalidDicomError, AttributeError, OSError) as exc:
             return _failure(file.key, f"not a DICOM file: {exc}")
 

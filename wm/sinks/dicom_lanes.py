@@ -1,4 +1,10 @@
-"""The DICOM sink's blocking pynetdicom calls, run in one worker per lane: a thread or a process.
+"""The DICOM sink's lanes: what sends over one association at a time, and pynetdicom's lane.
+
+`SendLane` is what the sink's asyncio code (`wm.sinks.dicom`) drives: open an association, send files
+over it, release it. Two kinds implement it: `wm.sinks.dicom_wire.WireLane` (the default, ``export.sender
+= "wire"``: the exporter's event loop writes each file's stored bytes itself) and `ExecutorLane` here
+(``export.sender = "pynetdicom"``): pynetdicom's blocking calls run in one worker per lane, a thread or a
+process. Both map a C-STORE status to a file's result with `store_result`.
 
 A lane's worker holds at most one association at a time (in a thread-local, so the same functions serve
 a lane's thread and a lane's process, whose calls all run on its one worker thread). The sink's asyncio
@@ -16,20 +22,21 @@ has this module preloaded, so starting a lane costs a fork, not an interpreter s
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import socket
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from schemas.applications import DicomSinkArgs
-from schemas.events import FileExportResult
+from schemas.events import FileExportResult, FileRef
 from wm.config import ExportSettings
 from wm.pynetdicom_patches import dul_socket, keep_responses
 
@@ -46,6 +53,18 @@ _lane = threading.local()
 
 
 @dataclass(frozen=True)
+class LocalFile:
+    """A downloaded file ready to send: where its data set starts (after the file meta) and what it is."""
+
+    ref: FileRef
+    path: Path
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    sop_instance_uid: str
+    dataset_offset: int
+
+
+@dataclass(frozen=True)
 class Opened:
     """An association attempt's outcome: the accepted (SOP class, transfer syntax) pairs, or why not."""
 
@@ -57,6 +76,49 @@ class Opened:
     def established(self) -> bool:
         """Whether the worker now holds an association."""
         return not self.problem
+
+
+class SendLane(Protocol):
+    """One association at a time to the sink's destination (``DicomSinkArgs``)."""
+
+    async def open(self, pairs: list[tuple[str, str]]) -> Opened:
+        """Request an association proposing ``pairs`` (after releasing one the lane still holds)."""
+
+    async def store_all(self, files: list[LocalFile], first_id: int) -> list[FileExportResult]:
+        """C-STORE ``files`` in order: their results, ending early when the association is gone (the
+        files without a result are to be sent again). Message ids count on from ``first_id``."""
+
+    async def release(self) -> None:
+        """Release the lane's association, if it holds one."""
+
+    def close(self) -> None:
+        """Let go of the lane's resources (a cancelled lane's worker ends once its current C-STORE does)."""
+
+
+class ExecutorLane:
+    """A `SendLane` on pynetdicom: its blocking calls run in one worker of their own (`lane_executor`)."""
+
+    def __init__(self, args: DicomSinkArgs, settings: ExportSettings) -> None:
+        self.args, self.settings = args, settings
+        self.worker = lane_executor(settings.send_processes)
+
+    async def open(self, pairs: list[tuple[str, str]]) -> Opened:
+        """See `SendLane.open`."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.worker, open_association, self.args, self.settings, pairs)
+
+    async def store_all(self, files: list[LocalFile], first_id: int) -> list[FileExportResult]:
+        """See `SendLane.store_all`: one hand-off to the worker for all of ``files``."""
+        paths = [(item.path, item.ref.key) for item in files]
+        return await asyncio.get_running_loop().run_in_executor(self.worker, store_all, paths, first_id)
+
+    async def release(self) -> None:
+        """See `SendLane.release`."""
+        await asyncio.get_running_loop().run_in_executor(self.worker, release)
+
+    def close(self) -> None:
+        """See `SendLane.close`: a process exits and its socket closes."""
+        self.worker.shutdown(wait=False, cancel_futures=True)
 
 
 def lane_executor(use_process: bool) -> Executor:
@@ -106,7 +168,11 @@ def store(path: Path, key: str, message_id: int) -> FileExportResult | None:
         return FileExportResult(key=key, status="failed", error=f"not sent: {exc}")
     if "Status" not in status:
         return None
-    code = int(status.Status)
+    return store_result(key, int(status.Status))
+
+
+def store_result(key: str, code: int) -> FileExportResult:
+    """A file's result from its C-STORE response status: Success or Warning -> succeeded, else failed."""
     category = code_to_category(code)
     if category in STORED_CATEGORIES:
         return FileExportResult(key=key, status="succeeded")
