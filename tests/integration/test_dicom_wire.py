@@ -19,14 +19,14 @@ import pytest
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom.dsutils import split_dataset
 
+from devkit.dicom import write_ct_study
+from devkit.peers import LOCALHOST, Orthanc, StoreSCP
 from schemas.applications import SinkDefinition
 from schemas.events import FileRef
 from wm.adapters.objectstore import ObjectStore
 from wm.config import Settings
 from wm.sinks import DestinationUnavailable
-from wm.sinks.dicom import DicomSink
-from wm.testing.dicom import write_ct_study
-from wm.testing.peers import LOCALHOST, Orthanc, StoreSCP
+from wm.sinks.dicom import DicomSink, DicomSinkSettings
 
 UNCOMMON = (UID("1.2.840.10008.5.1.4.1.1.6.1"), UID("1.2.840.10008.5.1.4.1.1.20"))
 """Ultrasound and Nuclear Medicine Image Storage: not among the sink's common classes. Whichever file
@@ -41,7 +41,7 @@ def wire_settings(settings: Settings, **values: object) -> Settings:
 def sink(settings: Settings, objects: ObjectStore, aet: str, port: int) -> DicomSink:
     args = {"ae_title": aet, "host": LOCALHOST, "port": port, "max_associations": 2}
     definition = SinkDefinition.model_validate({"name": "pacs", "type": "dicom", "args": args})
-    return DicomSink(definition, settings, objects)
+    return DicomSink(definition, DicomSinkSettings.of(settings), objects)
 
 
 def mixed_study(directory: Path) -> list[Path]:

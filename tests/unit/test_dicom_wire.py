@@ -24,6 +24,7 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_REL
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
+from devkit.dicom import write_ct_study
 from schemas.applications import DicomSinkArgs
 from schemas.events import FileExportResult, FileRef
 from wm.config import ExportSettings
@@ -39,7 +40,6 @@ from wm.sinks.dicom_pdus import (
     store_command,
 )
 from wm.sinks.dicom_wire import WireLane
-from wm.testing.dicom import write_ct_study
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
