@@ -30,7 +30,7 @@ from pymongo.errors import (
 
 from wm import metrics
 from wm.config import MongoSettings
-from wm.errors import Duplicate, TransientError
+from wm.errors import Duplicate, NotFound, TransientError
 
 Document = dict[str, Any]
 log = structlog.get_logger(__name__)
@@ -79,6 +79,28 @@ async def delete_matching(
             return await collection.count_documents(criteria)
         result = await collection.delete_many(criteria)
     return result.deleted_count
+
+
+async def insert_new(collection: AsyncCollection[Document], document: Document, what: str) -> bool:
+    """Insert ``document``; False, writing nothing, when a document with its unique key exists already.
+
+    The unique insert is how MWM decides anything once across replicas: the caller that gets True won.
+    """
+    try:
+        async with translated_errors(what):
+            await collection.insert_one(document)
+    except Duplicate:
+        return False
+    return True
+
+
+async def find_by_id(collection: AsyncCollection[Document], key: str, what: str, missing: str) -> Document:
+    """The document whose ``_id`` is ``key``; ``NotFound(missing)`` when there is none."""
+    async with translated_errors(what):
+        document = await collection.find_one({"_id": key})
+    if document is None:
+        raise NotFound(missing)
+    return document
 
 
 class Database:

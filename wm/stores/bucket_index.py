@@ -28,7 +28,7 @@ from datetime import datetime
 
 from pymongo import ASCENDING, IndexModel
 
-from wm.adapters.mongo import Database, Document, IndexSpec, translated_errors
+from wm.adapters.mongo import Database, Document, IndexSpec, insert_new, translated_errors
 from wm.errors import Duplicate
 
 WATCH = "bucket_watch"
@@ -117,12 +117,7 @@ class BucketSlots:
 
     async def _take(self, bucket_id: str, number: int, file_id: str) -> bool:
         document = {"_id": slot_id(bucket_id, number), "bucket_id": bucket_id, "file_id": file_id}
-        try:
-            async with translated_errors("take bucket slot"):
-                await self._slots.insert_one(document)
-        except Duplicate:
-            return False
-        return True
+        return await insert_new(self._slots, document, "take bucket slot")
 
     async def _first_free(self, bucket_id: str) -> int:
         """The first free slot, found with O(log n) look-ups (the taken slots form a prefix)."""

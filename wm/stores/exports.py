@@ -27,7 +27,7 @@ from pymongo import ASCENDING, IndexModel
 
 from schemas.events import ExportOutcome, FileExportResult
 from wm import metrics
-from wm.adapters.mongo import Database, Document, IndexSpec, translated_errors
+from wm.adapters.mongo import Database, Document, IndexSpec, find_by_id, insert_new, translated_errors
 from wm.domain.exports import (
     FINAL_STATES,
     OPEN_STATES,
@@ -38,7 +38,7 @@ from wm.domain.exports import (
     final_result,
     merge_results,
 )
-from wm.errors import Conflict, Duplicate, NotFound
+from wm.errors import Conflict
 from wm.ports import EventPublisher, ExportTaskRecords
 from wm.registry.models import Page, PageRequest
 
@@ -100,20 +100,12 @@ class ExportTasks:
 
     async def create(self, task: ExportTask) -> bool:
         """Insert the task; False when a task with its id exists already (nothing changes then)."""
-        try:
-            async with translated_errors("create export task"):
-                await self._tasks.insert_one(_document(task))
-        except Duplicate:
-            return False
-        return True
+        return await insert_new(self._tasks, _document(task), "create export task")
 
     async def get(self, task_id: str) -> ExportTask:
         """The task; ``NotFound`` when there is none."""
-        async with translated_errors("read export task"):
-            document = await self._tasks.find_one({"_id": task_id})
-        if document is None:
-            raise NotFound(f"export task {task_id!r} not found")
-        return _task(document)
+        missing = f"export task {task_id!r} not found"
+        return _task(await find_by_id(self._tasks, task_id, "read export task", missing))
 
     async def record_result(
         self,
@@ -220,12 +212,7 @@ class ExportTasks:
             "acquired_at": now,
             "expires_at": expires_at,
         }
-        try:
-            async with translated_errors("insert export lease"):
-                await self._leases.insert_one(document)
-        except Duplicate:
-            return False
-        return True
+        return await insert_new(self._leases, document, "insert export lease")
 
     async def _lease_document(self, task_id: str, number: int) -> Document | None:
         async with translated_errors("read export lease"):

@@ -18,8 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, IndexModel
 
 from schemas.events import FileExportResult
-from wm.adapters.mongo import Database, IndexSpec, translated_errors
-from wm.errors import NotFound
+from wm.adapters.mongo import Database, IndexSpec, find_by_id, translated_errors
 
 IG_EXPORTS = "ig_exports"
 
@@ -67,11 +66,8 @@ class IgExports:
 
     async def get(self, task_id: str) -> IgExport:
         """The hand-off of a task; ``NotFound`` when MWM never handed that task to the IG."""
-        async with translated_errors("read IG export"):
-            document = await self._collection.find_one({"_id": task_id})
-        if document is None:
-            raise NotFound(f"no IG export for task {task_id!r}")
-        return _export(document)
+        missing = f"no IG export for task {task_id!r}"
+        return _export(await find_by_id(self._collection, task_id, "read IG export", missing))
 
     async def resolve(self, task_id: str) -> None:
         """The task's result is recorded (completion or deadline): nothing waits for it any more."""
