@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Self
 
 import structlog
@@ -29,6 +28,7 @@ from pymongo.errors import (
 )
 
 from wm import metrics
+from wm.adapters.closing import ClosedOnExit
 from wm.config import MongoSettings
 from wm.errors import Duplicate, NotFound, TransientError
 
@@ -103,7 +103,7 @@ async def find_by_id(collection: AsyncCollection[Document], key: str, what: str,
     return document
 
 
-class Database:
+class Database(ClosedOnExit):
     """One ``AsyncMongoClient`` and database per process; use as an async context manager."""
 
     def __init__(self, settings: MongoSettings, index_specs: Iterable[IndexSpec] = ()) -> None:
@@ -127,11 +127,6 @@ class Database:
             await self.close()
             raise
         return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the client (idempotent)."""
