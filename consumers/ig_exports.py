@@ -32,7 +32,7 @@ from schemas.monai_ig import ExportRequestEvent
 from wm.config import IgSettings, Settings
 from wm.domain.exports import failed_result, final_result, task_for
 from wm.errors import Duplicate, NotFound, PermanentError, TransientError
-from wm.ig_queues import ig_publisher
+from wm.ig_queues import ig_enabled, ig_publisher
 from wm.ports import BucketObjects, EventPublisher, IgTaskPublisher
 from wm.registry.sinks import Sinks
 from wm.runtime import Consumer, Services
@@ -201,5 +201,5 @@ CONSUMER = Consumer[IgExportDeps](
     indexes=(*exports.INDEXES, *ig_exports.INDEXES),
     on_give_up=give_up,
     background=(keep_ig_connection, sweep_overdue),
-    enabled_when=lambda settings: settings.ig.enabled,
+    enabled_when=ig_enabled,
 )
