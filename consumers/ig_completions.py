@@ -79,9 +79,9 @@ def build(services: Services) -> IgCompletionDeps:
 
 CONSUMER = Consumer[IgCompletionDeps](
     name=NAME,
-    routing_keys=("md.export.complete",),
     handlers={ExportCompleteEvent: handle},
     build_deps=build,
+    routing_keys=("md.export.complete",),
     indexes=(*exports.INDEXES, *ig_exports.INDEXES),
     source=ig_queue(ExportCompleteEvent, lambda ig: ig.export_complete_key),
     enabled_when=ig_enabled,

@@ -195,9 +195,9 @@ def build(services: Services) -> IgExportDeps:
 
 CONSUMER = Consumer[IgExportDeps](
     name=NAME,
-    routing_keys=(f"{ExportRequested.event_type}.{SINK_TYPE}",),
     handlers={ExportRequested: handle},
     build_deps=build,
+    routing_keys=(f"{ExportRequested.event_type}.{SINK_TYPE}",),
     indexes=(*exports.INDEXES, *ig_exports.INDEXES),
     on_give_up=give_up,
     background=(keep_ig_connection, sweep_overdue),

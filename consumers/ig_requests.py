@@ -163,9 +163,9 @@ def build(services: Services) -> IgRequestDeps:
 
 CONSUMER = Consumer[IgRequestDeps](
     name=NAME,
-    routing_keys=("md.workflow.request",),
     handlers={WorkflowRequestEvent: handle},
     build_deps=build,
+    routing_keys=("md.workflow.request",),
     indexes=REGISTRY_INDEXES,
     source=ig_queue(WorkflowRequestEvent, lambda ig: ig.workflow_request_key),
     enabled_when=ig_enabled,
