@@ -81,7 +81,6 @@ def build(services: Services) -> DiscoveryDeps:
 
 CONSUMER = Consumer[DiscoveryDeps](
     name=NAME,
-    routing_keys=(PayloadArrived.event_type,),
     handlers={PayloadArrived: handle},
     build_deps=build,
     indexes=(*buckets.INDEXES, *timers.INDEXES, *REGISTRY_INDEXES),

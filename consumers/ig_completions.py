@@ -25,10 +25,9 @@ from dataclasses import dataclass
 import structlog
 
 from schemas.monai_ig import ExportCompleteEvent
-from wm.config import Settings
 from wm.domain.monai_ig import completion_result
 from wm.errors import NotFound
-from wm.ig_queues import ig_queue
+from wm.ig_queues import ig_enabled, ig_queue
 from wm.ports import EventPublisher, ExportTaskRecords, IgExportRecords
 from wm.runtime import Consumer, Services
 from wm.stores import exports, ig_exports
@@ -83,16 +82,12 @@ def build(services: Services) -> IgCompletionDeps:
     return IgCompletionDeps(ExportTasks(services.database), IgExports(services.database), services.bus)
 
 
-def _keys(settings: Settings) -> tuple[str, ...]:
-    return (settings.ig.export_complete_key,)
-
-
 CONSUMER = Consumer[IgCompletionDeps](
     name=NAME,
-    routing_keys=("md.export.complete",),
     handlers={ExportCompleteEvent: handle},
     build_deps=build,
+    routing_keys=("md.export.complete",),
     indexes=(*exports.INDEXES, *ig_exports.INDEXES),
-    source=ig_queue(ExportCompleteEvent, _keys),
-    enabled_when=lambda settings: settings.ig.enabled,
+    source=ig_queue(ExportCompleteEvent, lambda ig: ig.export_complete_key),
+    enabled_when=ig_enabled,
 )

@@ -34,7 +34,7 @@ from wm.config import IgSettings, Settings
 from wm.domain.exports import ExportTask, failed_result, final_result, task_for
 from wm.domain.monai_ig import IgExport
 from wm.errors import Duplicate, NotFound, PermanentError, TransientError
-from wm.ig_queues import ig_publisher
+from wm.ig_queues import ig_enabled, ig_publisher
 from wm.plugins import plugin_settings
 from wm.ports import (
     BucketObjects,
@@ -215,11 +215,11 @@ def build(services: Services) -> IgExportDeps:
 
 CONSUMER = Consumer[IgExportDeps](
     name=NAME,
-    routing_keys=(f"{ExportRequested.event_type}.{SINK_TYPE}",),
     handlers={ExportRequested: handle},
     build_deps=build,
+    routing_keys=(f"{ExportRequested.event_type}.{SINK_TYPE}",),
     indexes=(*exports.INDEXES, *ig_exports.INDEXES),
     on_give_up=give_up,
     background=(keep_ig_connection, sweep_overdue),
-    enabled_when=lambda settings: settings.ig.enabled,
+    enabled_when=ig_enabled,
 )

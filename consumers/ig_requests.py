@@ -37,7 +37,7 @@ from producers.publisher import file_message_id
 from schemas.events import BucketFile, DicomIdentifiers, FileRef, PayloadArrived
 from schemas.monai_ig import DataService, WorkflowRequestEvent
 from wm import metrics
-from wm.config import IgSettings, Settings
+from wm.config import IgSettings
 from wm.dicom import read_identifiers
 from wm.domain.discovery import Candidate, Placement, placements
 from wm.domain.monai_ig import (
@@ -48,7 +48,7 @@ from wm.domain.monai_ig import (
     requested_files,
 )
 from wm.errors import PermanentError
-from wm.ig_queues import ig_queue
+from wm.ig_queues import ig_enabled, ig_queue
 from wm.ports import ApplicationCatalog, BucketObjects, EventPublisher
 from wm.registry import INDEXES as REGISTRY_INDEXES
 from wm.runtime import Consumer, Services
@@ -161,16 +161,12 @@ def build(services: Services) -> IgRequestDeps:
     return IgRequestDeps(catalog, services.objects, services.bus, settings.ig, work_dir)
 
 
-def _keys(settings: Settings) -> tuple[str, ...]:
-    return (settings.ig.workflow_request_key,)
-
-
 CONSUMER = Consumer[IgRequestDeps](
     name=NAME,
-    routing_keys=("md.workflow.request",),
     handlers={WorkflowRequestEvent: handle},
     build_deps=build,
+    routing_keys=("md.workflow.request",),
     indexes=REGISTRY_INDEXES,
-    source=ig_queue(WorkflowRequestEvent, _keys),
-    enabled_when=lambda settings: settings.ig.enabled,
+    source=ig_queue(WorkflowRequestEvent, lambda ig: ig.workflow_request_key),
+    enabled_when=ig_enabled,
 )

@@ -253,7 +253,6 @@ def build(services: Services) -> MonitorDeps:
 
 CONSUMER = Consumer[MonitorDeps](
     name=NAME,
-    routing_keys=(JobLaunched.event_type,),
     handlers={JobLaunched: handle},
     build_deps=build,
     indexes=(*jobs.INDEXES, *EXPORT_INDEXES),

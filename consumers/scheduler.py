@@ -156,7 +156,6 @@ def build(services: Services) -> SchedulerDeps:
 
 CONSUMER = Consumer[SchedulerDeps](
     name=NAME,
-    routing_keys=(BucketReady.event_type,),
     handlers={BucketReady: handle},
     build_deps=build,
     indexes=(*jobs.INDEXES, *REGISTRY_INDEXES),

@@ -128,15 +128,20 @@ class BucketReady(Event):
     )
 
 
-class JobLaunched(Event):
-    """A job was submitted to its engine."""
-
-    event_type: ClassVar[str] = "mwm.job.launched"
+class JobEvent(Event):
+    """Fields every event of a job carries: the job, the bucket it runs on, the application it runs."""
 
     job_id: Identifier
     bucket_id: Identifier
     application_id: Identifier
     application_revision: int = Field(ge=1)
+
+
+class JobLaunched(JobEvent):
+    """A job was submitted to its engine."""
+
+    event_type: ClassVar[str] = "mwm.job.launched"
+
     engine: str = Field(description="engine plugin name, e.g. local or argo")
     engine_job_id: str = Field(min_length=1, description="the engine's id, e.g. the Argo workflow name")
     input_prefix: str = Field(description="object-store prefix holding exactly the job's inputs")
@@ -147,15 +152,11 @@ class JobLaunched(Event):
 JobOutcome = Literal["succeeded", "failed", "cancelled", "timed_out"]
 
 
-class JobFinished(InformationalEvent):
+class JobFinished(JobEvent, InformationalEvent):
     """A job reached a terminal state."""
 
     event_type: ClassVar[str] = "mwm.job.finished"
 
-    job_id: Identifier
-    bucket_id: Identifier
-    application_id: Identifier
-    application_revision: int = Field(ge=1)
     engine: str
     engine_job_id: str | None = None
     status: JobOutcome

@@ -12,16 +12,24 @@ from functools import partial
 
 from schemas.monai_ig import IgMessage
 from wm.adapters import monai_ig
-from wm.config import Settings
+from wm.config import IgSettings, Settings
 from wm.ports import IgTaskPublisher
 from wm.runtime import QueueSource
 
 
-def ig_queue(model: type[IgMessage], routing_keys: Callable[[Settings], tuple[str, ...]]) -> QueueSource:
-    """A queue bound on the IG's exchange whose deliveries decode as the IG's ``model``."""
+def ig_queue(model: type[IgMessage], routing_key: Callable[[IgSettings], str]) -> QueueSource:
+    """A queue bound on the IG's exchange with the key ``routing_key`` reads from the IG settings, whose
+    deliveries decode as the IG's ``model``."""
     return QueueSource(
-        bus=monai_ig.ig_bus_settings, routing_keys=routing_keys, decode=partial(monai_ig.decode, model=model)
+        bus=monai_ig.ig_bus_settings,
+        routing_keys=lambda settings: (routing_key(settings.ig),),
+        decode=partial(monai_ig.decode, model=model),
     )
+
+
+def ig_enabled(settings: Settings) -> bool:
+    """Whether MWM works with an Informatics Gateway (``ig.enabled``): the IG consumers run only then."""
+    return settings.ig.enabled
 
 
 def ig_publisher(settings: Settings) -> IgTaskPublisher:

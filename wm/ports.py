@@ -304,12 +304,7 @@ class ExportTaskRecords(Protocol):
         ...
 
     async def record_result(
-        self,
-        task_id: str,
-        outcome: ExportOutcome,
-        results: list[FileExportResult],
-        message: str = "",
-        owner: str | None = None,
+        self, task_id: str, outcome: ExportOutcome, results: list[FileExportResult], message: str = ""
     ) -> ExportTask:
         """Make the task final (once: a final task keeps its first result); the task as stored."""
         ...

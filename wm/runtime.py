@@ -34,6 +34,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 from pydantic import BaseModel
 from starlette.applications import Starlette
 
+from schemas.events import Event
 from wm import metrics
 from wm.adapters.mongo import PROCESSED_MESSAGES_INDEXES, Database, IndexSpec, ProcessedMessages
 from wm.adapters.objectstore import ObjectStore
@@ -83,21 +84,28 @@ class QueueSource:
 class Consumer(Generic[Deps]):
     """A consumer: its queue's bindings, a handler per event type, and how it builds its ports.
 
-    ``background`` coroutines run beside the queue until the stop event is set (for example a sweeper).
-    ``source`` puts the queue on another broker (None: MWM's own bus and events). ``enabled_when``: a
-    process running every consumer (``mwm consume all``) runs this one only when it says so.
+    ``routing_keys``: by default the event type of each handler's event (MWM's own events); a consumer of
+    other keys (a sink type's ``export.requested``) names them. ``background`` coroutines run beside the
+    queue until the stop event is set (for example a sweeper). ``source`` puts the queue on another broker
+    (None: MWM's own bus and events). ``enabled_when``: a process running every consumer (``mwm consume
+    all``) runs this one only when it says so.
     """
 
     name: str
-    routing_keys: tuple[str, ...]
     handlers: Mapping[type[BaseModel], Handler[Deps]]
     build_deps: Callable[[Services], Deps]
+    routing_keys: tuple[str, ...] = ()
     indexes: tuple[IndexSpec, ...] = ()
     on_give_up: GiveUpHook[Deps] | None = None
     background: tuple[BackgroundTask[Deps], ...] = ()
     prefetch: int | None = None
     source: QueueSource | None = None
     enabled_when: Callable[[Settings], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.routing_keys:  # frozen: set once, here, as the dataclass documentation does
+            keys = tuple(model.event_type for model in self.handlers if issubclass(model, Event))
+            object.__setattr__(self, "routing_keys", keys)
 
     def bus_settings(self, settings: Settings) -> BusSettings:
         """Where this consumer's queue lives."""

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Self
 
 import structlog
@@ -29,8 +28,9 @@ from pymongo.errors import (
 )
 
 from wm import metrics
+from wm.adapters.closing import ClosedOnExit
 from wm.config import MongoSettings
-from wm.errors import Duplicate, TransientError
+from wm.errors import Duplicate, NotFound, TransientError
 
 Document = dict[str, Any]
 log = structlog.get_logger(__name__)
@@ -99,7 +99,29 @@ async def upsert(
                 raise
 
 
-class Database:
+async def insert_new(collection: AsyncCollection[Document], document: Document, what: str) -> bool:
+    """Insert ``document``; False, writing nothing, when a document with its unique key exists already.
+
+    The unique insert is how MWM decides anything once across replicas: the caller that gets True won.
+    """
+    try:
+        async with translated_errors(what):
+            await collection.insert_one(document)
+    except Duplicate:
+        return False
+    return True
+
+
+async def find_by_id(collection: AsyncCollection[Document], key: str, what: str, missing: str) -> Document:
+    """The document whose ``_id`` is ``key``; ``NotFound(missing)`` when there is none."""
+    async with translated_errors(what):
+        document = await collection.find_one({"_id": key})
+    if document is None:
+        raise NotFound(missing)
+    return document
+
+
+class Database(ClosedOnExit):
     """One ``AsyncMongoClient`` and database per process; use as an async context manager."""
 
     def __init__(self, settings: MongoSettings, index_specs: Iterable[IndexSpec] = ()) -> None:
@@ -123,11 +145,6 @@ class Database:
             await self.close()
             raise
         return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the client (idempotent)."""

@@ -20,7 +20,6 @@ import asyncio
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Self
 
 import aio_pika
@@ -35,6 +34,7 @@ from aio_pika.abc import (
 
 from schemas.events import Event
 from wm import metrics
+from wm.adapters.closing import ClosedOnExit
 from wm.config import BusSettings
 from wm.errors import TransientError
 
@@ -80,7 +80,7 @@ def event_message(event: Event, *, app_id: str, message_id: str | None = None) -
     )
 
 
-class Bus:
+class Bus(ClosedOnExit):
     """A robust connection to the broker, with a publisher-confirms channel.
 
     Use as an async context manager. Every method raises ``TransientError`` when the broker cannot be
@@ -107,11 +107,6 @@ class Bus:
             await self.close()
             raise TransientError(f"cannot connect to RabbitMQ at {self.settings.url}: {exc}") from exc
         return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the connection (idempotent)."""

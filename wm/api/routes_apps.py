@@ -54,16 +54,16 @@ async def validate_app(definition: Definition, registry: RegistryDep) -> Validat
     return ValidationReport(valid=not errors, errors=errors)
 
 
-@router.post("", status_code=201, dependencies=ADMIN, openapi_extra=_DEFINITION_BODY)
-async def register_app(definition: Definition, registry: RegistryDep) -> ApplicationRevision:
-    """Register a new application (revision 1; 409 when the name is taken)."""
-    return await registry.register(definition)
-
-
 @router.get("", dependencies=READ)
 async def list_apps(registry: RegistryDep, page: PageDep) -> Page[ApplicationRevision]:
     """The latest active revision of each application, by name."""
     return await registry.applications.list_page(page)
+
+
+@router.post("", status_code=201, dependencies=ADMIN, openapi_extra=_DEFINITION_BODY)
+async def register_app(definition: Definition, registry: RegistryDep) -> ApplicationRevision:
+    """Register a new application (revision 1; 409 when the name is taken)."""
+    return await registry.register(definition)
 
 
 @router.get("/{name}", dependencies=READ)

@@ -1,4 +1,4 @@
-"""``/sinks``: create (optionally checked with a C-ECHO), list, read and delete export sinks."""
+"""``/sinks``: list, create (optionally checked with a C-ECHO), read and delete export sinks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ from wm.registry.echo import echo as c_echo
 router = APIRouter(prefix="/sinks", tags=["sinks"])
 
 
+@router.get("", dependencies=READ)
+async def list_sinks(registry: RegistryDep, page: PageDep) -> Page[SinkDefinition]:
+    """Sinks by name."""
+    return await registry.sinks.list_page(page)
+
+
 @router.post("", status_code=201, dependencies=ADMIN)
 async def create_sink(
     sink: SinkDefinition,
@@ -27,12 +33,6 @@ async def create_sink(
     if echo:
         await _check_echo(sink)
     return await registry.sinks.create(sink)
-
-
-@router.get("", dependencies=READ)
-async def list_sinks(registry: RegistryDep, page: PageDep) -> Page[SinkDefinition]:
-    """Sinks by name."""
-    return await registry.sinks.list_page(page)
 
 
 @router.get("/{name}", dependencies=READ)

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -127,18 +127,22 @@ class ExportTask(BaseModel):
         return Lease(owner=self.lease_owner, number=self.lease_number - 1, expires_at=self.lease_expires_at)
 
 
+def _request(source: ExportTask | ExportRequested) -> dict[str, Any]:
+    """What an ``export.requested`` and its task share: all a pending task is made of (the event is
+    self-contained)."""
+    return {
+        "correlation_id": source.correlation_id,
+        "export_task_id": source.export_task_id,
+        "job_id": source.job_id,
+        "application_id": source.application_id,
+        "sink": source.sink,
+        "files": list(source.files),
+    }
+
+
 def task_for(event: ExportRequested, now: datetime) -> ExportTask:
-    """The pending task an ``ExportRequested`` describes (the event is self-contained)."""
-    return ExportTask(
-        export_task_id=event.export_task_id,
-        job_id=event.job_id,
-        application_id=event.application_id,
-        correlation_id=event.correlation_id,
-        sink=event.sink,
-        files=list(event.files),
-        created_at=now,
-        updated_at=now,
-    )
+    """The pending task an ``ExportRequested`` describes."""
+    return ExportTask.model_validate({**_request(event), "created_at": now, "updated_at": now})
 
 
 def completed_event(task: ExportTask) -> ExportCompleted:
@@ -158,14 +162,7 @@ def completed_event(task: ExportTask) -> ExportCompleted:
 
 def requested_event(task: ExportTask) -> ExportRequested:
     """The ``export.requested`` that asks for ``task`` again (after its lease expired)."""
-    return ExportRequested(
-        correlation_id=task.correlation_id,
-        export_task_id=task.export_task_id,
-        job_id=task.job_id,
-        application_id=task.application_id,
-        sink=task.sink,
-        files=task.files,
-    )
+    return ExportRequested.model_validate(_request(task))
 
 
 def summary(results: Sequence[FileExportResult]) -> str:

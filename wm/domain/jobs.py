@@ -53,19 +53,18 @@ class JobTransition(StrEnum):
 TERMINAL = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled, JobState.timed_out})
 
 _S, _T = JobState, JobTransition
+_ENDINGS = {_T.succeed: _S.succeeded, _T.fail: _S.failed, _T.cancel: _S.cancelled, _T.time_out: _S.timed_out}
+"""How a job its engine has (launched or running) may end."""
 TRANSITIONS: dict[tuple[JobState, JobTransition], JobState] = {
     (_S.created, _T.launch): _S.launched,
-    (_S.created, _T.fail): _S.failed,
+    (_S.created, _T.fail): _S.failed,  # the launch kept failing
     (_S.created, _T.cancel): _S.cancelled,
     (_S.launched, _T.start): _S.running,
-    (_S.launched, _T.succeed): _S.succeeded,
-    (_S.launched, _T.fail): _S.failed,
-    (_S.launched, _T.cancel): _S.cancelled,
-    (_S.launched, _T.time_out): _S.timed_out,
-    (_S.running, _T.succeed): _S.succeeded,
-    (_S.running, _T.fail): _S.failed,
-    (_S.running, _T.cancel): _S.cancelled,
-    (_S.running, _T.time_out): _S.timed_out,
+    **{
+        (state, transition): end
+        for state in (_S.launched, _S.running)
+        for transition, end in _ENDINGS.items()
+    },
 }
 
 

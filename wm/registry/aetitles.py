@@ -17,8 +17,8 @@ from typing import Any
 from pymongo import ASCENDING, IndexModel
 
 from schemas.applications import AeTitleMapping, CallingPeer
-from wm.adapters.mongo import Database, IndexSpec, translated_errors
-from wm.errors import Duplicate, NotFound
+from wm.adapters.mongo import Database, IndexSpec, insert_new, translated_errors
+from wm.errors import NotFound
 from wm.registry.models import Page, PageRequest
 
 AE_TITLES = "ae_titles"
@@ -101,11 +101,8 @@ class AeTitles:
             await self._links.delete_many({"application": application})
 
     async def _ensure_title(self, ae_title: str) -> None:
-        try:
-            async with translated_errors("create AE title"):
-                await self._titles.insert_one({"_id": ae_title, "allowed_callers": [], "created_at": _now()})
-        except Duplicate:
-            return
+        document = {"_id": ae_title, "allowed_callers": [], "created_at": _now()}
+        await insert_new(self._titles, document, "create AE title")  # an existing one stays as it is
 
     async def _link(self, ae_title: str, applications: Iterable[str]) -> None:
         for application in applications:
@@ -114,11 +111,7 @@ class AeTitles:
                 "ae_title": ae_title,
                 "application": application,
             }
-            try:
-                async with translated_errors("map AE title"):
-                    await self._links.insert_one({**document, "created_at": _now()})
-            except Duplicate:
-                continue
+            await insert_new(self._links, {**document, "created_at": _now()}, "map AE title")
 
     async def _mappings(self, titles: Sequence[str]) -> list[AeTitleMapping]:
         if not titles:

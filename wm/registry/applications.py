@@ -15,8 +15,8 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, IndexModel
 
 from schemas.applications import ApplicationDefinition
-from wm.adapters.mongo import Database, IndexSpec, translated_errors
-from wm.errors import Conflict, Duplicate, NotFound
+from wm.adapters.mongo import Database, IndexSpec, find_by_id, insert_new, translated_errors
+from wm.errors import Conflict, NotFound
 from wm.registry.models import ApplicationRevision, Page, PageRequest
 
 APPLICATIONS = "applications"
@@ -65,10 +65,10 @@ class Applications:
 
     async def revision(self, name: str, revision: int) -> ApplicationRevision:
         """One revision, deleted or not."""
-        async with translated_errors("read application revision"):
-            document = await self._collection.find_one({"_id": f"{name}:{revision}"})
-        if document is None:
-            raise NotFound(f"application {name!r} has no revision {revision}")
+        missing = f"application {name!r} has no revision {revision}"
+        document = await find_by_id(
+            self._collection, f"{name}:{revision}", "read application revision", missing
+        )
         return ApplicationRevision.from_document(document)
 
     async def list_page(self, page: PageRequest) -> Page[ApplicationRevision]:
@@ -128,9 +128,7 @@ class Applications:
         record = ApplicationRevision(
             name=definition.name, revision=revision, definition=definition, created_at=datetime.now(UTC)
         )
-        try:
-            async with translated_errors("insert application revision"):
-                await self._collection.insert_one({"_id": f"{record.name}:{revision}", **record.model_dump()})
-        except Duplicate as exc:
-            raise Conflict(taken) from exc
+        document = {"_id": f"{record.name}:{revision}", **record.model_dump()}
+        if not await insert_new(self._collection, document, "insert application revision"):
+            raise Conflict(taken)
         return record

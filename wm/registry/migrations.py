@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
-from wm.adapters.mongo import Database, translated_errors
-from wm.errors import Duplicate
+from wm.adapters.mongo import Database, insert_new, translated_errors
 from wm.registry.aetitles import AE_TITLE_LINKS_INDEXES
 from wm.registry.applications import APPLICATIONS_INDEXES
 from wm.stores.auth import API_KEYS_INDEXES
@@ -41,10 +40,7 @@ async def migrate(database: Database, migrations: Sequence[Migration] = MIGRATIO
         if migration_id in done:
             continue
         await apply(database)
-        try:
-            async with translated_errors("record migration"):
-                await collection.insert_one({"_id": migration_id, "applied_at": datetime.now(UTC)})
-        except Duplicate:
-            continue
-        applied.append(migration_id)
+        record = {"_id": migration_id, "applied_at": datetime.now(UTC)}
+        if await insert_new(collection, record, "record migration"):  # else another process recorded it
+            applied.append(migration_id)
     return applied

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from schemas.applications import SinkDefinition
-from wm.adapters.mongo import Database, translated_errors
-from wm.errors import Conflict, Duplicate, NotFound
+from wm.adapters.mongo import Database, find_by_id, insert_new, translated_errors
+from wm.errors import Conflict, NotFound
 from wm.registry.models import Page, PageRequest
 
 SINKS = "sinks"
@@ -22,19 +22,13 @@ class Sinks:
     async def create(self, sink: SinkDefinition) -> SinkDefinition:
         """Store a new sink; ``Conflict`` when the name is taken."""
         document = {"_id": sink.name, "definition": sink.model_dump(), "created_at": datetime.now(UTC)}
-        try:
-            async with translated_errors("create sink"):
-                await self._collection.insert_one(document)
-        except Duplicate as exc:
-            raise Conflict(f"sink {sink.name!r} already exists") from exc
+        if not await insert_new(self._collection, document, "create sink"):
+            raise Conflict(f"sink {sink.name!r} already exists")
         return sink
 
     async def get(self, name: str) -> SinkDefinition:
         """The sink ``name``; ``NotFound`` when there is none."""
-        async with translated_errors("read sink"):
-            document = await self._collection.find_one({"_id": name})
-        if document is None:
-            raise NotFound(f"sink {name!r} not found")
+        document = await find_by_id(self._collection, name, "read sink", f"sink {name!r} not found")
         return SinkDefinition.model_validate(document["definition"])
 
     async def list_page(self, page: PageRequest) -> Page[SinkDefinition]:

@@ -11,7 +11,6 @@ the closure is decided by a unique insert (``wm.stores.buckets``), so ``bucket.r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,8 +19,8 @@ import structlog
 from pymongo import IndexModel
 
 from schemas.events import BucketReady
-from wm.adapters.mongo import Database, IndexSpec, translated_errors
-from wm.errors import Duplicate, TransientError
+from wm.adapters.mongo import Database, IndexSpec, insert_new
+from wm.errors import TransientError
 from wm.ports import EventPublisher
 from wm.service_layer.periodic import every
 from wm.stores.buckets import BucketStore
@@ -162,8 +161,5 @@ class BucketTimers:
     async def _claim_retry(self, bucket_id: str, now: datetime) -> bool:
         """One replica per lease period may re-publish a stale closure."""
         window = int(now.timestamp() // self._lease.total_seconds())
-        with contextlib.suppress(Duplicate):
-            async with translated_errors("claim closure retry"):
-                await self._retries.insert_one({"_id": f"{bucket_id}@{window}", "bucket_id": bucket_id})
-            return True
-        return False
+        claim = {"_id": f"{bucket_id}@{window}", "bucket_id": bucket_id}
+        return await insert_new(self._retries, claim, "claim closure retry")

@@ -23,8 +23,8 @@ from typing import Literal
 from pydantic import BaseModel
 from pymongo import ASCENDING, IndexModel
 
-from wm.adapters.mongo import Database, IndexSpec, translated_errors
-from wm.errors import Conflict, Duplicate, NotFound, PermanentError
+from wm.adapters.mongo import Database, IndexSpec, insert_new, translated_errors
+from wm.errors import Conflict, NotFound, PermanentError
 
 API_KEYS = "api_keys"
 API_KEYS_INDEXES = IndexSpec(API_KEYS, (IndexModel([("name", ASCENDING)], unique=True, name="name"),))
@@ -134,11 +134,8 @@ class ApiKeys:
 
     async def _insert(self, key: ApiKey, secret: str) -> None:
         document = {"_id": key.key_id, **key.model_dump(exclude={"key_id"}), "secret_sha256": digest(secret)}
-        try:
-            async with translated_errors("create API key"):
-                await self._collection.insert_one(document)
-        except Duplicate as exc:
-            raise Conflict(f"an API key named {key.name!r} already exists") from exc
+        if not await insert_new(self._collection, document, "create API key"):
+            raise Conflict(f"an API key named {key.name!r} already exists")
 
 
 def _key(document: dict[str, object]) -> ApiKey:

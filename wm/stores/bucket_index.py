@@ -28,8 +28,7 @@ from datetime import datetime
 
 from pymongo import ASCENDING, IndexModel
 
-from wm.adapters.mongo import Database, Document, IndexSpec, translated_errors
-from wm.errors import Duplicate
+from wm.adapters.mongo import Database, Document, IndexSpec, insert_new, translated_errors, upsert
 
 WATCH = "bucket_watch"
 SLOTS = "bucket_slots"
@@ -56,16 +55,7 @@ class BucketWatch:
 
     async def extend(self, bucket_id: str, due: datetime) -> None:
         """Watch the bucket, due at ``due`` at the earliest (a later due time already recorded stands)."""
-        for attempt in range(2):
-            try:
-                async with translated_errors("watch bucket"):
-                    await self._watch.update_one(
-                        {"_id": bucket_id}, {"$max": {"closes_at": due}}, upsert=True
-                    )
-                return
-            except Duplicate:  # two upserts raced to insert the entry: it exists now, so update it
-                if attempt:
-                    raise
+        await upsert(self._watch, {"_id": bucket_id}, {"$max": {"closes_at": due}}, "watch bucket")
 
     async def due(self, now: datetime, limit: int) -> list[Document]:
         """Watched buckets due by ``now``: ``{_id, closes_at}``, the longest due first."""
@@ -117,12 +107,7 @@ class BucketSlots:
 
     async def _take(self, bucket_id: str, number: int, file_id: str) -> bool:
         document = {"_id": slot_id(bucket_id, number), "bucket_id": bucket_id, "file_id": file_id}
-        try:
-            async with translated_errors("take bucket slot"):
-                await self._slots.insert_one(document)
-        except Duplicate:
-            return False
-        return True
+        return await insert_new(self._slots, document, "take bucket slot")
 
     async def _first_free(self, bucket_id: str) -> int:
         """The first free slot, found with O(log n) look-ups (the taken slots form a prefix)."""

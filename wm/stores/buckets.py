@@ -9,12 +9,12 @@ on FerretDB):
 - ``bucket_files``: ``_id`` = file id (bucket key + object key): a redelivered event adds nothing.
   ``bucket_id`` says which generation the file is heading for; ``arrived_at`` when it arrived.
 - ``bucket_closures``: ``_id`` = bucket id. The one closer whose insert wins closes the bucket.
-- ``bucket_memberships``: ``_id`` = file id + bucket id. A file that joins a bucket while it closes is
-  contested: the closer and the late file each try to insert the same membership; exactly one wins. If the
-  closer wins the file is in the bucket; otherwise the file moves to the next generation. The closer's
-  memberships and, last in the same ordered insert, the seal (``_id`` = ``seal|<bucket id>``, holding the
-  outgoing ``bucket.ready``) are one write: a seal exists only once every member is secured, and the
-  event is published only after its seal is stored (an outbox).
+- ``bucket_memberships`` (``wm.stores.bucket_memberships``): ``_id`` = file id + bucket id. A file that
+  joins a bucket while it closes is contested: the closer and the late file each try to insert the same
+  membership; exactly one wins. If the closer wins the file is in the bucket; otherwise the file moves to
+  the next generation. The closer's memberships and, last in the same ordered insert, the seal (``_id`` =
+  ``seal|<bucket id>``, holding the outgoing ``bucket.ready``) are one write: a seal exists only once every
+  member is secured, and the event is published only after its seal is stored (an outbox).
 
 Why no file is lost or counted twice: a file first records its bucket (write W1: its document, then a slot
 of the bucket, ``wm.stores.bucket_index``), then looks for that bucket's closure (read R1); the closer first
@@ -39,30 +39,24 @@ import asyncio
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-import structlog
-from prometheus_client import Counter
 from pymongo import ASCENDING, IndexModel
-from pymongo.errors import BulkWriteError
 
-from schemas.events import BucketFile, BucketReady, PayloadArrived
-from wm.adapters.mongo import DUPLICATE_KEY, Database, Document, IndexSpec, translated_errors
-from wm.domain.discovery import Joined, Placement, after_earlier_generations, bucket_ready, closes_at, file_id
-from wm.errors import Duplicate
-from wm.stores import bucket_index
+from schemas.events import BucketReady, PayloadArrived
+from wm.adapters.mongo import Database, Document, IndexSpec, insert_new, translated_errors
+from wm.domain.discovery import Joined, Placement, closes_at, file_id
+from wm.stores import bucket_index, bucket_memberships
 from wm.stores.bucket_index import BucketSlots, BucketWatch
+from wm.stores.bucket_memberships import MEMBERSHIPS as MEMBERSHIPS  # re-exported for the store's users
+from wm.stores.bucket_memberships import BucketMemberships
+from wm.stores.bucket_memberships import membership_id as membership_id
+from wm.stores.bucket_memberships import seal_id as seal_id
 
 BUCKETS = "buckets"
 FILES = "bucket_files"
 CLOSURES = "bucket_closures"
-MEMBERSHIPS = "bucket_memberships"
 KEYS = "bucket_keys"
 """Per bucket key whose generations retention removed: the generation to start from (``_id`` = key)."""
-DUPLICATE_INSTANCES = Counter(
-    "mwm_discovery_duplicate_instances_total", "Instances resent after their study's job ran (not run again)"
-)
-log = structlog.get_logger("wm.stores.buckets")
 OPEN_HINTS = 10_000  # bucket keys remembered per replica; past this the hints start over
 
 INDEXES = (
@@ -75,7 +69,7 @@ INDEXES = (
     ),
     IndexSpec(FILES, (IndexModel([("bucket_id", ASCENDING)]),)),
     IndexSpec(CLOSURES, (IndexModel([("published_at", ASCENDING)]),)),
-    IndexSpec(MEMBERSHIPS, (IndexModel([("bucket_id", ASCENDING), ("winner", ASCENDING)]),)),
+    *bucket_memberships.INDEXES,
     *bucket_index.INDEXES,
 )
 
@@ -93,25 +87,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def seal_id(bucket_id: str) -> str:
-    """The ``_id`` of a bucket's seal in ``bucket_memberships``."""
-    return f"seal|{bucket_id}"
-
-
-def membership_id(file_id: str, bucket_id: str) -> str:
-    """The ``_id`` of the decision whether a file is in a bucket, in ``bucket_memberships``."""
-    return f"{file_id}|{bucket_id}"
-
-
-def _membership(file_id: str, bucket_id: str, winner: str) -> Document:
-    return {
-        "_id": membership_id(file_id, bucket_id),
-        "bucket_id": bucket_id,
-        "file_id": file_id,
-        "winner": winner,
-    }
-
-
 class BucketStore:
     """Bucket operations for the discovery consumer."""
 
@@ -119,8 +94,8 @@ class BucketStore:
         self._buckets = database.collection(BUCKETS)
         self._files = database.collection(FILES)
         self._closures = database.collection(CLOSURES)
-        self._memberships = database.collection(MEMBERSHIPS)
         self._keys = database.collection(KEYS)
+        self._memberships = BucketMemberships(database)
         self._watch = BucketWatch(database)
         self._slots = BucketSlots(database)
         self._open: dict[str, Document] = {}  # bucket key -> the generation last seen open here
@@ -166,13 +141,7 @@ class BucketStore:
             "dicom": event.dicom.model_dump(mode="json"),
             "interrupted": event.interrupted,
         }
-        try:
-            await self._files.insert_one(document)
-        except Exception as exc:
-            if not _is_duplicate(exc):
-                raise
-            return False
-        return True
+        return await insert_new(self._files, document, "record bucket file")
 
     async def watch_open(self) -> int:
         """Watch every open bucket missing from the watch list; how many (once per start, a scan).
@@ -207,23 +176,12 @@ class BucketStore:
         Returns the bucket the file heads for, and whether that bucket is still open (not closing).
         """
         while await self._closures.find_one({"_id": bucket["_id"]}, {"_id": 1}) is not None:
-            if not await self._contest(fid, bucket["_id"], winner="file"):
+            if not await self._memberships.contest(fid, bucket["_id"], winner="file"):
                 return bucket, False  # the closer took the file into the closing bucket
             bucket = await self._generation(placement, bucket["generation"] + 1, correlation_id)
             await self._files.update_one({"_id": fid}, {"$set": {"bucket_id": bucket["_id"]}})
             await self._slots.add(bucket["_id"], fid)
         return bucket, True
-
-    async def _contest(self, fid: str, bucket_id: str, winner: str) -> bool:
-        """Insert the membership decision for (file, bucket); True when this side won."""
-        try:
-            await self._memberships.insert_one(_membership(fid, bucket_id, winner))
-            return True
-        except Exception as exc:
-            if not _is_duplicate(exc):
-                raise
-            existing = await self._memberships.find_one({"_id": membership_id(fid, bucket_id)})
-            return existing is not None and existing["winner"] == winner
 
     async def _open_generation(self, placement: Placement, correlation_id: str) -> Document:
         """The first generation not closed yet (created if none is), by ``_id`` look-ups.
@@ -257,12 +215,8 @@ class BucketStore:
             "opened_at": now,
             "closes_at": closes_at(now, placement.quiet_period_s),
         }
-        try:
-            await self._buckets.insert_one(document)
+        if await insert_new(self._buckets, document, "open bucket generation"):
             return document
-        except Exception as exc:
-            if not _is_duplicate(exc):
-                raise
         existing = await self._bucket(bucket_id)
         assert existing is not None
         return existing
@@ -289,101 +243,20 @@ class BucketStore:
                 await self._watch.extend(bucket_id, bucket["closes_at"])
                 return Closing(not_before=bucket["closes_at"])
             self._forget(bucket)
-            try:
-                await self._closures.insert_one({"_id": bucket_id, "claimed_at": now, "closer": os.getpid()})
-            except Exception as exc:
-                if _is_duplicate(exc):
-                    return Closing()
-                raise
+            closure = {"_id": bucket_id, "claimed_at": now, "closer": os.getpid()}
+            if not await insert_new(self._closures, closure, "claim bucket closure"):
+                return Closing()  # another closer won
             return Closing(event=await self._seal(bucket, now), closed=True)
 
     async def _seal(self, bucket: Document, now: datetime) -> BucketReady | None:
-        """Secure every file heading here and store the event in one ordered write (the seal)."""
-        bucket_id = bucket["_id"]
-        heading_here = await self._heading_for(bucket_id)
-        event = await self._event(bucket, heading_here, now)
-        memberships = [_membership(doc["_id"], bucket_id, "closer") for doc in heading_here]
-        seal = {"_id": seal_id(bucket_id), "bucket_id": bucket_id, "event": _dump(event)}
-        try:
-            await self._memberships.insert_many([*memberships, seal], ordered=True)
-            return event
-        except BulkWriteError as exc:  # a file won its contest first, or a seal exists: the slow path
-            _raise_unless_duplicates(exc)
-            failed = exc.details["writeErrors"][0]["index"]
-        return await self._seal_contested(bucket, heading_here, memberships[failed:], now)
+        """Secure every file heading here and store the event (the seal, ``wm.stores.bucket_memberships``)."""
+        return await self._memberships.seal(bucket, await self._heading_for(bucket["_id"]), now)
 
     async def _heading_for(self, bucket_id: str) -> list[Document]:
         """The files heading for the bucket (R2): its slots' files still recorded as heading there."""
         file_ids = await self._slots.members(bucket_id)
         files = await asyncio.gather(*(self._files.find_one({"_id": fid}) for fid in file_ids))
         return [doc for doc in files if doc is not None and doc["bucket_id"] == bucket_id]
-
-    async def _seal_contested(
-        self, bucket: Document, heading_here: list[Document], rest: list[Document], now: datetime
-    ) -> BucketReady | None:
-        bucket_id = bucket["_id"]
-        if rest:
-            try:
-                await self._memberships.insert_many(rest, ordered=False)
-            except BulkWriteError as exc:
-                _raise_unless_duplicates(exc)
-        ids = [membership_id(doc["_id"], bucket_id) for doc in heading_here]
-        decided = await asyncio.gather(*(self._memberships.find_one({"_id": mid}) for mid in ids))
-        won_ids = {doc["file_id"] for doc in decided if doc is not None and doc["winner"] == "closer"}
-        event = await self._event(bucket, [doc for doc in heading_here if doc["_id"] in won_ids], now)
-        try:
-            await self._memberships.insert_one(
-                {"_id": seal_id(bucket_id), "bucket_id": bucket_id, "event": _dump(event)}
-            )
-        except Exception as exc:
-            if not _is_duplicate(exc):
-                raise
-            return await self._sealed(bucket_id)  # sealed first elsewhere: that seal is the truth
-        return event
-
-    async def _event(self, bucket: Document, files: list[Document], now: datetime) -> BucketReady | None:
-        """The bucket's ``bucket.ready`` with these member files (None when it has nothing to run).
-
-        A later generation runs on the whole study when it brings a new instance, and on nothing when it
-        only repeats instances an earlier generation ran on (`after_earlier_generations`).
-        """
-        if not files:
-            return None
-        files = sorted(files, key=lambda doc: doc["arrived_at"])
-        members = [BucketFile.model_validate({"file": f["file"], "dicom": f["dicom"]}) for f in files]
-        incomplete = any(f.get("interrupted") for f in files)
-        earlier = await self._last_run(bucket)
-        if earlier is not None:
-            members, duplicates = after_earlier_generations(earlier.files, members)
-            incomplete = incomplete or earlier.possibly_incomplete
-            if duplicates:
-                DUPLICATE_INSTANCES.inc(duplicates)
-                log.warning(
-                    "resent_instances",
-                    bucket_id=bucket["_id"],
-                    duplicates=duplicates,
-                    new=len(members) - len(earlier.files) if members else 0,
-                    runs_again=bool(members),
-                )
-            if not members:
-                return None
-        placement = _placement(bucket)
-        opened_at, correlation_id = bucket["opened_at"], bucket["correlation_id"]
-        return bucket_ready(bucket["_id"], placement, correlation_id, members, opened_at, now, incomplete)
-
-    async def _last_run(self, bucket: Document) -> BucketReady | None:
-        """The ``bucket.ready`` of the latest earlier generation that ran (it holds the whole study)."""
-        placement = _placement(bucket)
-        for generation in range(int(bucket.get("generation", 1)) - 1, 0, -1):
-            seal = await self._memberships.find_one({"_id": seal_id(placement.bucket_id(generation))})
-            if seal is not None and seal["event"]:
-                return BucketReady.model_validate(seal["event"])
-        return None
-
-    async def _sealed(self, bucket_id: str) -> BucketReady | None:
-        seal = await self._memberships.find_one({"_id": seal_id(bucket_id)})
-        assert seal is not None
-        return BucketReady.model_validate(seal["event"]) if seal["event"] else None
 
     async def mark_published(self, bucket_id: str) -> None:
         """Record that the bucket's ``bucket.ready`` was confirmed by the broker (and the bucket closed)."""
@@ -406,35 +279,10 @@ class BucketStore:
             results: list[tuple[str, BucketReady | None]] = []
             for closure in stale:
                 bucket_id = str(closure["_id"])
-                if await self._memberships.find_one({"_id": seal_id(bucket_id)}, {"_id": 1}):
-                    event = await self._sealed(bucket_id)
+                if await self._memberships.is_sealed(bucket_id):
+                    event = await self._memberships.sealed(bucket_id)
                 else:  # died before sealing: seal now (contests and memberships are idempotent)
                     bucket = await self._bucket(bucket_id)
                     event = await self._seal(bucket, closure["claimed_at"]) if bucket else None
                 results.append((bucket_id, event))
             return results
-
-
-def _dump(event: BucketReady | None) -> dict[str, Any] | None:
-    return event.model_dump(mode="json") if event else None
-
-
-def _raise_unless_duplicates(exc: BulkWriteError) -> None:
-    if any(error.get("code") != DUPLICATE_KEY for error in exc.details.get("writeErrors", [])):
-        raise exc
-
-
-def _placement(bucket: Document) -> Placement:
-    return Placement(
-        bucket["application"],
-        bucket["revision"],
-        bucket["grouping_tag"],
-        bucket["grouping_value"],
-        bucket["quiet_period_s"],
-    )
-
-
-def _is_duplicate(exc: Exception) -> bool:
-    from pymongo.errors import DuplicateKeyError
-
-    return isinstance(exc, DuplicateKeyError | Duplicate)

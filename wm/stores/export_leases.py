@@ -12,8 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from wm import metrics
-from wm.adapters.mongo import Database, Document, translated_errors
-from wm.errors import Duplicate
+from wm.adapters.mongo import Database, Document, insert_new, translated_errors
 
 EXPORT_LEASES = "export_leases"
 _LEASE_PROBES = 64
@@ -92,9 +91,4 @@ class ExportLeases:
             "acquired_at": now,
             "expires_at": expires_at,
         }
-        try:
-            async with translated_errors("insert export lease"):
-                await self._leases.insert_one(document)
-        except Duplicate:
-            return False
-        return True
+        return await insert_new(self._leases, document, "insert export lease")

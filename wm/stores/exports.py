@@ -24,7 +24,7 @@ from typing import Any
 from pymongo import ASCENDING, IndexModel
 
 from schemas.events import ExportOutcome, FileExportResult
-from wm.adapters.mongo import Database, Document, IndexSpec, translated_errors
+from wm.adapters.mongo import Database, Document, IndexSpec, find_by_id, insert_new, translated_errors
 from wm.domain.exports import (
     FINAL_STATES,
     OPEN_STATES,
@@ -35,7 +35,7 @@ from wm.domain.exports import (
     final_result,
     merge_results,
 )
-from wm.errors import Conflict, Duplicate, NotFound
+from wm.errors import Conflict
 from wm.ports import EventPublisher, ExportTaskRecords
 from wm.registry.models import Page, PageRequest
 from wm.stores import export_index
@@ -86,12 +86,9 @@ class ExportTasks:
     async def create(self, task: ExportTask) -> bool:
         """Insert the task; False when a task with its id exists already. Either way an open task is
         watched."""
-        created = True
-        try:
-            async with translated_errors("create export task"):
-                await self._tasks.insert_one(_document(task))
-        except Duplicate:
-            created, task = False, await self.get(task.export_task_id)
+        created = await insert_new(self._tasks, _document(task), "create export task")
+        if not created:
+            task = await self.get(task.export_task_id)
         if not task.is_final:
             await self.watch(task)
         return created
@@ -125,11 +122,8 @@ class ExportTasks:
 
     async def get(self, task_id: str) -> ExportTask:
         """The task; ``NotFound`` when there is none."""
-        async with translated_errors("read export task"):
-            document = await self._tasks.find_one({"_id": task_id})
-        if document is None:
-            raise NotFound(f"export task {task_id!r} not found")
-        return _task(document)
+        missing = f"export task {task_id!r} not found"
+        return _task(await find_by_id(self._tasks, task_id, "read export task", missing))
 
     async def record_result(
         self,

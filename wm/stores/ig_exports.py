@@ -23,10 +23,10 @@ from datetime import UTC, datetime, timedelta
 
 from pymongo import ASCENDING, IndexModel
 
-from wm.adapters.mongo import Database, IndexSpec, translated_errors
+from wm.adapters.mongo import Database, IndexSpec, find_by_id, insert_new, translated_errors
 from wm.domain.exports import ExportTask, completed_message_id
 from wm.domain.monai_ig import IgExport
-from wm.errors import Duplicate, NotFound, TransientError
+from wm.errors import NotFound, TransientError
 from wm.ports import EventPublisher, ExportTaskRecords, IgExportRecords
 from wm.stores.exports import announce_completion
 
@@ -82,11 +82,8 @@ class IgExports:
 
     async def get(self, task_id: str) -> IgExport:
         """The hand-off of a task; ``NotFound`` when MWM never handed that task to the IG."""
-        async with translated_errors("read IG export"):
-            document = await self._collection.find_one({"_id": task_id})
-        if document is None:
-            raise NotFound(f"no IG export for task {task_id!r}")
-        return _export(document)
+        missing = f"no IG export for task {task_id!r}"
+        return _export(await find_by_id(self._collection, task_id, "read IG export", missing))
 
     async def resolve(self, task_id: str) -> None:
         """The task's result is recorded (completion or deadline): nothing waits for it any more."""
@@ -104,12 +101,7 @@ class IgExports:
     async def claim_announcement(self, message_id: str, task_id: str) -> bool:
         """True for exactly one caller per ``export.completed`` message id: the one that publishes it."""
         document = {"_id": message_id, "task_id": task_id, "claimed_at": _now(), "published_at": None}
-        try:
-            async with translated_errors("claim IG export announcement"):
-                await self._announcements.insert_one(document)
-        except Duplicate:
-            return False
-        return True
+        return await insert_new(self._announcements, document, "claim IG export announcement")
 
     async def release_announcement(self, message_id: str) -> None:
         """Drop an unconfirmed claim (its publish failed): the next attempt may claim it again."""

@@ -27,12 +27,20 @@ from typing import Any
 
 from pymongo import ASCENDING, IndexModel
 
-from wm.adapters.mongo import Database, IndexSpec, delete_matching, translated_errors, upsert
+from wm.adapters.mongo import (
+    Database,
+    IndexSpec,
+    delete_matching,
+    find_by_id,
+    insert_new,
+    translated_errors,
+    upsert,
+)
 from wm.domain.jobs import TERMINAL, JobAttempt, JobState, JobTransition, next_state
 from wm.domain.jobs import Job as Job  # the model lives in the domain; re-exported for the store's users
 from wm.domain.jobs import finished_event as finished_event
 from wm.domain.jobs import launched_event as launched_event
-from wm.errors import Conflict, Duplicate, NotFound
+from wm.errors import Conflict
 
 JOBS = "jobs"
 FINISHES = "job_finishes"
@@ -83,10 +91,7 @@ class JobStore:
 
     async def create(self, job: Job) -> Job:
         """Insert the job, or return the one that already exists under its id; either way it is watched."""
-        try:
-            async with translated_errors("create job"):
-                await self._jobs.insert_one(_document(job))
-        except Duplicate:
+        if not await insert_new(self._jobs, _document(job), "create job"):
             job = await self.get(job.job_id)
         if not job.terminal:
             await self._watch(job.job_id, job.created_at)
@@ -94,11 +99,7 @@ class JobStore:
 
     async def get(self, job_id: str) -> Job:
         """The job; ``NotFound`` if there is none."""
-        async with translated_errors("read job"):
-            document = await self._jobs.find_one({"_id": job_id})
-        if document is None:
-            raise NotFound(f"job {job_id} does not exist")
-        return _job(document)
+        return _job(await find_by_id(self._jobs, job_id, "read job", f"job {job_id} does not exist"))
 
     async def apply(
         self, job_id: str, transition: JobTransition, *, current: Job | None = None, **fields: Any
@@ -220,11 +221,8 @@ class JobStore:
         return len(missing) + len(unwatched_claims)
 
     async def _watch(self, job_id: str, due_at: datetime) -> None:
-        try:
-            async with translated_errors("watch job"):
-                await self._checks.insert_one({"_id": job_id, "due_at": due_at})
-        except Duplicate:
-            pass  # already watched: its schedule stands
+        # A job watched already keeps its schedule.
+        await insert_new(self._checks, {"_id": job_id, "due_at": due_at}, "watch job")
 
     async def _unwatch(self, job_id: str) -> None:
         async with translated_errors("unwatch job"):
@@ -247,12 +245,8 @@ class JobStore:
     async def claim_finish(self, job_id: str) -> bool:
         """True for exactly one caller per job: the one that publishes its end."""
         await self._watch_finish(job_id)
-        try:
-            async with translated_errors("claim job finish"):
-                await self._finishes.insert_one({"_id": job_id, "claimed_at": _now(), "published_at": None})
-            return True
-        except Duplicate:
-            return False
+        claim = {"_id": job_id, "claimed_at": _now(), "published_at": None}
+        return await insert_new(self._finishes, claim, "claim job finish")
 
     async def stale_finishes(self, older_than: timedelta, limit: int = 100) -> list[str]:
         """Finishes claimed but not published in time (the claimer died), at most ``limit``."""
