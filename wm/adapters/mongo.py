@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 import structlog
@@ -119,6 +119,27 @@ async def find_by_id(collection: AsyncCollection[Document], key: str, what: str,
     if document is None:
         raise NotFound(missing)
     return document
+
+
+async def reclaim_stale(
+    collection: AsyncCollection[Document], key: str, older_than: timedelta, what: str
+) -> bool:
+    """Take over the unpublished claim ``key`` once it is older than ``older_than``: True for one caller.
+
+    A claim is ``{_id, claimed_at, published_at}``; the winner is the caller whose conditional re-stamp
+    of the ``claimed_at`` it read lands (a read, then a compare-and-set: the MongoDB-wire server has no
+    atomic find-and-modify on a condition like this).
+    """
+    async with translated_errors(what):
+        document = await collection.find_one({"_id": key})
+        if document is None or document["published_at"] is not None:
+            return False
+        if document["claimed_at"] > datetime.now(UTC) - older_than:
+            return False
+        result = await collection.update_one(
+            {"_id": key, "claimed_at": document["claimed_at"]}, {"$set": {"claimed_at": datetime.now(UTC)}}
+        )
+    return result.modified_count == 1
 
 
 class Database(ClosedOnExit):

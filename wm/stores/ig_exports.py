@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 
 from pymongo import ASCENDING, IndexModel
 
-from wm.adapters.mongo import Database, IndexSpec, find_by_id, insert_new, translated_errors
+from wm.adapters.mongo import Database, IndexSpec, find_by_id, insert_new, reclaim_stale, translated_errors
 from wm.domain.exports import ExportTask, completed_message_id
 from wm.domain.monai_ig import IgExport
 from wm.errors import NotFound, TransientError
@@ -126,16 +126,9 @@ class IgExports:
         On FerretDB the re-stamp is read-then-write, so two sweepers may both win a claim whose claimer
         died: that rare double publish carries one message id, which consumers recognise.
         """
-        async with translated_errors("reclaim IG export announcement"):
-            document = await self._announcements.find_one({"_id": message_id})
-            if document is None or document["published_at"] is not None:
-                return False
-            if document["claimed_at"] > _now() - older_than:
-                return False
-            result = await self._announcements.update_one(
-                {"_id": message_id, "claimed_at": document["claimed_at"]}, {"$set": {"claimed_at": _now()}}
-            )
-        return result.modified_count == 1
+        return await reclaim_stale(
+            self._announcements, message_id, older_than, "reclaim IG export announcement"
+        )
 
 
 async def announce_once(

@@ -33,6 +33,7 @@ from wm.adapters.mongo import (
     delete_matching,
     find_by_id,
     insert_new,
+    reclaim_stale,
     translated_errors,
     upsert,
 )
@@ -277,16 +278,7 @@ class JobStore:
 
     async def reclaim_finish(self, job_id: str, older_than: timedelta) -> bool:
         """Take over a stale finish: one caller wins by re-stamping the claim time it read."""
-        async with translated_errors("reclaim job finish"):
-            document = await self._finishes.find_one({"_id": job_id})
-            if document is None or document["published_at"] is not None:
-                return False
-            if document["claimed_at"] > _now() - older_than:
-                return False
-            result = await self._finishes.update_one(
-                {"_id": job_id, "claimed_at": document["claimed_at"]}, {"$set": {"claimed_at": _now()}}
-            )
-        return result.modified_count == 1
+        return await reclaim_stale(self._finishes, job_id, older_than, "reclaim job finish")
 
     async def release_finish(self, job_id: str) -> None:
         """Drop an unpublished finish claim, so the job's next check can claim its end again."""
