@@ -53,6 +53,7 @@ from tests.support.services import cleanup, settings_env  # noqa: E402
 from wm.adapters.mongo import Database  # noqa: E402
 from wm.adapters.objectstore import ObjectStore  # noqa: E402
 from wm.config import Settings  # noqa: E402
+from wm.pynetdicom_patches import copy_contexts_cheaply  # noqa: E402
 from wm.registry import Registry  # noqa: E402
 from wm.testing.dicom import write_ct_study  # noqa: E402
 from wm.testing.peers import LOCALHOST, Orthanc, free_port, storescu, wait_for_port  # noqa: E402
@@ -158,6 +159,7 @@ def serve_dicom_only(port: int) -> None:
         evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle), (evt.EVT_C_STORE, on_store)],
     )
     assert server is not None, "start_server(block=False) returns the server"
+    copy_contexts_cheaply(server)  # as the gateway does
     signal.sigwait({signal.SIGTERM})
     server.shutdown()
 

@@ -68,7 +68,7 @@ from wm.dicom import IDENTIFIER_TAGS, InvalidDicom, identifiers_from_raw, read_i
 from wm.dicom_encoding import inspect_file
 from wm.errors import MwmError
 from wm.observability import cannot_listen, listen_observability, serve, stop_on_signals
-from wm.pynetdicom_patches import has_requested, receive_into
+from wm.pynetdicom_patches import copy_contexts_cheaply, has_requested, receive_into
 from wm.registry import Registry
 from wm.runtime import Services, health_app, open_services
 
@@ -166,6 +166,7 @@ class Gateway:
                 )
         except OSError as exc:
             raise cannot_listen("MWM_GATEWAY__PORT", *address, exc) from exc
+        copy_contexts_cheaply(self._server)
         host, port = self.address
         log.info(
             "gateway_listening", host=host, port=port, tls=tls is not None, spool=str(self.spool.directory)

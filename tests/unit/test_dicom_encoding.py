@@ -3,6 +3,7 @@ same walk reads the identifiers pydicom reads; the gateway's receive patches kee
 
 from __future__ import annotations
 
+import copy
 import socket
 import threading
 from pathlib import Path
@@ -28,13 +29,16 @@ from pydicom.uid import (
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.transport import AssociationSocket
 
+from producers.gateway_ae import application_entity
 from wm import pynetdicom_patches
+from wm.config import Settings
 from wm.dicom import IDENTIFIER_TAGS, InvalidDicom, identifiers_from_raw, read_identifiers
 from wm.dicom_encoding import encoding_problem, inspect_file
 from wm.pynetdicom_patches import (
     PREALLOCATED_PDU_BYTES,
     UnsupportedPynetdicom,
     check_version,
+    copy_contexts_cheaply,
     file_meta_bytes,
     read_whole_pdus,
 )
@@ -168,3 +172,17 @@ def test_a_pdu_is_read_whole_across_partial_sends(monkeypatch: pytest.MonkeyPatc
         peer.sendall(payload[:100])
         peer.shutdown(socket.SHUT_WR)  # the peer goes away mid-PDU: what arrived is returned
         assert AssociationSocket.recv(connection, len(payload)) == payload[:100]
+
+
+def test_the_cheap_context_copy_is_as_independent_as_a_deep_copy() -> None:
+    server: Any = SimpleNamespace(contexts=application_entity(Settings().gateway).supported_contexts)
+    copy_contexts_cheaply(server)
+    copies = copy.deepcopy(server.contexts)
+    assert [(c.abstract_syntax, c.transfer_syntax) for c in copies] == [
+        (c.abstract_syntax, c.transfer_syntax) for c in server.contexts
+    ]
+    copies[0].context_id, copies[0].result = 1, 0
+    copies[0].transfer_syntax = [ExplicitVRLittleEndian]
+    copies[1]._transfer_syntax.clear()  # what negotiation may change: the copy, never the server's
+    assert server.contexts[0].context_id is None and server.contexts[0].result is None
+    assert len(server.contexts[0].transfer_syntax) > 1 and server.contexts[1].transfer_syntax
