@@ -9,8 +9,9 @@ set (`producers.gateway_tls`: the handshake in the connection's own thread, with
 
 Store and forward. Each C-STORE's data set is streamed to a file on the spool volume as its PDUs arrive
 (pynetdicom's chunked receive, `wm.pynetdicom_patches.receive_into`), never held whole in memory. In the
-association thread the handler then checks the file (`wm.dicom_encoding`: every element ends within the
-received bytes; `wm.dicom.read_identifiers`: the identifiers MWM needs), fsyncs it and renames it into the
+association thread the handler then checks the file with one walk of its element headers
+(`wm.dicom_encoding.inspect_file`: every element ends within the received bytes, and the raw values of the
+identifiers MWM needs, `wm.dicom.identifiers_from_raw`), fsyncs it and renames it into the
 spool (`producers.gateway_spool`), and only then answers success. The object store and the broker are not
 on the modality's path: the uploader (`producers.gateway_uploader`) uploads to
 ``payloads/{payload_id}/{study}/{series}/{sop}.dcm`` and publishes ``mwm.payload.arrived`` (source
@@ -63,11 +64,11 @@ from producers.gateway_uploader import Uploader
 from producers.publisher import PayloadPublisher
 from wm.adapters.objectstore import ObjectStore
 from wm.config import GatewaySettings, Settings
-from wm.dicom import InvalidDicom, read_identifiers
-from wm.dicom_encoding import encoding_problem
+from wm.dicom import IDENTIFIER_TAGS, InvalidDicom, identifiers_from_raw, read_identifiers
+from wm.dicom_encoding import inspect_file
 from wm.errors import MwmError
 from wm.observability import cannot_listen, listen_observability, serve, stop_on_signals
-from wm.pynetdicom_patches import has_requested, receive_into
+from wm.pynetdicom_patches import copy_contexts_cheaply, has_requested, receive_into
 from wm.registry import Registry
 from wm.runtime import Services, health_app, open_services
 
@@ -165,6 +166,7 @@ class Gateway:
                 )
         except OSError as exc:
             raise cannot_listen("MWM_GATEWAY__PORT", *address, exc) from exc
+        copy_contexts_cheaply(self._server)
         host, port = self.address
         log.info(
             "gateway_listening", host=host, port=port, tls=tls is not None, spool=str(self.spool.directory)
@@ -276,12 +278,14 @@ class Gateway:
                 action="C-STORE refused with 0xA700; the sender should retry later",
             )
             return STATUS.OUT_OF_RESOURCES, "gateway spool full, retry later"
-        problem = encoding_problem(received)
-        if problem is not None:
+        # One walk of the element headers: the integrity check and the identifiers' raw values.
+        inspection = inspect_file(received, IDENTIFIER_TAGS)
+        if inspection.problem is not None:
+            problem = inspection.problem
             log.warning("store_refused", calling_ae=calling, reason=f"incomplete encoding: {problem}")
             return STATUS.CANNOT_UNDERSTAND, f"incomplete data set: {problem}"
         try:
-            ids = read_identifiers(received)
+            ids = identifiers_from_raw(inspection.values) if inspection.walked else read_identifiers(received)
         except InvalidDicom as exc:
             log.warning("store_refused", calling_ae=calling, reason=str(exc))
             return STATUS.CANNOT_UNDERSTAND, str(exc)

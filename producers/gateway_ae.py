@@ -12,7 +12,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from wm.config import GatewaySettings
-from wm.pynetdicom_patches import dul_socket
+from wm.pynetdicom_patches import dul_socket, read_whole_pdus
 
 __all__ = ["MAX_PDU_SIZE", "abort_all", "application_entity", "close_connection", "disable_nagle", "join_all"]
 
@@ -52,7 +52,11 @@ def disable_nagle(event: evt.Event) -> None:
 
 
 def application_entity(settings: GatewaySettings) -> AE:
-    """An AE accepting C-ECHO and every storage SOP class, in every transfer syntax (stored as sent)."""
+    """An AE accepting C-ECHO and every storage SOP class, in every transfer syntax (stored as sent).
+
+    Its process reads PDUs whole (`wm.pynetdicom_patches.read_whole_pdus`).
+    """
+    read_whole_pdus()
     ae = AE()
     ae.maximum_associations = settings.max_associations
     ae.acse_timeout = settings.acse_timeout_s

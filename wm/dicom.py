@@ -13,10 +13,12 @@ API), engines and export: ``payloads/{payload_id}/{study}/{series}/{sop}.dcm``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import IO, Any
 
 from pydantic import ValidationError
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
@@ -25,9 +27,11 @@ from wm.errors import PermanentError
 
 __all__ = [
     "IDENTIFIER_KEYWORDS",
+    "IDENTIFIER_TAGS",
     "PAYLOADS",
     "REQUIRED_KEYWORDS",
     "InvalidDicom",
+    "identifiers_from_raw",
     "object_key",
     "payload_prefix",
     "read_identifiers",
@@ -50,6 +54,9 @@ OPTIONAL_KEYWORDS: dict[str, str] = {
 
 IDENTIFIER_KEYWORDS: tuple[str, ...] = (*REQUIRED_KEYWORDS, *OPTIONAL_KEYWORDS)
 """Every attribute `read_identifiers` reads (and nothing else)."""
+
+IDENTIFIER_TAGS: dict[int, str] = {tag_for_keyword(keyword): keyword for keyword in IDENTIFIER_KEYWORDS}  # type: ignore[misc]
+"""The tag of each of `IDENTIFIER_KEYWORDS` -> its keyword."""
 
 Source = str | os.PathLike[str] | IO[bytes]
 
@@ -80,11 +87,25 @@ def read_identifiers(source: Source) -> DicomIdentifiers:
     positioned after the header. Raises `InvalidDicom` naming what is wrong.
     """
     header = _read_header(source)
-    missing = [keyword for keyword in REQUIRED_KEYWORDS if not _text(header, keyword)]
+    return _identifiers({keyword: _text(header, keyword) for keyword in IDENTIFIER_KEYWORDS})
+
+
+def identifiers_from_raw(values: Mapping[int, bytes]) -> DicomIdentifiers:
+    """The identifiers from the raw values of a data set's top-level elements (tag -> value bytes).
+
+    What `wm.dicom_encoding.inspect_file` collects for `IDENTIFIER_TAGS`; decoded and validated exactly as
+    `read_identifiers` does. Raises `InvalidDicom` naming what is missing or invalid.
+    """
+    return _identifiers({keyword: _decode(values.get(tag, b"")) for tag, keyword in IDENTIFIER_TAGS.items()})
+
+
+def _identifiers(texts: Mapping[str, str]) -> DicomIdentifiers:
+    """`DicomIdentifiers` from each of `IDENTIFIER_KEYWORDS`' text ('' when absent)."""
+    missing = [keyword for keyword in REQUIRED_KEYWORDS if not texts[keyword]]
     if missing:
         raise InvalidDicom(f"DICOM header lacks {', '.join(missing)}")
-    values: dict[str, str | None] = {field: _text(header, key) for key, field in REQUIRED_KEYWORDS.items()}
-    values |= {field: _text(header, key) or None for key, field in OPTIONAL_KEYWORDS.items()}
+    values: dict[str, str | None] = {field: texts[key] for key, field in REQUIRED_KEYWORDS.items()}
+    values |= {field: texts[key] or None for key, field in OPTIONAL_KEYWORDS.items()}
     try:
         return DicomIdentifiers.model_validate(values)
     except ValidationError as exc:
@@ -113,7 +134,10 @@ def _text(header: Dataset, keyword: str) -> str:
         return ""
     if isinstance(element, RawDataElement):
         raw = element.value or b""
-        text = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
-    else:
-        text = "" if element.value is None else str(element.value)
-    return text.strip(" \x00")
+        return _decode(raw) if isinstance(raw, bytes) else str(raw).strip(" \x00")
+    return "" if element.value is None else str(element.value).strip(" \x00")
+
+
+def _decode(raw: bytes) -> str:
+    """A raw value as stripped text (latin-1: every byte decodes; the identifiers are validated next)."""
+    return raw.decode("latin-1").strip(" \x00")
