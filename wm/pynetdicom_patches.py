@@ -24,6 +24,13 @@ here before it ships instead of failing in production.
 - `keep_responses`: a C-STORE response that the association's reactor thread takes by mistake goes back to
   the waiting ``send_c_store`` (see its docstring; related reports:
   https://github.com/pydicom/pynetdicom/issues/842, https://github.com/pydicom/pynetdicom/issues/850).
+- `record_rejections`: ``Association.is_rejected`` is set by the association thread only if, when it wakes
+  from waiting for the connection (``ACSE._negotiate_as_requestor``: ``socket._ready.wait()``), the socket
+  is still connected. A peer that answers A-ASSOCIATE-RJ and closes at once (as PS3.8 9.2 lets it) can
+  have the DUL thread read the rejection and close the socket first when the waiting thread is slow to
+  get the CPU: pynetdicom then aborts, with neither ``is_rejected`` nor the ACSE events (a permanent
+  rejection read as a transient failure). The DUL thread's own ``EVT_PDU_RECV`` sees every A-ASSOCIATE-RJ.
+  No upstream report yet.
 - `dul_socket`, `has_requested`, `register_server`: reach-ins the gateway needs for TCP_NODELAY, for
   telling a connection that sent an A-ASSOCIATE-RQ from a silent one at shutdown, and for a server
   class of its own (TLS handshake off the accept loop: pynetdicom's ``AssociationServer.get_request``
@@ -38,6 +45,7 @@ import functools
 import socket
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,8 +55,10 @@ from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_VERSION,
     _config,
     dimse_messages,
+    evt,
 )
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
@@ -63,6 +73,7 @@ __all__ = [
     "keep_responses",
     "read_whole_pdus",
     "receive_into",
+    "record_rejections",
     "register_server",
 ]
 
@@ -209,6 +220,23 @@ def keep_responses(assoc: Association) -> None:
             serve(msg, context_id)
 
     setattr(assoc, "_serve_request", serve_or_requeue)  # noqa: B010 (an instance override of a method)
+
+
+def record_rejections(reasons: list[str]) -> tuple[evt.NotificationEvent, Callable[[evt.Event], None]]:
+    """An ``evt_handlers`` entry appending each A-ASSOCIATE-RJ's result, source and reason to ``reasons``.
+
+    Bound to the PDU the DUL thread decodes, not to the association thread's ``is_rejected`` or ACSE events,
+    which a rejection followed at once by the peer's close can bypass (see the module docstring): a
+    requestor whose ``reasons`` is not empty was rejected, whatever ``Association.is_rejected`` says.
+    """
+
+    def record(event: evt.Event) -> None:
+        pdu = event.pdu
+        if isinstance(pdu, A_ASSOCIATE_RJ):
+            primitive = pdu.to_primitive()  # its words, as the ACSE's (the PDU's own differ)
+            reasons.append(f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}")
+
+    return evt.EVT_PDU_RECV, record
 
 
 def dul_socket(assoc: Association) -> socket.socket | None:

@@ -12,9 +12,12 @@ import asyncio
 import itertools
 import math
 import struct
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
@@ -23,6 +26,7 @@ from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, P_DATA_TF
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
+from pynetdicom.transport import AssociationSocket
 
 from devkit.dicom import write_ct_study
 from schemas.applications import DicomSinkArgs
@@ -240,6 +244,34 @@ async def test_a_rejection_reads_as_pynetdicoms(peer: tuple[Script, DicomSinkArg
         wire_outcome[0]
         and "Rejected Permanent, Service User: Called AE title not recognised" in wire_outcome[1]
     )
+
+
+class LateWake(threading.Event):
+    """An event whose waiter resumes 0.2 s after it is set, as a thread starved of the CPU would."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woke = super().wait(timeout)
+        time.sleep(0.2)
+        return woke
+
+
+async def test_a_rejection_is_one_even_when_pynetdicom_wakes_late(
+    peer: tuple[Script, DicomSinkArgs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pynetdicom's association thread waits on the socket's _ready for the DUL thread's connect; when it
+    # wakes after the DUL thread read the A-ASSOCIATE-RJ and closed, it aborts and is_rejected stays False
+    # (seen under load in the whole unit suite; see wm.pynetdicom_patches.record_rejections).
+    script, args = peer
+    script.reject = True
+    create = AssociationSocket.__init__
+
+    def with_late_wake(socket: AssociationSocket, *args: Any, **kwargs: Any) -> None:
+        create(socket, *args, **kwargs)
+        socket._ready = LateWake()
+
+    monkeypatch.setattr(AssociationSocket, "__init__", with_late_wake)
+    rejected, problem, _ = await send(ExecutorLane(args, ExportSettings(acse_timeout_s=5)), [])
+    assert rejected and problem.endswith("Rejected Permanent, Service User: Called AE title not recognised")
 
 
 async def test_no_accepted_context_is_no_association_as_with_pynetdicom(

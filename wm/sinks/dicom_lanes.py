@@ -38,7 +38,7 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from schemas.applications import DicomSinkArgs
 from schemas.events import FileExportResult, FileRef
 from wm.config import ExportSettings
-from wm.pynetdicom_patches import dul_socket, keep_responses
+from wm.pynetdicom_patches import dul_socket, keep_responses, record_rejections
 
 MAX_MESSAGE_ID = 0xFFFF
 STORED_CATEGORIES = frozenset({STATUS_SUCCESS, STATUS_WARNING})
@@ -143,11 +143,10 @@ def open_association(args: DicomSinkArgs, settings: ExportSettings, pairs: list[
         args.port,
         contexts=[build_context(sop_class, [syntax]) for sop_class, syntax in pairs],
         ae_title=args.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), (evt.EVT_ACSE_RECV, _rejection_to(rejection))],
+        evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), record_rejections(rejection)],
     )
-    if assoc.is_rejected:
-        reason = rejection[0] if rejection else "no reason given"
-        return Opened(problem=f"association rejected by {destination}: {reason}", rejected=True)
+    if rejection:  # not assoc.is_rejected, which pynetdicom may miss (see `record_rejections`)
+        return Opened(problem=f"association rejected by {destination}: {rejection[0]}", rejected=True)
     if not assoc.is_established:
         return Opened(problem=f"no association with {destination} (refused, aborted or timed out)")
     keep_responses(assoc)
@@ -204,14 +203,3 @@ def _set_nodelay(event: Any) -> None:
     sock = dul_socket(event.assoc)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _rejection_to(reasons: list[str]) -> Any:
-    """An EVT_ACSE_RECV handler that appends an A-ASSOCIATE-RJ's result, source and reason to ``reasons``."""
-
-    def record(event: Any) -> None:
-        primitive = event.primitive
-        if getattr(primitive, "result", None) in (0x01, 0x02):
-            reasons.append(f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}")
-
-    return record
