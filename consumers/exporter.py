@@ -5,9 +5,9 @@ Queue ``mwm.exporter``, bound to ``mwm.export.requested.dicom``.
 - In: ``ExportRequested``, self-contained (task id, job, sink by name and type, the files).
 - Effect: the export task is created from the event when it is missing (the monitor normally inserted it),
   claimed under a short lease (``export.lease_s``, renewed every third of it while the sink runs: a killed
-  exporter's task is re-requested by the sweep within the lease and ``SWEEP_INTERVAL_S``), its sink definition
-  loaded by name from the registry and run (``wm.sinks``); the outcome (succeeded | partial | failed) and a
-  result per file are recorded once.
+  exporter's task is re-requested by the sweep within the lease and ``export.sweep_interval_s``), its sink
+  definition loaded by name from the registry and run (``wm.sinks``); the outcome (succeeded | partial |
+  failed) and a result per file are recorded once.
 - Emits: ``ExportCompleted`` with message id ``<task id>.completed``, after the final state is written;
   the task is then marked published (an outbox without transactions).
 - Idempotency key: the export task id. A final task is never exported again: a redelivery publishes
@@ -65,7 +65,7 @@ from wm.runtime import Consumer, Services
 from wm.service_layer.periodic import every
 from wm.sinks import DestinationUnavailable, load_sink
 from wm.stores import export_retry, exports
-from wm.stores.export_retry import REDELIVERY_SWEEP_S, ExportRetries
+from wm.stores.export_retry import ExportRetries
 from wm.stores.exports import ExportTasks, announce_completion
 
 log = structlog.get_logger("consumers.exporter")
@@ -74,7 +74,6 @@ NAME = "exporter"
 SINK_TYPES = ("dicom",)
 ROUTING_KEYS = tuple(f"{ExportRequested.event_type}.{sink_type}" for sink_type in SINK_TYPES)
 PREFETCH = 4
-SWEEP_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +88,8 @@ class ExporterDeps:
     lease_s: float
     retries: ExportRedeliveries
     redelivery: RedeliveryPolicy
+    sweep_interval_s: float
+    redelivery_sweep_s: float
 
 
 async def handle(event: ExportRequested, deps: ExporterDeps) -> None:
@@ -176,7 +177,7 @@ async def sweep_expired_leases(deps: ExporterDeps, stop: asyncio.Event) -> None:
             watching = True
         await _requeue_expired(deps)
 
-    await every(SWEEP_INTERVAL_S, stop, sweep, "export_sweep", wait_first=True)
+    await every(deps.sweep_interval_s, stop, sweep, "export_sweep", wait_first=True)
 
 
 async def _requeue_expired(deps: ExporterDeps) -> None:
@@ -189,9 +190,8 @@ async def _requeue_expired(deps: ExporterDeps) -> None:
 
 async def redeliver_due(deps: ExporterDeps, stop: asyncio.Event) -> None:
     """Background: request again the deferred tasks whose redelivery is due (`wm.stores.export_retry`)."""
-    await every(
-        REDELIVERY_SWEEP_S, stop, functools.partial(_redeliver, deps), "export_redelivery", wait_first=True
-    )
+    redeliver = functools.partial(_redeliver, deps)
+    await every(deps.redelivery_sweep_s, stop, redeliver, "export_redelivery", wait_first=True)
 
 
 async def _redeliver(deps: ExporterDeps) -> None:
@@ -221,6 +221,8 @@ def build(services: Services) -> ExporterDeps:
             settings.export.redelivery_initial_delay_s,
             settings.export.redelivery_max_delay_s,
         ),
+        settings.export.sweep_interval_s,
+        settings.export.redelivery_sweep_s,
     )
 
 

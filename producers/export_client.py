@@ -47,8 +47,6 @@ from wm.sinks.dicom import DicomSink, DicomSinkSettings
 
 log = structlog.get_logger("producers.export_client")
 
-REQUEST_TIMEOUT_S = 60.0
-
 
 @dataclass(frozen=True)
 class ClientOptions:
@@ -230,7 +228,7 @@ async def run_client(settings: Settings, options: ClientOptions, token: str, sto
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     exported = 0
     async with httpx.AsyncClient(
-        base_url=settings.api.url, headers=headers, timeout=REQUEST_TIMEOUT_S
+        base_url=settings.api.url, headers=headers, timeout=settings.api.client_timeout_s
     ) as http:
         api = ExportApi(http)
 

@@ -74,8 +74,6 @@ from wm.runtime import Services, health_app, open_services
 
 log = structlog.get_logger("producers.gateway")
 
-LOOKUP_TIMEOUT_S = 10.0
-"""Longest an association request waits for its AE title mapping."""
 ERROR_COMMENT_LENGTH = 64
 """Error Comment (0000,0902) is LO: 64 characters at most."""
 
@@ -242,7 +240,7 @@ class Gateway:
         assert self._loop is not None
         future = asyncio.run_coroutine_threadsafe(self._directory.mapping(called), self._loop)
         try:
-            mapping = future.result(timeout=LOOKUP_TIMEOUT_S)
+            mapping = future.result(timeout=self.settings.lookup_timeout_s)
         except (MwmError, FutureTimeout) as exc:
             future.cancel()
             log.error("ae_title_lookup_failed", called_ae=called, error=str(exc))

@@ -26,6 +26,9 @@ class BusSettings(BaseModel):
     publish_timeout_s: float = Field(10.0, gt=0, description="wait for a publisher confirm")
     app_id: str = Field("mwm", description="AMQP `app_id` set on every published message")
     reconnect_interval_s: float = Field(1.0, gt=0, description="delay between reconnection attempts")
+    cancel_timeout_s: float = Field(
+        5.0, gt=0, description="on stop, wait this long for the broker to confirm a consumer cancel or close"
+    )
 
 
 class MongoSettings(BaseModel):
@@ -109,6 +112,9 @@ class ApiSettings(BaseModel):
     url: str = Field("http://127.0.0.1:8000", description="where the CLI reaches the API")
     token: str = Field("", description="API key the CLI sends as a bearer token")
     bootstrap_admin_key: str = Field("", description="if set, an admin API key created at start-up")
+    client_timeout_s: float = Field(
+        60.0, gt=0, description="timeout of one request from the CLI or the pull export client to the API"
+    )
 
 
 class GatewaySettings(BaseModel):
@@ -135,6 +141,9 @@ class GatewaySettings(BaseModel):
         gt=0,
         description="close a connection that sends no association request (with TLS: ends no handshake) "
         "within this (ARTIM)",
+    )
+    lookup_timeout_s: float = Field(
+        10.0, gt=0, description="AE title look-up for a new association; slower: refused as congested"
     )
     tls_cert: str = Field("", description="PEM certificate; with tls_key enables TLS")
     tls_key: str = Field("", description="PEM private key")
@@ -196,6 +205,13 @@ class ExportSettings(BaseModel):
     )
     dimse_timeout_s: float = Field(30.0, gt=0, description="DIMSE (C-STORE response) timeout")
     acse_timeout_s: float = Field(10.0, gt=0, description="association request/release timeout")
+    echo_timeout_s: float = Field(10.0, gt=0, description="C-ECHO when a DICOM sink is registered")
+    sweep_interval_s: float = Field(
+        10.0, gt=0, description="how often each exporter takes over tasks whose lease expired"
+    )
+    redelivery_sweep_s: float = Field(
+        2.0, gt=0, description="how often each exporter re-requests deferred tasks that are due"
+    )
     lease_s: float = Field(
         20.0, gt=0, description="lease of a claimed export task, renewed by its holder every third of it"
     )

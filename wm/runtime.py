@@ -47,7 +47,6 @@ from wm.retry import backoff_delays, retrying
 
 log = structlog.get_logger("wm.runtime")
 
-CANCEL_TIMEOUT_S = 5.0  # how long stopping waits for the broker to confirm a consumer cancel or channel close
 
 Deps = TypeVar("Deps")
 T = TypeVar("T")
@@ -205,7 +204,7 @@ class ConsumerRunner(Generic[Deps]):
             # Bounded: with the connection down (a broker restart during the SIGTERM), a robust channel
             # waits for a reconnection before it cancels; the broker drops the consumer with the connection.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._queue.cancel(self._tag), CANCEL_TIMEOUT_S)
+                await asyncio.wait_for(self._queue.cancel(self._tag), self.settings.bus.cancel_timeout_s)
         pending = set(self._inflight) | set(self._background)
         if pending:
             done, not_done = await asyncio.wait(pending, timeout=drain_timeout_s)
@@ -216,7 +215,7 @@ class ConsumerRunner(Generic[Deps]):
             )
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._channel.close(), CANCEL_TIMEOUT_S)
+                await asyncio.wait_for(self._channel.close(), self.settings.bus.cancel_timeout_s)
         if self._bus is not None and self._bus is not self.services.bus:
             await self._bus.close()
 

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-import consumers.exporter
 from consumers.exporter import ExporterDeps, give_up, handle, sweep_expired_leases
 from schemas.applications import SinkDefinition
 from schemas.events import ExportCompleted, ExportRequested
@@ -36,6 +35,8 @@ class World:
             60,
             self.retries,
             RedeliveryPolicy(window_s=3600, initial_s=1, max_s=60),
+            sweep_interval_s=0.01,
+            redelivery_sweep_s=0.01,
         )
 
     def open_sink(self, definition: SinkDefinition) -> FakeSink:
@@ -139,8 +140,7 @@ async def test_giving_up_fails_the_task_and_announces_it_but_keeps_a_final_resul
     assert len(world.completed()) == 1
 
 
-async def test_the_sweep_re_requests_a_task_whose_holder_died(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(consumers.exporter, "SWEEP_INTERVAL_S", 0.01)
+async def test_the_sweep_re_requests_a_task_whose_holder_died() -> None:
     world = World()
     event = export_requested(FILES)
     await world.tasks.create(task_for(event, datetime.now(UTC)))

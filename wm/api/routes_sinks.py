@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from schemas.applications import DicomSinkArgs, SinkDefinition
-from wm.api.deps import ADMIN, READ, PageDep, RegistryDep
+from wm.api.deps import ADMIN, READ, PageDep, RegistryDep, SettingsDep
 from wm.errors import ValidationFailed
 from wm.registry import Page
 from wm.registry.echo import echo as c_echo
@@ -25,13 +25,14 @@ async def list_sinks(registry: RegistryDep, page: PageDep) -> Page[SinkDefinitio
 async def create_sink(
     sink: SinkDefinition,
     registry: RegistryDep,
+    settings: SettingsDep,
     echo: Annotated[
         bool, Query(description="refuse the sink (422) unless its peer answers a C-ECHO")
     ] = False,
 ) -> SinkDefinition:
     """Create an export sink (409 when the name is taken)."""
     if echo:
-        await _check_echo(sink)
+        await _check_echo(sink, settings.export.echo_timeout_s)
     return await registry.sinks.create(sink)
 
 
@@ -48,11 +49,11 @@ async def delete_sink(name: str, registry: RegistryDep) -> Response:
     return Response(status_code=204)
 
 
-async def _check_echo(sink: SinkDefinition) -> None:
+async def _check_echo(sink: SinkDefinition, timeout_s: float) -> None:
     if not isinstance(sink.args, DicomSinkArgs):
         raise ValidationFailed(
             [{"field": "echo", "message": f"a C-ECHO check needs a dicom sink, not {sink.type}"}]
         )
-    failure = await c_echo(sink.args)
+    failure = await c_echo(sink.args, timeout_s)
     if failure is not None:
         raise ValidationFailed([{"field": "args", "message": failure}])

@@ -21,7 +21,6 @@ Token = Annotated[str | None, typer.Option("--token", help="API key [default: MW
 
 NO_TOKEN = "no API key: set MWM_API__TOKEN or pass --token"
 PAGE_SIZE = 200
-TIMEOUT_S = 30.0
 
 
 def fail(message: str) -> NoReturn:
@@ -49,7 +48,7 @@ def call(api_url: str | None, token: str | None, method: str, path: str, **kwarg
     base = (api_url or settings.api.url).rstrip("/")
     headers = {"Authorization": f"Bearer {require_token(token, settings)}"}
     try:
-        response = asyncio.run(_send(method, base + path, headers, kwargs))
+        response = asyncio.run(_send(method, base + path, headers, kwargs, settings.api.client_timeout_s))
     except httpx.TransportError as exc:
         fail(f"cannot reach the MWM API at {base}: {exc or type(exc).__name__}")
     if response.is_error:
@@ -57,8 +56,10 @@ def call(api_url: str | None, token: str | None, method: str, path: str, **kwarg
     return None if response.status_code == 204 else response.json()
 
 
-async def _send(method: str, url: str, headers: dict[str, str], kwargs: dict[str, Any]) -> httpx.Response:
-    async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+async def _send(
+    method: str, url: str, headers: dict[str, str], kwargs: dict[str, Any], timeout_s: float
+) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
         return await client.request(method, url, headers=headers, **kwargs)
 
 

@@ -14,12 +14,12 @@ SUCCESS = 0x0000
 VERIFICATION = "1.2.840.10008.1.1"
 """The Verification SOP class (C-ECHO)."""
 
-ECHO_TIMEOUT_S = 10.0
-"""Association, DIMSE and network timeout of the check (to move into Settings)."""
 
+async def echo(args: DicomSinkArgs, timeout_s: float) -> str | None:
+    """C-ECHO the sink's peer from a worker thread: None when it answers with success, else the reason.
 
-async def echo(args: DicomSinkArgs, timeout_s: float = ECHO_TIMEOUT_S) -> str | None:
-    """C-ECHO the sink's peer from a worker thread: None when it answers with success, else the reason."""
+    ``timeout_s`` bounds the association, the DIMSE exchange and the network (``export.echo_timeout_s``).
+    """
     return await asyncio.to_thread(_echo, args, timeout_s)
 
 

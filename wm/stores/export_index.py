@@ -2,8 +2,8 @@
 
 On the MongoDB-wire server any query but an ``_id`` equality scans (and decodes) the whole collection, and
 export tasks are kept for ``export.retention_days``: the exporter's sweep for expired leases (every
-replica, every ``SWEEP_INTERVAL_S``) and a pull client's claim (every poll) would grow with every export
-ever made if they queried ``export_tasks`` by state. ``export_watch`` holds one small document per task
+replica, every ``export.sweep_interval_s``) and a pull client's claim (every poll) would grow with every
+export ever made if they queried ``export_tasks`` by state. ``export_watch`` holds one small document per task
 that is not final (``_id`` = task id, ``sink``, ``created_at``, ``reruns``), and the readers look the
 tasks themselves up by ``_id``, so their cost follows the open work only.
 

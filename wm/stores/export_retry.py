@@ -5,7 +5,7 @@ timing out, out of resources), the exporter keeps the results of the files that 
 gives its lease back (the task is ``pending``), and writes a *timer*: one small document in
 ``export_retries`` (``_id`` = task id, ``due_at``). The delivery is acknowledged, so no prefetch slot is
 held while the destination is down. Every exporter replica looks at the due timers every
-`REDELIVERY_SWEEP_S` and re-publishes the task's ``export.requested`` (its own message id per
+`export.redelivery_sweep_s` and re-publishes the task's ``export.requested`` (its own message id per
 redelivery); the exporter that receives it claims the task and sends only the files not sent yet. Timers
 exist only for tasks that wait, so the look-up stays small whatever the history (a watch list, as
 ``job_checks`` for jobs). The waits follow ``RedeliveryPolicy`` (exponential backoff with jitter, from
@@ -44,7 +44,6 @@ from wm.stores.exports import EXPORT_TASKS, ExportTasks
 
 EXPORT_RETRIES = "export_retries"
 INDEXES = (IndexSpec(EXPORT_RETRIES, (IndexModel([("due_at", ASCENDING)]),)),)
-REDELIVERY_SWEEP_S = 2.0
 """How often each exporter looks for due redeliveries (the small ``export_retries`` collection)."""
 REOPENABLE = frozenset({ExportState.failed, ExportState.partial})
 
