@@ -161,6 +161,10 @@ class ArgoSettings(BaseModel):
     ttl_after_success_s: int = Field(3600, ge=0, description="workflow `ttlStrategy.secondsAfterSuccess`")
     ttl_after_failure_s: int = Field(86400, ge=0, description="workflow `ttlStrategy.secondsAfterFailure`")
     retries: int = Field(3, ge=0, description="retries of a transient Argo Server failure inside the engine")
+    retry_initial_delay_s: float = Field(
+        0.1, ge=0, description="first wait between those retries (then doubled, plus jitter)"
+    )
+    retry_max_delay_s: float = Field(5.0, ge=0, description="longest wait between those retries")
     artifact_secret: str = Field("mwm-s3", description="k8s secret holding `accessKey`/`secretKey` for S3")
     artifact_endpoint: str = Field(
         "",

@@ -54,9 +54,6 @@ PHASES: dict[str, EnginePhase] = {
 }
 """Argo's ``status.phase`` to the engine's phase."""
 
-BACKOFF_S = 0.1
-"""First delay between retries of a transient failure; doubles each time, plus jitter (wm.domain.backoff)."""
-MAX_BACKOFF_S = 5.0
 
 _COMPLETED = "cannot shutdown a completed workflow"
 _UNSCHEDULABLE = "Unschedulable"  # Argo's pod node message prefix for the scheduler's PodScheduled=False
@@ -177,7 +174,8 @@ class ArgoEngine:
             except TransientError:
                 if attempt == self._settings.argo.retries:
                     raise
-                await asyncio.sleep(delay_s(attempt + 1, BACKOFF_S, MAX_BACKOFF_S))
+                argo = self._settings.argo
+                await asyncio.sleep(delay_s(attempt + 1, argo.retry_initial_delay_s, argo.retry_max_delay_s))
         raise AssertionError("unreachable")
 
     async def validate(self, application: ApplicationDefinition) -> list[str]:
