@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -37,12 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/recovery_history.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from bus_hop import bench_settings, wait_for_services  # noqa: E402
+from _history import empty_and_full  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
 
 from schemas.events import ExportRequested, FileRef, SinkRef  # noqa: E402
 from wm.adapters.mongo import Database  # noqa: E402
-from wm.config import Settings  # noqa: E402
 from wm.domain.exports import ExportState, ExportTask, task_for  # noqa: E402
 from wm.logging import configure_logging  # noqa: E402
 from wm.stores import exports, jobs  # noqa: E402
@@ -169,25 +167,13 @@ async def measure(empty: Database, full: Database, rounds: int) -> dict[str, lis
 
 
 async def run(arguments: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, tuple[float, float]]]:
-    indexes = (*exports.INDEXES, *jobs.INDEXES)
-    with tempfile.TemporaryDirectory(prefix="mwm-bench-") as work:
-        empty_settings: Settings = bench_settings(Path(work))
-        full_settings: Settings = bench_settings(Path(work))
-        await wait_for_services(empty_settings)
-        async with (
-            Database(empty_settings.mongo, indexes) as empty,
-            Database(full_settings.mongo, indexes) as full,
-        ):
-            try:
-                started = time.perf_counter()
-                await seed(empty, 0, arguments.open)
-                await seed(full, arguments.history, arguments.open)
-                print(f"seeded the history in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-                times = await measure(empty, full, arguments.rounds)
-                old = {"empty": await old_queries_ms(empty), "full": await old_queries_ms(full)}
-            finally:
-                for database, settings in ((empty, empty_settings), (full, full_settings)):
-                    await database.db.client.drop_database(settings.mongo.database)
+    async with empty_and_full((*exports.INDEXES, *jobs.INDEXES)) as (empty, full):
+        started = time.perf_counter()
+        await seed(empty, 0, arguments.open)
+        await seed(full, arguments.history, arguments.open)
+        print(f"seeded the history in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        times = await measure(empty, full, arguments.rounds)
+        old = {"empty": await old_queries_ms(empty), "full": await old_queries_ms(full)}
     return times, old
 
 
