@@ -21,6 +21,7 @@ import contextlib
 import os
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -321,8 +322,10 @@ class Executor:
         async def loop() -> None:
             async with self.stack.kube() as kube, ObjectStore(self.settings.object_store) as objects:
                 while not stop.is_set():
-                    with contextlib.suppress(httpx.HTTPError):  # an API hiccup: the next pass retries
+                    try:
                         await self.report_once(kube, objects)
+                    except Exception as exc:  # an API or S3 hiccup must not end the executor: next pass
+                        print(f"executor pass failed, retrying: {exc!r}", file=sys.stderr)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), interval)
 
