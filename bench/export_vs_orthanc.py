@@ -3,13 +3,14 @@
 Both send the same study to the same dcmtk ``storescp`` (``--fork``: one process per association), in the
 same run, alternating, ``--rounds`` times each; the median of each is compared.
 
-- mwm: ``DicomSink.export`` of the study's files as they sit in the object store (parallel downloads to a
-  scratch directory, file meta read, C-STORE over up to the sink's ``max_associations`` associations as
+- mwm: ``DicomSink.export`` of the study's files as they sit in the object store (parallel downloads into
+  memory or a scratch directory, file meta read, C-STORE over up to the sink's ``max_associations`` associations as
   the files arrive).
 - Orthanc: the study uploaded into Orthanc first (dcmtk storescu), then
   ``POST /modalities/{id}/store`` with ``Synchronous: true`` (Orthanc reads from its own storage).
 - the download floor: the same files fetched from the object store with parallel GETs
-  (``object_store.workers`` at a time) and nothing else: no S3-backed exporter can be faster.
+  (``object_store.workers`` at a time), into memory or to disk as the sink fetches them
+  (``export.in_memory_max_bytes``), and nothing else: no S3-backed exporter can be faster.
 
 Needs the S3 server (``bash scripts/services up``), dcmtk and Orthanc. Prints markdown-table rows: export
 vs Orthanc (target <= 2.5) and export vs the download floor (target <= 1.3).
@@ -68,14 +69,17 @@ async def time_mwm(sink: DicomSink, refs: list[FileRef], cpu: list[float]) -> fl
     return elapsed
 
 
-async def time_download(objects: FileSource, refs: list[FileRef], directory: Path, workers: int) -> float:
-    """Seconds to fetch ``refs`` into ``directory`` with ``workers`` parallel GETs."""
+async def time_download(
+    objects: FileSource, refs: list[FileRef], directory: Path, workers: int, memory_limit: int
+) -> float:
+    """Seconds to fetch ``refs`` with ``workers`` parallel GETs, as the sink fetches them: into memory up to
+    ``memory_limit`` bytes a file, any larger one into ``directory``."""
     clear(directory)
     slots = asyncio.Semaphore(workers)
 
     async def one(index: int, ref: FileRef) -> None:
         async with slots:
-            await objects.download_file(ref.key, directory / f"{index}.dcm")
+            await objects.fetch(ref.key, directory / f"{index}.dcm", memory_limit)
 
     started = time.perf_counter()
     await asyncio.gather(*(one(index, ref) for index, ref in enumerate(refs)))
@@ -126,12 +130,15 @@ async def alternate(
     floor_times: list[float] = []
     mwm_cpu: list[float] = []
     workers = sink.settings.object_store.workers
+    export = sink.settings.export
+    memory_limit = export.in_memory_max_bytes if export.sender == "wire" else -1
     for _ in range(rounds):
         clear(received)
         mwm_times.append(await time_mwm(sink, refs, mwm_cpu))
         clear(received)
         orthanc_times.append(await asyncio.to_thread(time_orthanc, orthanc, study_id, len(refs)))
-        floor_times.append(await time_download(sink.objects, refs, received.parent / "floor", workers))
+        floor = received.parent / "floor"
+        floor_times.append(await time_download(sink.objects, refs, floor, workers, memory_limit))
     print(f"mwm process CPU (s): {[round(t, 2) for t in mwm_cpu]}", file=sys.stderr)
     return mwm_times, orthanc_times, floor_times
 

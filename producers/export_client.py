@@ -168,6 +168,11 @@ class ApiFiles:
         path.parent.mkdir(parents=True, exist_ok=True)
         await self.api.download(self.task_id, self.index[key], path)
 
+    async def fetch(self, key: str, path: Path, memory_limit: int) -> bytes | None:
+        """Download the task's file ``key`` to ``path`` (None: the Export API streams every file to disk)."""
+        await self.download_file(key, path)
+        return None
+
 
 async def export_one(
     api: ExportApi,

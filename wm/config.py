@@ -193,6 +193,12 @@ class ExportSettings(BaseModel):
     send_processes: bool = Field(
         False, description="with sender pynetdicom: each association sends from its own process"
     )
+    in_memory_max_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=0,
+        description="with sender wire: files up to this size are held in memory between download and "
+        "send, larger ones go through the scratch directory (0: every file does)",
+    )
     retry_attempts: int = Field(3, ge=1, description="association attempts for transient failures")
     retry_initial_delay_s: float = Field(
         0.5, ge=0, description="first wait between association attempts (then doubled, plus jitter)"

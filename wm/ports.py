@@ -103,6 +103,11 @@ class FileSource(Protocol):
         """Download the object ``key`` to the local file ``path``."""
         ...
 
+    async def fetch(self, key: str, path: Path, memory_limit: int) -> bytes | None:
+        """The object ``key``: its bytes when it is at most ``memory_limit`` bytes long, else downloaded to
+        ``path`` and None (a source may always download)."""
+        ...
+
 
 class ObjectStorage(Protocol):
     """The object-store operations of the scheduler and the monitor (``ObjectStore``)."""

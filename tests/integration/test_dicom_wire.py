@@ -70,12 +70,19 @@ def dataset_bytes(path: Path) -> tuple[str, bytes]:
     return str(meta.MediaStorageSOPInstanceUID), path.read_bytes()[offset:]
 
 
-@pytest.mark.parametrize("max_pdu", [4096, 16384, 131072])
+@pytest.mark.parametrize(
+    ("max_pdu", "in_memory"),
+    [(4096, "all"), (16384, "all"), (16384, "none"), (16384, "some"), (131072, "all")],
+)
 async def test_storescp_stores_every_file_bit_for_bit(
-    live_settings: Settings, tmp_path: Path, max_pdu: int
+    live_settings: Settings, tmp_path: Path, max_pdu: int, in_memory: str
 ) -> None:
-    settings = wire_settings(live_settings)
+    """Whether a file is held in memory between download and send (``in_memory``: every file, none, or
+    the smaller half) changes nothing the receiver sees."""
     files = mixed_study(tmp_path / "study")
+    median_size = sorted(path.stat().st_size for path in files)[len(files) // 2]
+    limit = {"all": 1 << 30, "none": 0, "some": median_size}[in_memory]
+    settings = wire_settings(live_settings, in_memory_max_bytes=limit)
     async with ObjectStore(settings.object_store) as objects:
         refs = await put(objects, files)
         scp_args = ["--fork", "--max-pdu", str(max_pdu)]
@@ -86,6 +93,21 @@ async def test_storescp_stores_every_file_bit_for_bit(
     assert [result.status for result in results] == ["succeeded"] * len(files), results
     assert dict(map(dataset_bytes, received)) == dict(map(dataset_bytes, files))
     assert log.count("Association Acknowledged") == 2, log  # the study, then the uncommon class(es)
+
+
+async def test_a_fetch_holds_a_file_in_memory_only_up_to_the_limit(
+    live_settings: Settings, tmp_path: Path
+) -> None:
+    path = mixed_study(tmp_path / "study")[0]
+    size = path.stat().st_size
+    async with ObjectStore(live_settings.object_store) as objects:
+        [ref] = await put(objects, [path])
+        held = await objects.fetch(ref.key, tmp_path / "held.dcm", memory_limit=size)
+        written = await objects.fetch(ref.key, tmp_path / "written.dcm", memory_limit=size - 1)
+    assert held == path.read_bytes()
+    assert not (tmp_path / "held.dcm").exists()
+    assert written is None
+    assert (tmp_path / "written.dcm").read_bytes() == path.read_bytes()
 
 
 async def test_orthanc_stores_every_file_with_identical_pixels(

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from schemas.applications import ApplicationDefinition, SinkDefinition
 from schemas.events import Event, ExportOutcome, FileExportResult, FileRef, PayloadArrived
@@ -445,6 +446,16 @@ class FakeExportRetries(Outage):
         if self.timers.get(task_id) == due_at:
             del self.timers[task_id]
         return not task.is_final
+
+
+class NoFiles:
+    """A sink's file source (``wm.ports.FileSource``) for sinks that must not read any file."""
+
+    async def download_file(self, key: str, path: Path) -> None:
+        raise AssertionError("not used")
+
+    async def fetch(self, key: str, path: Path, memory_limit: int) -> bytes | None:
+        raise AssertionError("not used")
 
 
 class FakeSink:

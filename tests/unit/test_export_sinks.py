@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 
 from schemas.applications import SinkDefinition
 from schemas.events import FileExportResult, FileRef
+from tests.unit.fakes import NoFiles
 from wm.config import Settings
 from wm.plugins import PluginSettings
 from wm.sinks import ExportSink, UnknownSinkType, load_sink, sink_class
 from wm.sinks.dicom import DicomSink
-
-
-class NoFiles:
-    async def download_file(self, key: str, path: Path) -> None:
-        raise AssertionError("not used")
 
 
 class Recording(ExportSink[PluginSettings]):

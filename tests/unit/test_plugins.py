@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from schemas.applications import ApplicationDefinition, SinkDefinition
+from tests.unit.fakes import NoFiles
 from wm.config import ArgoSettings, Settings
 from wm.engines import ENGINE_GROUP, available_engines, load_engine
 from wm.engines.local_runner import map_command
@@ -116,11 +117,6 @@ class GreedyEngine:
 
     def __init__(self, settings: GreedySettings) -> None:
         raise AssertionError("never built")
-
-
-class NoFiles:
-    async def download_file(self, key: str, path: Path) -> None:
-        raise AssertionError("not used")
 
 
 def installed(monkeypatch: pytest.MonkeyPatch, module: str, group: str, **plugins: str) -> None:

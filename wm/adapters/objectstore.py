@@ -194,13 +194,21 @@ class ObjectStore:
         GET streamed to the file (100 CT slices one after the other: 0.31 s against 0.12 s of CPU; the
         export of a study downloads hundreds at once).
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
-        await self._call(f"get {key}", self._download, key, path)
+        await self.fetch(key, path, memory_limit=-1)
 
-    def _download(self, key: str, path: Path) -> None:
-        partial = path.with_name(f"{path.name}.part")
+    async def fetch(self, key: str, path: Path, memory_limit: int) -> bytes | None:
+        """The object's bytes when it is at most ``memory_limit`` bytes long; else downloaded to ``path``
+        as `download_file` does, and None. One GET either way (its Content-Length decides)."""
+        return await self._call(f"get {key}", self._fetch, key, path, memory_limit)
+
+    def _fetch(self, key: str, path: Path, memory_limit: int) -> bytes | None:
         response = self._client.get_object(self.bucket, key)
         try:
+            length = int(response.headers.get("Content-Length", -1))
+            if 0 <= length <= memory_limit:
+                return response.read()  # urllib3 checks the body against the Content-Length
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.part")
             with partial.open("wb") as out:
                 for chunk in response.stream(CHUNK_SIZE):
                     out.write(chunk)
@@ -208,6 +216,7 @@ class ObjectStore:
             response.close()
             response.release_conn()
         partial.replace(path)
+        return None
 
     async def stream(self, key: str, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
         """The object's bytes, chunk by chunk."""

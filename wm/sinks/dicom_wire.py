@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import socket
 import struct
-from pathlib import Path
 
 from schemas.applications import DicomSinkArgs
 from schemas.events import FileExportResult
@@ -70,17 +69,20 @@ class AssociationRejected(Exception):
     """The peer answered the A-ASSOCIATE-RQ with an A-ASSOCIATE-RJ; the message is its result and reason."""
 
 
-def read_at(path: Path, position: int, size: int) -> tuple[int, bytes]:
-    """The file's size and up to ``size`` bytes of it from ``position``.
+def read_at(file: LocalFile, position: int, size: int) -> tuple[int, bytes | memoryview]:
+    """The file's size and up to ``size`` bytes of it from ``position``: a view of ``file.data`` when it
+    is held in memory, else read from ``file.path``.
 
     Read on the event loop, not in a thread: the download wrote the file moments before (at most
     `wm.sinks.dicom.PREFETCH` files ahead), so it comes from the page cache, about 0.1 ms for a 512 KB
     slice. A thread hop per read measured 9% slower on the loaded machine (two A/B runs of 4 and 6 rounds,
     medians 4.54 against 4.15 s and 4.94 against 4.48 s): each hop is another wake-up of the loop.
     """
-    with path.open("rb") as handle:
+    if file.data is not None:
+        return len(file.data), memoryview(file.data)[position : position + size]
+    with file.path.open("rb") as handle:
         handle.seek(position)
-        return path.stat().st_size, handle.read(size)
+        return file.path.stat().st_size, handle.read(size)
 
 
 class WireAssociation:
@@ -155,14 +157,14 @@ class WireAssociation:
         """The file's data set bytes after its meta, a chunk at a time; the next chunk is read while the
         transport sends the last one."""
         chunk = max(1, CHUNK_BYTES // self.fragment) * self.fragment
-        size, data = read_at(file.path, file.dataset_offset, chunk)
+        size, data = read_at(file, file.dataset_offset, chunk)
         position = file.dataset_offset + len(data)
         while True:
             last = position >= size
             self.writer.write(b"".join(p_data(context_id, 0, data, self.fragment, last)))
             if last:
                 return
-            _, data = read_at(file.path, position, chunk)
+            _, data = read_at(file, position, chunk)
             if not data:
                 raise OSError(f"{file.path} shrank while it was sent")
             position += len(data)
