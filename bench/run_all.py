@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from _machine import cpu_times
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "RESULTS.md"
@@ -52,20 +54,14 @@ def benchmark_scripts(only: list[str]) -> list[Path]:
     return scripts
 
 
-def _cpu_times() -> tuple[int, int]:
-    """(idle, total) jiffies of all CPUs since boot."""
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[3] + fields[4], sum(fields)  # idle + iowait
-
-
 def wait_until_quiet(idle_fraction: float = 0.8, timeout_s: float = 60.0) -> None:
     """Wait until the CPUs were mostly idle for a whole second (services finishing the previous run's work:
     dropped queues, a database writing behind), so a benchmark does not inherit its predecessor's load."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        idle_before, total_before = _cpu_times()
+        idle_before, total_before = cpu_times()
         time.sleep(1.0)
-        idle_after, total_after = _cpu_times()
+        idle_after, total_after = cpu_times()
         if (idle_after - idle_before) >= idle_fraction * max(1, total_after - total_before):
             return
 
