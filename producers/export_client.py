@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -168,7 +168,7 @@ class ApiFiles:
         path.parent.mkdir(parents=True, exist_ok=True)
         await self.api.download(self.task_id, self.index[key], path)
 
-    async def fetch(self, key: str, path: Path, memory_limit: int) -> bytes | None:
+    async def fetch(self, key: str, path: Path, hold: Callable[[int], bool]) -> bytes | None:
         """Download the task's file ``key`` to ``path`` (None: the Export API streams every file to disk)."""
         await self.download_file(key, path)
         return None

@@ -199,6 +199,12 @@ class ExportSettings(BaseModel):
         description="with sender wire: files up to this size are held in memory between download and "
         "send, larger ones go through the scratch directory (0: every file does)",
     )
+    in_memory_total_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="what all of an exporter process's exports hold in memory at most; past it, files go "
+        "through the scratch directory",
+    )
     retry_attempts: int = Field(3, ge=1, description="association attempts for transient failures")
     retry_initial_delay_s: float = Field(
         0.5, ge=0, description="first wait between association attempts (then doubled, plus jitter)"

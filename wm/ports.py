@@ -103,9 +103,9 @@ class FileSource(Protocol):
         """Download the object ``key`` to the local file ``path``."""
         ...
 
-    async def fetch(self, key: str, path: Path, memory_limit: int) -> bytes | None:
-        """The object ``key``: its bytes when it is at most ``memory_limit`` bytes long, else downloaded to
-        ``path`` and None (a source may always download)."""
+    async def fetch(self, key: str, path: Path, hold: Callable[[int], bool]) -> bytes | None:
+        """The object ``key``: its bytes if ``hold`` (asked, from any thread, with the object's size) says
+        to hold them in memory, else downloaded to ``path`` and None (a source may always download)."""
         ...
 
 

@@ -95,15 +95,22 @@ async def test_storescp_stores_every_file_bit_for_bit(
     assert log.count("Association Acknowledged") == 2, log  # the study, then the uncommon class(es)
 
 
-async def test_a_fetch_holds_a_file_in_memory_only_up_to_the_limit(
+async def test_a_fetch_holds_a_file_in_memory_only_when_asked_to(
     live_settings: Settings, tmp_path: Path
 ) -> None:
     path = mixed_study(tmp_path / "study")[0]
     size = path.stat().st_size
     async with ObjectStore(live_settings.object_store) as objects:
         [ref] = await put(objects, [path])
-        held = await objects.fetch(ref.key, tmp_path / "held.dcm", memory_limit=size)
-        written = await objects.fetch(ref.key, tmp_path / "written.dcm", memory_limit=size - 1)
+        asked: list[int] = []
+
+        def hold_any(size: int) -> bool:
+            asked.append(size)
+            return True
+
+        held = await objects.fetch(ref.key, tmp_path / "held.dcm", hold_any)
+        written = await objects.fetch(ref.key, tmp_path / "written.dcm", lambda length: False)
+    assert asked == [size]
     assert held == path.read_bytes()
     assert not (tmp_path / "held.dcm").exists()
     assert written is None

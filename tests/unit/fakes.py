@@ -8,7 +8,7 @@ built. ``fail_next`` on a fake makes its next call raise, as an outage would.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -454,7 +454,7 @@ class NoFiles:
     async def download_file(self, key: str, path: Path) -> None:
         raise AssertionError("not used")
 
-    async def fetch(self, key: str, path: Path, memory_limit: int) -> bytes | None:
+    async def fetch(self, key: str, path: Path, hold: Callable[[int], bool]) -> bytes | None:
         raise AssertionError("not used")
 
 
