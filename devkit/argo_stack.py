@@ -37,6 +37,7 @@ from wm.config import Settings
 Json = dict[str, Any]
 ARGO_GROUP = "/apis/argoproj.io/v1alpha1"
 LABEL_WORKFLOW = "workflows.argoproj.io/workflow"
+ANNOTATION_NODE_ID = "workflows.argoproj.io/node-id"
 LABEL_OUTPUTS_REPORTED = "workflows.argoproj.io/report-outputs-completed"
 
 
@@ -275,11 +276,23 @@ class Executor:
     reported: set[str] = field(default_factory=set)
 
     async def report_once(self, kube: Kube, objects: ObjectStore) -> None:
-        """One pass over the workflows: report every started pod node not reported yet."""
+        """One pass over the workflows: report every started pod node not reported yet.
+
+        A node counts as started when its pod runs or ran, whatever the node's phase says: when kwok moves
+        a pod from Pending to Succeeded between two of the controller's passes, the controller leaves the
+        node Pending until its outputs are reported, so waiting for the node's phase would wait forever.
+        """
+        pods = {
+            (pod["metadata"].get("annotations") or {}).get(ANNOTATION_NODE_ID): (pod.get("status") or {}).get(
+                "phase"
+            )
+            for pod in await kube.items(f"api/v1/namespaces/{self.stack.namespace}/pods", LABEL_WORKFLOW)
+        }
         for workflow in await kube.items(workflow_path(self.stack.namespace), self.selector):
             templates = _templates(workflow)
             for node_id, node in ((workflow.get("status") or {}).get("nodes") or {}).items():
-                started = node.get("type") == "Pod" and node.get("phase") in ("Running", "Succeeded")
+                phases = {node.get("phase"), pods.get(node_id)}
+                started = node.get("type") == "Pod" and bool(phases & {"Running", "Succeeded", "Failed"})
                 if started and node_id not in self.reported:
                     await self._report(
                         kube, objects, workflow, node_id, templates.get(node.get("templateName", ""))
