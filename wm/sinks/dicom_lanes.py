@@ -27,7 +27,7 @@ import multiprocessing
 import socket
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,7 +66,8 @@ class LocalFile:
     transfer_syntax_uid: str
     sop_instance_uid: str
     dataset_offset: int
-    data: bytes | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)
+    """Not in its repr (a log line or a traceback) nor in comparisons: megabytes."""
 
 
 @dataclass(frozen=True)
