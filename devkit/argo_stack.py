@@ -221,13 +221,15 @@ async def forget_workflows(stack: ArgoStack, application: str) -> None:
         await kube.delete_all(workflow_path(stack.namespace), f"mwm.application={application}")
 
 
-def argo_application(name: str, ae_title: str, sinks: list[str] | None = None) -> Json:
+def argo_application(
+    name: str, ae_title: str, sinks: list[str] | None = None, quiet_period_s: float = 0.5
+) -> Json:
     """An application definition run by Argo (its image never runs: ``Executor`` does its work)."""
     return {
         "name": name,
         "version": "1.0.0",
         "ae_titles": [ae_title],
-        "discovery": {"quiet_period_s": 0.5, "filters": {"modalities": ["CT"]}},
+        "discovery": {"quiet_period_s": quiet_period_s, "filters": {"modalities": ["CT"]}},
         "map": {"image": "registry/echo:1", "timeout_s": 300},
         "engine": {"name": "argo", "argo": {}},
         "sinks": sinks or [],
