@@ -7,10 +7,11 @@ Needs the real local services (``bash scripts/services up``), dcmtk and Orthanc.
 (``TCP_NODELAY=1``):
 
 * to the gateway, run as its own process (``python -m wm gateway``) with a fresh bucket, exchange,
-  database and spool directory and an AE title mapping made first. Two times, from the start of
-  storescu: until storescu finished (every C-STORE answered, so every file fsynced in the spool: what the
-  modality waits for), and until every file was uploaded and announced on ``mwm.payload.arrived`` (the
-  object count is checked afterwards);
+  database and spool directory (written ahead at start with a reusable file per slice, as a persistent
+  spool volume holds them once it received such a study) and an AE title mapping made first. Two times,
+  from the start of storescu: until storescu finished (every C-STORE answered, so every file fsynced in
+  the spool: what the modality waits for), and until every file was uploaded and announced on
+  ``mwm.payload.arrived`` (the object count is checked afterwards);
 * to Orthanc 1.10 (``TCP_NODELAY=1``): timed until storescu finished and Orthanc indexed every instance;
 * the gateway's DICOM side alone: the gateway's pynetdicom AE in its own process, answering success once
   it holds each file's bytes in memory (``encoded_dataset``), storing nothing: what the spool adds
@@ -64,8 +65,12 @@ CALLING = "STORESCU"
 TIMEOUT_S = 300.0
 
 
-def bench_settings() -> Settings:
-    """Settings with this run's own exchange, queues, database and bucket, and a free gateway port."""
+def bench_settings(files: int) -> Settings:
+    """Settings with this run's own exchange, queues, database and bucket, and a free gateway port.
+
+    The spool is new, and written ahead with a reusable file for each of the study's ``files`` (as one is
+    on a persistent spool volume once it held such a study: `producers.gateway_slots`).
+    """
     run = uuid.uuid4().hex[:8]
     base = Settings()
     return base.model_copy(
@@ -75,7 +80,9 @@ def bench_settings() -> Settings:
             ),
             "mongo": base.mongo.model_copy(update={"database": f"mwm_bench_{run}"}),
             "object_store": base.object_store.model_copy(update={"bucket": f"mwm-bench-{run}"}),
-            "gateway": base.gateway.model_copy(update={"host": LOCALHOST, "port": free_port()}),
+            "gateway": base.gateway.model_copy(
+                update={"host": LOCALHOST, "port": free_port(), "spool_preallocated_files": files}
+            ),
             "work_dir": tempfile.mkdtemp(prefix="mwm-bench-work-"),  # the gateway's spool is under it
             "observability": base.observability.model_copy(update={"http_port": 0, "log_level": "WARNING"}),
         }
@@ -193,7 +200,7 @@ async def one_round(
     with the first side's work (the uploads, Orthanc's indexing).
     Returns (gateway seconds, announced seconds, gateway peak RSS in MB, Orthanc seconds, DICOM-only seconds).
     """
-    settings = bench_settings()
+    settings = bench_settings(len(files))
     if not gateway_first:
         orthanc_s = await asyncio.to_thread(time_orthanc, study_dir, len(files))
         dicom_only_s = await time_dicom_only(study_dir)

@@ -44,6 +44,8 @@ def unique_settings(work_dir: Path, **overrides: Any) -> Settings:
         "object_store": base.object_store.model_copy(update={"bucket": f"mwm-t-{run}"}),
         "retry": base.retry.model_copy(update={"attempts": 4, "initial_delay_s": 0.05, "max_delay_s": 0.5}),
         "observability": base.observability.model_copy(update={"http_port": 0, "drain_timeout_s": 15.0}),
+        # A few reusable spool files, not 256 MiB written by every gateway a test starts.
+        "gateway": base.gateway.model_copy(update={"spool_preallocated_files": 4}),
     }
     for section, values in overrides.items():
         sections[section] = getattr(base, section).model_copy(update=values)

@@ -7,13 +7,13 @@ and every storage SOP class in any transfer syntax, caps concurrent associations
 disables Nagle (TCP_NODELAY) on every accepted socket and speaks TLS when ``tls_cert`` and ``tls_key`` are
 set (`producers.gateway_tls`: the handshake in the connection's own thread, within ``acse_timeout_s``).
 
-Store and forward. Each C-STORE's data set is streamed to a file on the spool volume as its PDUs arrive
+Store and forward. Each C-STORE's data set is streamed to a slot file on the spool volume as its PDUs arrive
 (pynetdicom's chunked receive, `wm.pynetdicom_patches.receive_into`), never held whole in memory. In the
 association thread the handler then checks the file with one walk of its element headers
 (`wm.dicom_encoding.inspect_file`: every element ends within the received bytes, and the raw values of the
-identifiers MWM needs, `wm.dicom.identifiers_from_raw`), fsyncs it and renames it into the
-spool (`producers.gateway_spool`), and only then answers success. The object store and the broker are not
-on the modality's path: the uploader (`producers.gateway_uploader`) uploads to
+identifiers MWM needs, `wm.dicom.identifiers_from_raw`), makes it durable where it was received (a
+reusable slot of the spool, `producers.gateway_spool`), and only then answers success. The object store and
+the broker are not on the modality's path: the uploader (`producers.gateway_uploader`) uploads to
 ``payloads/{payload_id}/{study}/{series}/{sop}.dcm`` and publishes ``mwm.payload.arrived`` (source
 ``dimse``, correlation id = payload id = one UUID per association) in the background, announcing an
 association's files once it ended well (aborted associations wait ``abort_grace_s`` for a retry), and
@@ -58,6 +58,7 @@ from pynetdicom import evt
 
 from producers.gateway_admission import REJECT, AeTitleDirectory, CachedDirectory, Rejection, admit
 from producers.gateway_ae import abort_all, application_entity, close_connection, disable_nagle, join_all
+from producers.gateway_slots import SlotWriter, open_slot
 from producers.gateway_spool import SessionInfo, Spool
 from producers.gateway_tls import TlsAssociationServer, ssl_context, start_tls_server
 from producers.gateway_uploader import Uploader
@@ -68,7 +69,7 @@ from wm.dicom import IDENTIFIER_TAGS, InvalidDicom, identifiers_from_raw, read_i
 from wm.dicom_encoding import inspect_file
 from wm.errors import MwmError
 from wm.observability import cannot_listen, listen_observability, serve, stop_on_signals
-from wm.pynetdicom_patches import copy_contexts_cheaply, has_requested, receive_into
+from wm.pynetdicom_patches import copy_contexts_cheaply, has_requested, receive_into, received_file
 from wm.registry import Registry
 from wm.runtime import Services, health_app, open_services
 
@@ -139,8 +140,12 @@ class Gateway:
     async def start(self) -> None:
         """Resume the spool's uploads, then listen (pynetdicom's server thread) until `stop`."""
         self._loop = asyncio.get_running_loop()
-        receive_into(self.spool.incoming)
+        receive_into(self.spool.receiver)
         await self.uploader.start()
+        preallocate = self.settings.spool_preallocated_files
+        written = await asyncio.to_thread(self.spool.slots.preallocate, preallocate)
+        if written:
+            log.info("spool_slots_preallocated", slots=written, total=self.spool.slots.count)
         address = (self.settings.host, self.settings.port)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, disable_nagle),
@@ -254,7 +259,7 @@ class Gateway:
             return response(STATUS.PROCESSING_FAILURE, "association unknown to the gateway")
         with structlog.contextvars.bound_contextvars(correlation_id=session.info.payload_id):
             try:
-                status, comment = self._spool_file(session, event.dataset_path)
+                status, comment = self._spool_file(session, received_file(event))
             except Exception as exc:
                 log.exception("store_bug", error=repr(exc))
                 status, comment = STATUS.PROCESSING_FAILURE, f"gateway error: {type(exc).__name__}"
@@ -265,7 +270,7 @@ class Gateway:
             session.failures += 1
         return response(status, comment)
 
-    def _spool_file(self, session: Session, received: Path) -> tuple[STATUS, str]:
+    def _spool_file(self, session: Session, received: SlotWriter) -> tuple[STATUS, str]:
         calling = session.info.calling_ae_title
         if self.spool.full():
             log.error(
@@ -277,13 +282,17 @@ class Gateway:
             )
             return STATUS.OUT_OF_RESOURCES, "gateway spool full, retry later"
         # One walk of the element headers: the integrity check and the identifiers' raw values.
-        inspection = inspect_file(received, IDENTIFIER_TAGS)
+        inspection = inspect_file(received.path, IDENTIFIER_TAGS, size=received.length)
         if inspection.problem is not None:
             problem = inspection.problem
             log.warning("store_refused", calling_ae=calling, reason=f"incomplete encoding: {problem}")
             return STATUS.CANNOT_UNDERSTAND, f"incomplete data set: {problem}"
         try:
-            ids = identifiers_from_raw(inspection.values) if inspection.walked else read_identifiers(received)
+            if inspection.walked:
+                ids = identifiers_from_raw(inspection.values)
+            else:  # a deflated data set: pydicom reads it
+                with open_slot(received.path, received.length) as stream:
+                    ids = read_identifiers(stream)
         except InvalidDicom as exc:
             log.warning("store_refused", calling_ae=calling, reason=str(exc))
             return STATUS.CANNOT_UNDERSTAND, str(exc)

@@ -1,16 +1,19 @@
 """The gateway's spool: received files made durable on the gateway's own disk before the C-STORE response.
 
-Layout under ``gateway.spool_dir`` (one volume, so a rename is atomic and copies nothing)::
+Layout under ``gateway.spool_dir`` (one volume)::
 
-    incoming/                  pynetdicom's chunked receive writes each data set here as it arrives
+    slots/<n>.slot             reusable files each data set is streamed into as it arrives; an accepted
+                               file's record (length, payload id, CRCs) is in its preamble
+                               (`producers.gateway_slots`)
     <payload id>/session.json  the association: AE titles, peer, state (open | complete | aborted)
-    <payload id>/<n>.dcm       an accepted file, fsynced, then renamed here, then the directory fsynced
+    incoming/                  nothing is ever written here (pynetdicom's throwaway names point here)
 
-A file is accepted (`Spool.accept`) only once its bytes and its directory entry are on disk, so a success
-response is never sent for a file a power cut could lose. The uploader removes it (`Spool.remove`) once it
-is in the object store and announced. `Spool.recover` lists what a previous run left: accepted files per
-session; the files of ``incoming/`` (data sets whose response was never sent) are deleted, since their
-sender did not get a success and sends them again.
+A file is accepted (`Spool.accept`) only once its bytes and its record are on disk, so a success response
+is never sent for a file a power cut could lose; the session's record is on disk before its first file.
+The uploader removes a file (`Spool.remove`: its slot is freed for the next file) once it is in the object
+store and announced. `Spool.recover` lists what a previous run left: the slots holding a valid record whose
+session is recorded; a slot being written when the process died has no valid record (its sender did not
+get a success and sends it again) and is free.
 
 The size limit: `Spool.full` is true once the accepted files reach ``spool_max_bytes``; the gateway then
 answers ``0xA700`` (out of resources) and accepts again as the uploader drains the spool.
@@ -24,17 +27,24 @@ import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from io import BufferedReader
 from pathlib import Path
 from typing import Literal
 
+import structlog
+
+from producers.gateway_slots import Slots, SlotWriter, fsync_directory, open_slot
 from schemas.events import DicomIdentifiers
 from wm.dicom import InvalidDicom, read_identifiers
 
 __all__ = ["SessionInfo", "Spool", "SpooledFile"]
 
+log = structlog.get_logger("producers.gateway")
+
 State = Literal["open", "complete", "aborted"]
 SESSION = "session.json"
 INCOMING = "incoming"
+SLOTS = "slots"
 
 
 @dataclass
@@ -68,6 +78,7 @@ class Spool:
         self.directory = directory
         self.incoming = directory / INCOMING
         self.max_bytes = max_bytes
+        self.slots = Slots(directory / SLOTS, self.incoming)
         self._lock = threading.Lock()
         self._files: dict[Path, SpooledFile] = {}
         self._bytes = 0
@@ -108,20 +119,26 @@ class Spool:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, directory / SESSION)
-        _fsync_directory(directory)
+        fsync_directory(directory)
         if created:
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
 
-    def accept(self, received: Path, session: SessionInfo, ids: DicomIdentifiers) -> SpooledFile:
-        """Make the received file durable in the session's directory; the caller may then answer success."""
-        with open(received, "rb") as stream:
-            os.fdatasync(stream.fileno())  # every fragment was flushed to the kernel as it arrived
+    def receiver(self) -> SlotWriter:
+        """Where the next received data set is streamed (pynetdicom's chunked receive, `receive_into`)."""
+        return self.slots.take()
+
+    def accept(self, received: SlotWriter, session: SessionInfo, ids: DicomIdentifiers) -> SpooledFile:
+        """Make the received file durable in its slot; the caller may then answer success."""
         with self._lock:
             self._sequence += 1
-            target = self.directory / session.payload_id / f"{self._sequence:08d}-{ids.sop_instance_uid}.dcm"
-        os.replace(received, target)
-        _fsync_directory(target.parent)
-        return self._track(SpooledFile(target, session, ids, target.stat().st_size))
+            sequence = self._sequence
+        received.seal(sequence, session.payload_id)
+        return self._track(SpooledFile(received.path, session, ids, received.length))
+
+    @staticmethod
+    def open(item: SpooledFile) -> BufferedReader:
+        """The accepted file's bytes, as they are uploaded."""
+        return open_slot(item.path, item.size)
 
     def _track(self, item: SpooledFile) -> SpooledFile:
         with self._lock:
@@ -132,54 +149,62 @@ class Spool:
     # -- removing (the uploader) --------------------------------------------------------------------------
 
     def remove(self, item: SpooledFile) -> None:
-        """Forget and delete an uploaded and announced (or superseded) file."""
+        """Forget an uploaded and announced (or superseded) file and free its slot."""
         with self._lock:
-            if self._files.pop(item.path, None) is not None:
-                self._bytes -= item.size
-        item.path.unlink(missing_ok=True)
+            if self._files.pop(item.path, None) is None:
+                return
+            self._bytes -= item.size
+        self.slots.release(item.path)
 
     def remove_session(self, payload_id: str) -> None:
         """Delete a session's directory once none of its files is left."""
-        directory = self.directory / payload_id
-        if not any(directory.glob("*.dcm")):
-            shutil.rmtree(directory, ignore_errors=True)
+        with self._lock:
+            if any(item.session.payload_id == payload_id for item in self._files.values()):
+                return
+        shutil.rmtree(self.directory / payload_id, ignore_errors=True)
 
     # -- recovery (start) ---------------------------------------------------------------------------------
 
     def recover(self) -> list[SpooledFile]:
-        """The accepted files a previous run left, oldest session first; clears ``incoming/``.
+        """The accepted files a previous run left, oldest first; every other slot is freed.
 
         A session still ``open`` lost its association with the previous run: it is recorded as aborted
-        now. A file that is no longer readable as DICOM (a damaged disk) is deleted.
+        now. A valid slot whose session has no record anymore was released (its session's files were all
+        uploaded and the session removed) before the release reached the disk: it is free. A file that is
+        no longer readable as DICOM (a damaged disk) is dropped.
         """
         shutil.rmtree(self.incoming, ignore_errors=True)
         self.incoming.mkdir(parents=True, exist_ok=True)
-        recovered: list[SpooledFile] = []
-        sessions = [path.parent for path in self.directory.glob(f"*/{SESSION}")]
-        for directory in sorted(sessions, key=lambda path: path.stat().st_mtime):
-            session = SessionInfo(**json.loads((directory / SESSION).read_text(encoding="utf-8")))
+        sessions: dict[str, SessionInfo] = {}
+        for path in self.directory.glob(f"*/{SESSION}"):
+            session = SessionInfo(**json.loads(path.read_text(encoding="utf-8")))
             if session.state == "open":
                 session.state, session.ended_at = "aborted", time.time()
                 self.save_session(session)
-            for path in sorted(directory.glob("*.dcm")):
-                try:
-                    ids = read_identifiers(path)
-                except InvalidDicom:
-                    path.unlink()
-                    continue
-                stat = path.stat()
-                recovered.append(self._track(SpooledFile(path, session, ids, stat.st_size, stat.st_mtime)))
-            self.remove_session(session.payload_id)
-        for directory in self.directory.iterdir():  # files renamed in before their session record: none sent
-            if directory.is_dir() and directory != self.incoming and not (directory / SESSION).exists():
+            sessions[session.payload_id] = session
+        recovered: list[SpooledFile] = []
+        for path, record in self.slots.scan():
+            owner = sessions.get(record.payload_id)
+            ids = _identifiers(path, record.length) if owner is not None else None
+            if owner is None or ids is None:  # released, or damaged since it was accepted
+                self.slots.release(path)
+                continue
+            item = SpooledFile(path, owner, ids, record.length, path.stat().st_mtime)
+            recovered.append(self._track(item))
+            self._sequence = max(self._sequence, record.sequence)
+        for payload_id in sessions:
+            self.remove_session(payload_id)
+        for directory in self.directory.iterdir():  # made before its session record was written: none sent
+            kept = (self.incoming, self.slots.directory)
+            if directory.is_dir() and directory not in kept and not (directory / SESSION).exists():
                 shutil.rmtree(directory, ignore_errors=True)
         return recovered
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename or a new entry in ``directory`` durable."""
-    descriptor = os.open(directory, os.O_RDONLY)
+def _identifiers(path: Path, length: int) -> DicomIdentifiers | None:
     try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        with open_slot(path, length) as stream:
+            return read_identifiers(stream)
+    except InvalidDicom as exc:  # its CRC matched: the file was accepted so, which a C-STORE check refuses
+        log.error("spooled_file_unreadable", slot=str(path), error=str(exc), action="dropped")
+        return None

@@ -254,7 +254,7 @@ class Uploader:
 
     async def _upload(self, item: SpooledFile) -> FileRef:
         key = object_key(item.session.payload_id, item.ids)
-        with item.path.open("rb") as stream:
+        with self._spool.open(item) as stream:
             return await self._objects.put_stream(key, stream, item.size)
 
     async def _announcer(self) -> None:

@@ -56,10 +56,16 @@ def encoding_problem(path: str | os.PathLike[str]) -> str | None:
     return inspect_file(path).problem
 
 
-def inspect_file(path: str | os.PathLike[str], tags: Collection[int] = ()) -> Inspection:
-    """Walk the Part-10 file at ``path``: its encoding problem and the raw top-level values of ``tags``."""
+def inspect_file(
+    path: str | os.PathLike[str], tags: Collection[int] = (), size: int | None = None
+) -> Inspection:
+    """Walk the Part-10 file at ``path``: its encoding problem and the raw top-level values of ``tags``.
+
+    ``size``: the file is its first ``size`` bytes (what follows is not part of it), not all of ``path``.
+    """
     with open(path, "rb") as stream:
-        size = os.fstat(stream.fileno()).st_size
+        on_disk = os.fstat(stream.fileno()).st_size
+        size = on_disk if size is None else min(size, on_disk)
         if size < PREAMBLE:
             return Inspection("no DICOM Part-10 preamble")
         with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:

@@ -70,8 +70,8 @@ async def test_with_a_service_down_every_store_succeeds_and_each_file_is_announc
 
             await wait_for(failed, 30, f"a failed {STAGES[service]}")
             assert metric("mwm_gateway_spool_files") == len(study.files)
-            spooled = spool_directory(settings).glob("*/*.dcm")
-            assert metric("mwm_gateway_spool_bytes") == sum(path.stat().st_size for path in spooled) > 0
+            on_disk = spool.spooled(spool_directory(settings))
+            assert metric("mwm_gateway_spool_bytes") == sum(record.length for record in on_disk) > 0
             assert metric("mwm_gateway_spool_oldest_age_seconds") > 0
         finally:
             services_command("start", service)
@@ -142,8 +142,7 @@ async def test_a_gateway_killed_with_files_in_its_spool_uploads_and_announces_ea
             await asyncio.to_thread(gateway.wait)
         finally:
             services_command("start", "s3")
-        spooled = list(spool_directory(settings).glob("*/*.dcm"))
-        assert len(spooled) == len(study.files), "every accepted file is in the spool"
+        assert len(spool.spooled(spool_directory(settings))) == len(study.files), "every file is in the spool"
         restarted = start_gateway(settings, log)
         try:
             messages = await collect(queue, len(study.files), within_s=90)
@@ -155,7 +154,7 @@ async def test_a_gateway_killed_with_files_in_its_spool_uploads_and_announces_ea
     events = announced(messages)
     assert sorted(event.dicom.sop_instance_uid for event in events) == sop_uids(study.files)
     assert len({message.message_id for message in messages}) == len(study.files)
-    assert list(spool_directory(settings).glob("*/*.dcm")) == []
+    assert spool.spooled(spool_directory(settings)) == []
 
 
 async def send_to(settings: Settings, files: Sequence[Path]) -> subprocess.CompletedProcess[str]:

@@ -366,6 +366,7 @@ def test_the_gateway_is_a_stateful_set_with_its_spool_on_a_persistent_volume(
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert mounts["spool"] == env["MWM_GATEWAY__SPOOL_DIR"] == "/var/lib/mwm/spool"
     assert int(env["MWM_GATEWAY__SPOOL_MAX_BYTES"]) < 20 * 1024**3
+    assert int(env["MWM_GATEWAY__SPOOL_PREALLOCATED_FILES"]) * 1024**2 < 20 * 1024**3
     services = {s["metadata"]["name"] for s in of_kind(manifests, "Service")}
     assert gateway["spec"]["serviceName"] in services
 

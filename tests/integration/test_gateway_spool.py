@@ -21,6 +21,8 @@ from devkit.dicom import GeneratedStudy, write_ct_study
 from devkit.peers import LOCALHOST, free_port
 from devkit.pipeline import bound_queue
 from producers.gateway import serving
+from producers.gateway_slots import SlotRecord, Slots
+from producers.gateway_spool import INCOMING, SLOTS
 from schemas.events import PayloadArrived
 from tests.integration.test_gateway import (
     AET,
@@ -50,6 +52,11 @@ def study(tmp_path: Path) -> GeneratedStudy:
 
 def sop_uids(paths: Sequence[Path]) -> list[str]:
     return sorted(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in paths)
+
+
+def spooled(directory: Path) -> list[SlotRecord]:
+    """The accepted files a spool directory holds on disk, as a restarted gateway would find them."""
+    return [record for _, record in Slots(directory / SLOTS, directory / INCOMING).scan()]
 
 
 def announced(messages: Sequence[object]) -> list[PayloadArrived]:
