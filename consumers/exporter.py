@@ -14,7 +14,8 @@ Queue ``mwm.exporter``, bound to ``mwm.export.requested.dicom``.
   nothing, unless the completion was recorded but its publish never confirmed (a crash in between), and
   then it is re-published under the same message id. A task another exporter holds under a live lease is
   acknowledged as a duplicate; if that holder dies, the background sweep re-requests the task once its
-  lease expires.
+  lease expires. So it does when the holder was this very delivery's earlier attempt, which took the lease
+  and lost the database before the task showed it (`wm.stores.export_leases.ExportLeases.abandon`).
 - Failure: destination problems are per-file results, never requeues. A destination unavailable through the
   sink's short retries defers the task: its lease is given back, the delivery acknowledged, and a timer
   requests it again after a backoff with jitter, over ``export.redelivery_window_s``; only the files not sent

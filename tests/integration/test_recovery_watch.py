@@ -20,6 +20,7 @@ from wm.config import Settings
 from wm.domain.exports import ExportState, task_for
 from wm.stores import jobs
 from wm.stores.export_index import EXPORT_WATCH, ExportWatch
+from wm.stores.export_leases import ExportLeases
 from wm.stores.export_retry import ExportRetries
 from wm.stores.exports import EXPORT_TASKS, ExportTasks
 from wm.stores.jobs import FINISH_WATCH, FINISHES, JobStore
@@ -124,3 +125,25 @@ async def test_a_finish_watch_entry_lost_or_left_behind_is_repaired(live_setting
         await asyncio.sleep(lease.total_seconds())
         assert await store.stale_finishes(lease) == ["old"]
         assert await watch.find_one({"_id": "never-claimed"}) is None
+
+
+async def test_a_claim_that_failed_before_its_task_showed_the_lease_is_requested_again_once(
+    live_settings: Settings,
+) -> None:
+    async with Database(live_settings.mongo, exporter.CONSUMER.indexes) as database:
+        tasks = ExportTasks(database)
+        assert await tasks.create(task_for(pull_task(0), utc_now()))
+        now = utc_now()
+        # The claimer took lease 0, then lost the database before the task showed it, and retried under
+        # another owner, which found the lease live and let the request go as a duplicate.
+        taken = await ExportLeases(database).take(
+            "job-0.ig", 0, "lost", now - timedelta(seconds=5), now - timedelta(seconds=1)
+        )
+        assert taken == 0
+        assert (await tasks.get("job-0.ig")).state is ExportState.pending
+
+        assert [task.export_task_id for task in await tasks.expire()] == ["job-0.ig"]
+        assert await tasks.expire() == [], "requested again once, not at every sweep"
+        held = await tasks.claim_task("job-0.ig", "next", lease_s=5)
+        assert held is not None and held.lease_owner == "next"
+        assert await tasks.expire() == [], "a live lease is left alone"

@@ -76,6 +76,17 @@ class ExportLeases:
             )
         return result.modified_count > 0
 
+    async def abandon(self, task_id: str, number: int, now: datetime) -> bool:
+        """Mark lease ``number`` released if it expired unreleased; whether it did (one caller wins).
+
+        Such a lease was taken by a claimer that failed before its task showed the lease (the database
+        dropped the connection between the two writes): the task still looks pending, nobody exports it.
+        """
+        criteria = {"_id": lease_id(task_id, number), "expires_at": {"$lte": now}, "released_at": None}
+        async with translated_errors("abandon export lease"):
+            result = await self._leases.update_one(criteria, {"$set": {"released_at": now}})
+        return result.modified_count > 0
+
     async def forget(self, task_ids: list[str]) -> None:
         """Remove every lease of these tasks (retention)."""
         async with translated_errors("purge export leases"):

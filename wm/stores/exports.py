@@ -250,11 +250,11 @@ class ExportTasks:
         return released
 
     async def expire(self) -> list[ExportTask]:
-        """Put tasks whose lease expired back to pending; returns them (as they are now)."""
+        """Put tasks whose lease expired back to pending; returns them (as they are now), with the pending
+        tasks whose lease was taken but never shown on the task (see `ExportLeases.abandon`)."""
         now = _now()
-        lapsed = [
-            task for task in await self._open_tasks(await self._watch.open()) if task.lease_expired(now)
-        ]
+        open_tasks = await self._open_tasks(await self._watch.open())
+        lapsed = [task for task in open_tasks if task.lease_expired(now)]
         expired = []
         for task in lapsed:
             async with translated_errors("expire export lease"):
@@ -274,6 +274,12 @@ class ExportTasks:
                     },
                 )
             expired.append(await self.get(task.export_task_id))
+        # A pending task's next lease, taken and expired unreleased: its claimer never got to show it.
+        for task in open_tasks:
+            if task.state == ExportState.pending and await self._leases.abandon(
+                task.export_task_id, task.lease_number, now
+            ):
+                expired.append(task)
         return [task for task in expired if task.state == ExportState.pending]
 
     async def forget_before(self, cutoff: datetime, dry_run: bool = False) -> int:
