@@ -12,7 +12,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from wm.config import GatewaySettings
-from wm.pynetdicom_patches import dul_socket, read_whole_pdus
+from wm.pynetdicom_patches import dul_socket, read_whole_pdus, wake_promptly
 
 __all__ = ["MAX_PDU_SIZE", "abort_all", "application_entity", "close_connection", "disable_nagle", "join_all"]
 
@@ -54,9 +54,11 @@ def disable_nagle(event: evt.Event) -> None:
 def application_entity(settings: GatewaySettings) -> AE:
     """An AE accepting C-ECHO and every storage SOP class, in every transfer syntax (stored as sent).
 
-    Its process reads PDUs whole (`wm.pynetdicom_patches.read_whole_pdus`).
+    Its process reads PDUs whole and wakes pynetdicom's threads when they have work
+    (`wm.pynetdicom_patches.read_whole_pdus`, `wm.pynetdicom_patches.wake_promptly`).
     """
     read_whole_pdus()
+    wake_promptly()
     ae = AE()
     ae.maximum_associations = settings.max_associations
     ae.acse_timeout = settings.acse_timeout_s
