@@ -144,8 +144,6 @@ class Gateway:
         await self.uploader.start()
         preallocate = self.settings.spool_preallocated_files
         written = await asyncio.to_thread(self.spool.slots.preallocate, preallocate)
-        if written:
-            log.info("spool_slots_preallocated", slots=written, total=self.spool.slots.count)
         address = (self.settings.host, self.settings.port)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, disable_nagle),
@@ -172,7 +170,13 @@ class Gateway:
         copy_contexts_cheaply(self._server)
         host, port = self.address
         log.info(
-            "gateway_listening", host=host, port=port, tls=tls is not None, spool=str(self.spool.directory)
+            "gateway_listening",
+            host=host,
+            port=port,
+            tls=tls is not None,
+            spool=str(self.spool.directory),
+            spool_slots=self.spool.slots.count,
+            spool_slots_written=written,
         )
 
     async def stop(self, drain_timeout_s: float) -> None:
