@@ -156,7 +156,9 @@ def test_redeliveries_back_off_exponentially_with_jitter_and_stop_at_the_end_of_
         assert base == 300 or len(delays) > 1, "jittered"
     since = datetime(2026, 1, 1, tzinfo=UTC)
     assert policy.next_at(since, 3, since + timedelta(minutes=30)) is not None
-    assert policy.next_at(since, 3, since + timedelta(minutes=59, seconds=55)) is None, "past the window"
+    last = since + timedelta(minutes=59, seconds=55)
+    assert policy.next_at(since, 3, last) == since + timedelta(hours=1), "the last try at the window's end"
+    assert policy.next_at(since, 4, since + timedelta(hours=1)) is None, "past the window"
 
 
 def test_a_task_is_claimable_when_pending_or_its_lease_ran_out() -> None:

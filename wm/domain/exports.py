@@ -312,6 +312,12 @@ class RedeliveryPolicy:
         return delay_s(retries + 1, self.initial_s, self.max_s)
 
     def next_at(self, since: datetime, retries: int, now: datetime) -> datetime | None:
-        """When to try again; None once the window that started at ``since`` is over."""
-        due = now + timedelta(seconds=self.delay_s(retries))
-        return due if due < since + timedelta(seconds=self.window_s) else None
+        """When to try again; None once the window that started at ``since`` is over.
+
+        A backoff that would end past the window is cut short: the last try is at the window's end, so a
+        destination back just before it still gets its files.
+        """
+        end = since + timedelta(seconds=self.window_s)
+        if now >= end:
+            return None
+        return min(now + timedelta(seconds=self.delay_s(retries)), end)
