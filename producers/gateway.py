@@ -55,6 +55,7 @@ import structlog
 from prometheus_client import Counter
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.pdu import A_RELEASE_RQ
 
 from producers.gateway_admission import REJECT, AeTitleDirectory, CachedDirectory, Rejection, admit
 from producers.gateway_ae import abort_all, application_entity, close_connection, disable_nagle, join_all
@@ -149,7 +150,7 @@ class Gateway:
             (evt.EVT_CONN_OPEN, disable_nagle),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         tls = ssl_context(self.settings)
@@ -312,10 +313,17 @@ class Gateway:
         self._loop.call_soon_threadsafe(self.uploader.add, item)
         return STATUS.SUCCESS, ""
 
-    def _on_released(self, event: evt.Event) -> None:
-        session = self._sessions.get(id(event.assoc))
-        if session is not None:
-            session.released = True
+    def _on_pdu(self, event: evt.Event) -> None:
+        """The peer asked to release the association: it ended well, once its connection closes.
+
+        Seen as the DUL thread reads the A-RELEASE-RQ, so before that thread reports the connection closed;
+        ``EVT_RELEASED`` comes from the association thread once it has answered, and the peer may close the
+        connection (and the DUL thread report it) first.
+        """
+        if isinstance(event.pdu, A_RELEASE_RQ):
+            session = self._sessions.get(id(event.assoc))
+            if session is not None:
+                session.released = True
 
     def _on_conn_close(self, event: evt.Event) -> None:
         """Hand the association's end to the uploader; the association's one log line."""

@@ -8,6 +8,7 @@ server down are in the fault suite (tests/faults/test_gateway_outages.py), on a 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from pynetdicom import AE, _config
+from pynetdicom.acse import ACSE
+from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from devkit.dicom import GeneratedStudy, write_ct_study
@@ -35,6 +38,7 @@ from tests.integration.test_gateway import (
     with_gateway,
 )
 from wm.config import Settings
+from wm.pynetdicom_patches import dul_socket
 
 pytestmark = pytest.mark.integration
 
@@ -69,11 +73,13 @@ def send_raw(
     abort_after: int | None = None,
     called: str = AET,
     pause_s: float = 0.0,
+    hang_up_on_release: bool = False,
 ) -> list[tuple[int, str]]:
     """C-STORE ``files`` as their bytes are, pynetdicom streaming each from disk; (status, Error Comment)s.
 
     With ``abort_after``, the association is aborted after that many files instead of released; with
-    ``pause_s``, it waits that long before each file (a slow sender).
+    ``pause_s``, it waits that long before each file (a slow sender); with ``hang_up_on_release``, it
+    sends its A-RELEASE-RQ and closes the connection without waiting for the answer.
     """
     _config.STORE_SEND_CHUNKED_DATASET = True  # the file's bytes as they are, never decoded
     ae = AE(ae_title=SENDER)
@@ -88,6 +94,13 @@ def send_raw(
         time.sleep(pause_s)
         response = assoc.send_c_store(path)
         statuses.append((int(response.Status), str(response.get("ErrorComment", ""))))
+    if hang_up_on_release:
+        connection = dul_socket(assoc)
+        assert connection is not None
+        connection.sendall(A_RELEASE_RQ().encode())
+        connection.shutdown(socket.SHUT_RDWR)
+        assoc.kill()
+        return statuses
     assoc.release()
     return statuses
 
@@ -124,6 +137,27 @@ async def test_an_aborted_association_resent_whole_is_announced_once_as_the_rese
         assert await drain(queue) == []
     assert sorted(event.dicom.sop_instance_uid for event in events) == sop_uids(study.files)
     assert len({event.payload_id for event in events}) == 1 and not any(event.interrupted for event in events)
+
+
+async def test_a_sender_that_hangs_up_right_after_its_release_request_sent_a_whole_study(
+    settings: Settings, study: GeneratedStudy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its connection closes as the gateway answers the release: the gateway must not see an abort. The
+    # gateway's association thread is held after its answer, so its DUL thread sees the close first.
+    send_release = ACSE.send_release
+
+    def answer_slowly(self: ACSE, is_response: bool = False) -> None:
+        send_release(self, is_response)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(ACSE, "send_release", answer_slowly)
+    await map_ae_title(settings)
+    async with bound_queue(settings, PayloadArrived.event_type) as queue, serving(settings) as (gateway, _):
+        statuses = await asyncio.to_thread(send_raw, gateway.address, study.files, hang_up_on_release=True)
+        assert statuses == [(0, "")] * len(study.files)
+        events = announced(await collect(queue, len(study.files), within_s=settings.gateway.abort_grace_s))
+    assert sorted(event.dicom.sop_instance_uid for event in events) == sop_uids(study.files)
+    assert not any(event.interrupted for event in events), "announced as a study that ended well"
 
 
 async def test_an_aborted_association_not_resent_is_announced_after_the_grace_period_as_interrupted(
